@@ -1,0 +1,1 @@
+"""Export, backends, the fixed-rate control loop and the profiler: later issues."""

@@ -1,0 +1,1 @@
+"""Diffusion planners (Trajectory Diffuser, AAMDM): later issues."""

@@ -1,0 +1,1 @@
+"""Diffusion policies, their denoisers and accelerations."""
