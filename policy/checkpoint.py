@@ -1,0 +1,105 @@
+"""Checkpoint folders: `config.yaml` (the full resolved run config), `model.safetensors` (inference weights)
+and `normalizer.json`. Nothing is pickled. Loading names the file and the tensor that does not fit.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, RunConfig, config_from_dict, config_to_yaml
+from .diffusion_policy import DiffusionPolicy
+from .normalizer import Normalizer
+
+CONFIG, WEIGHTS, NORMALIZER = "config.yaml", "model.safetensors", "normalizer.json"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic(Path(path), lambda p: save_file(data, str(p), metadata=metadata))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+def save_checkpoint(directory: str | Path, cfg: RunConfig, policy: DiffusionPolicy) -> Path:
+    """Write the three files; each is written to a temporary name first, so a crash leaves no half file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic(directory / CONFIG, lambda p: p.write_text(config_to_yaml(cfg)))
+    _atomic(directory / NORMALIZER, policy.normalizer.save)
+    save_tensors(directory / WEIGHTS, policy.state_dict(), metadata={"format": "rtdp-policy-v1"})
+    return directory
+
+
+def load_config_file(directory: str | Path) -> RunConfig:
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {directory} has no {CONFIG}")
+    try:
+        data = yaml.safe_load(path.read_text())
+        if not isinstance(data, dict):
+            raise ConfigError("expected a mapping at the top level")
+        return config_from_dict(data, str(path))
+    except (yaml.YAMLError, ConfigError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def load_policy(directory: str | Path) -> tuple[DiffusionPolicy, RunConfig]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint folder {directory} does not exist")
+    for name in (CONFIG, WEIGHTS, NORMALIZER):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"checkpoint {directory} is missing {name} (expected {CONFIG}, {WEIGHTS}, "
+                                  f"{NORMALIZER})")
+    cfg = load_config_file(directory)
+    try:
+        normalizer = Normalizer.load(directory / NORMALIZER)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    policy = DiffusionPolicy(cfg.policy, normalizer)
+    load_weights(policy, directory / WEIGHTS)
+    return policy.eval(), cfg
+
+
+def load_weights(module: torch.nn.Module, path: Path) -> None:
+    """Load a safetensors file into `module`, refusing missing, unexpected or mis-shaped tensors by name."""
+    state = load_tensors(path)
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: file {tuple(state[k].shape)}, model {tuple(v.shape)}"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    if wrong:
+        problems.append("tensors of another shape: " + "; ".join(wrong[:5]))
+    if problems:
+        raise CheckpointError(f"{path} does not fit the model its config describes: " + ", ".join(problems))
+    module.load_state_dict(state)

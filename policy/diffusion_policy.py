@@ -1,0 +1,162 @@
+"""Diffusion Policy (Chi et al.): an action chunk denoised under an observation-history condition.
+
+Observations are a dict of raw tensors: `state` (B, To, state_dim) float and, for image policies, `image`
+(B, To, H, W, 3) uint8 as cameras and MuJoCo render it. Normalisation happens here, outside the network, so
+an exported graph sees exactly what `denoise` sees.
+
+Chi et al.'s step convention: the chunk covers steps [t - To + 1, t - To + 1 + horizon), and the actions to
+execute start at the current step, index To - 1 of the chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import PolicyConfig
+from .diffusion import CallCounter, NoiseSchedule, sample
+from .nets import ConditionalUnet1D, ImageEncoder, LowDimEncoder, ObservationEncoder, TransformerForDiffusion
+from .normalizer import Normalizer
+
+DENOISERS = ("unet", "transformer")
+
+
+def _check_config(cfg: PolicyConfig) -> None:
+    if cfg.denoiser not in DENOISERS:
+        raise ValueError(f"policy.denoiser must be one of {DENOISERS}, got {cfg.denoiser!r}")
+    if cfg.state_dim <= 0 or cfg.action_dim <= 0:
+        raise ValueError(f"policy.state_dim and policy.action_dim must be set (got {cfg.state_dim}, {cfg.action_dim})")
+    if cfg.n_obs_steps < 1 or cfg.n_action_steps < 1:
+        raise ValueError(f"n_obs_steps and n_action_steps must be >= 1, got {cfg.n_obs_steps}, {cfg.n_action_steps}")
+    if cfg.n_obs_steps - 1 + cfg.n_action_steps > cfg.horizon:
+        raise ValueError(
+            f"horizon {cfg.horizon} cannot hold n_obs_steps - 1 + n_action_steps = "
+            f"{cfg.n_obs_steps - 1 + cfg.n_action_steps} steps"
+        )
+    if cfg.denoiser == "unet":
+        factor = 2 ** (len(cfg.unet.down_dims) - 1)
+        if cfg.horizon % factor:
+            raise ValueError(f"a U-Net with {len(cfg.unet.down_dims)} levels needs horizon divisible by {factor}, "
+                             f"got {cfg.horizon}")
+
+
+class DiffusionPolicy(nn.Module):
+    def __init__(self, cfg: PolicyConfig, normalizer: Normalizer):
+        super().__init__()
+        _check_config(cfg)
+        self.cfg = cfg
+        self.normalizer = normalizer
+        image = None
+        if cfg.image_shape is not None:
+            ic = cfg.image_encoder
+            image = ImageEncoder(ic.channels, ic.num_kp, ic.feature_dim)
+        self.obs_encoder = ObservationEncoder(LowDimEncoder(cfg.state_dim, cfg.state_encoder_hidden), image)
+        feat = self.obs_encoder.feature_dim
+        if cfg.denoiser == "unet":
+            u = cfg.unet
+            self.denoiser = ConditionalUnet1D(
+                cfg.action_dim, feat * cfg.n_obs_steps, u.diffusion_step_embed_dim, u.down_dims,
+                u.kernel_size, u.n_groups, u.cond_predict_scale,
+            )
+        else:
+            t = cfg.transformer
+            self.denoiser = TransformerForDiffusion(
+                cfg.action_dim, feat, cfg.horizon, cfg.n_obs_steps, t.n_layer, t.n_head, t.n_emb,
+                t.p_drop_emb, t.p_drop_attn, t.causal_attn,
+            )
+        s = cfg.schedule
+        self.schedule = NoiseSchedule(s.num_train_timesteps, s.beta_schedule, s.prediction_type,
+                                      clip_sample=s.clip_sample)
+        self.last_nfe = 0
+
+    # -- the graph: encoder and denoiser on normalised tensors --
+
+    def encode_obs(self, nobs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Normalised observations -> condition features (B, To, F), computed once per decision."""
+        return self.obs_encoder(nobs)
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if self.cfg.denoiser == "unet":
+            return self.denoiser(x, t, cond.flatten(1))
+        return self.denoiser(x, t, cond)
+
+    # -- outside the graph: validation and normalisation --
+
+    def normalize_obs(self, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        expected = {"state": (cfg.n_obs_steps, cfg.state_dim)}
+        if cfg.image_shape is not None:
+            expected["image"] = (cfg.n_obs_steps, *cfg.image_shape, 3)
+        out = {}
+        batch = None
+        for key, shape in expected.items():
+            if key not in obs:
+                raise KeyError(f"observation is missing {key!r}; expected keys {sorted(expected)}")
+            x = torch.as_tensor(obs[key])
+            if x.dim() != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+                raise ValueError(f"observation {key!r} must have shape (B, {', '.join(map(str, shape))}), "
+                                 f"got {tuple(x.shape)}")
+            if batch is not None and x.shape[0] != batch:
+                raise ValueError(f"observation {key!r} has batch {x.shape[0]}, other fields have {batch}")
+            batch = x.shape[0]
+            if key == "image":
+                if x.dtype != torch.uint8:
+                    raise TypeError(f"observation 'image' must be uint8 (H, W, 3) frames, got {x.dtype}")
+                x = self.normalizer["image"].normalize(x.float()).permute(0, 1, 4, 2, 3)
+            else:
+                if not x.dtype.is_floating_point:
+                    x = x.float()
+                if not bool(torch.isfinite(x).all()):
+                    raise ValueError(f"observation {key!r} holds NaN or Inf")
+                x = self.normalizer[key].normalize(x.float())
+            out[key] = x
+        return out
+
+    def compute_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Denoising loss on a raw batch: obs fields (B, To, ...) and `action` (B, horizon, action_dim)."""
+        nobs = self.normalize_obs({k: v for k, v in batch.items() if k != "action"})
+        actions = self.normalizer["action"].normalize(batch["action"])
+        cond = self.encode_obs(nobs)
+        noise = torch.randn(actions.shape, generator=generator, dtype=actions.dtype)
+        t = torch.randint(0, self.schedule.num_train_timesteps, (actions.shape[0],), generator=generator)
+        noisy = self.schedule.add_noise(actions, noise, t)
+        return F.mse_loss(self.denoise(noisy, t, cond), self.schedule.training_target(actions, noise, t))
+
+    def inference_timesteps(self, steps: int | None = None) -> torch.Tensor:
+        return self.schedule.timesteps(steps or self.cfg.inference.steps, self.cfg.inference.spacing)
+
+    @torch.no_grad()
+    def predict_chunk(
+        self,
+        obs: dict[str, torch.Tensor],
+        noise: torch.Tensor | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Raw observations -> {"action": (B, n_action_steps, A), "action_pred": (B, horizon, A)}, unnormalised.
+
+        `noise` fixes the initial sample (deterministic tests, parity checks); `sampler` and `steps` override the
+        config's inference settings for this call. The number of denoiser calls is left in `self.last_nfe`.
+        """
+        cfg = self.cfg
+        nobs = self.normalize_obs(obs)
+        cond = self.encode_obs(nobs)
+        shape = (cond.shape[0], cfg.horizon, cfg.action_dim)
+        if noise is None:
+            noise = torch.randn(shape, generator=generator, dtype=cond.dtype)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+        method = sampler or cfg.inference.sampler
+        counter = CallCounter(lambda x, t: self.denoise(x, t, cond))
+        x0 = sample(counter, noise.to(cond), self.schedule, self.inference_timesteps(steps), method,
+                    generator=generator, eta=cfg.inference.eta)
+        self.last_nfe = counter.calls
+        action_pred = self.normalizer["action"].unnormalize(x0)
+        start = cfg.n_obs_steps - 1
+        return {"action": action_pred[:, start : start + cfg.n_action_steps], "action_pred": action_pred}
+
+    def reset(self) -> None:
+        """Start of an episode. The plain policy keeps no state between decisions; warm-start wrappers do."""
+        self.last_nfe = 0
