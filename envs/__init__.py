@@ -1,0 +1,1 @@
+"""Tasks, scripted experts, data collection and datasets. Depends on no other rtdp package."""

@@ -1,0 +1,144 @@
+"""Episodes of robot data in diffusion_policy's zarr layout: `data/<key>` arrays of shape (N, ...) holding every
+step of every episode back to back, and `meta/episode_ends` (the exclusive end index of each episode).
+
+Writes zarr format 3; reads format 3 and the format-2 stores (folders or .zip) that diffusion_policy's
+published datasets use. A store whose arrays disagree with `episode_ends`, that lacks a key, or that has lost
+chunks is refused with the file and key named: zarr would otherwise fill a lost chunk with zeros silently.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+
+class DatasetError(ValueError):
+    pass
+
+
+class ReplayBuffer:
+    def __init__(self, data: dict[str, np.ndarray] | None = None, episode_ends: Iterable[int] = (),
+                 attrs: dict | None = None, source: str = "<memory>"):
+        self.data = dict(data or {})
+        self.episode_ends = np.asarray(list(episode_ends), dtype=np.int64)
+        self.attrs = dict(attrs or {})
+        self.source = source
+        self._validate()
+
+    # -- shape of the data --
+
+    @property
+    def n_episodes(self) -> int:
+        return len(self.episode_ends)
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.episode_ends[-1]) if len(self.episode_ends) else 0
+
+    @property
+    def keys(self) -> list[str]:
+        return sorted(self.data)
+
+    @property
+    def episode_lengths(self) -> np.ndarray:
+        return np.diff(np.concatenate([[0], self.episode_ends]))
+
+    def episode(self, i: int) -> dict[str, np.ndarray]:
+        start = int(self.episode_ends[i - 1]) if i > 0 else 0
+        end = int(self.episode_ends[i])
+        return {k: v[start:end] for k, v in self.data.items()}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self.data:
+            raise DatasetError(f"{self.source}: no data/{key}; it has {self.keys}")
+        return self.data[key]
+
+    def _validate(self) -> None:
+        ends = self.episode_ends
+        if ends.ndim != 1:
+            raise DatasetError(f"{self.source}: meta/episode_ends must be 1-D, got shape {ends.shape}")
+        if len(ends) and (ends[0] <= 0 or (np.diff(ends) <= 0).any()):
+            raise DatasetError(f"{self.source}: meta/episode_ends must be positive and strictly increasing, "
+                               f"got {ends[:10].tolist()}{' ...' if len(ends) > 10 else ''}")
+        for key, arr in self.data.items():
+            if len(arr) != self.n_steps:
+                raise DatasetError(
+                    f"{self.source}: data/{key} has {len(arr)} steps but meta/episode_ends says {self.n_steps} "
+                    f"({self.n_episodes} episodes)"
+                )
+
+    # -- building --
+
+    def add_episode(self, episode: dict[str, np.ndarray]) -> None:
+        lengths = {k: len(v) for k, v in episode.items()}
+        if not lengths or len(set(lengths.values())) != 1 or 0 in lengths.values():
+            raise DatasetError(f"an episode needs every key with the same, non-zero length; got {lengths}")
+        if self.data and set(episode) != set(self.data):
+            raise DatasetError(f"episode keys {sorted(episode)} differ from the buffer's {self.keys}")
+        for k, v in episode.items():
+            v = np.asarray(v)
+            if k in self.data and v.shape[1:] != self.data[k].shape[1:]:
+                raise DatasetError(f"episode {k!r} has per-step shape {v.shape[1:]}, buffer has "
+                                   f"{self.data[k].shape[1:]}")
+            self.data[k] = v.copy() if k not in self.data else np.concatenate([self.data[k], v])
+        n = next(iter(lengths.values()))
+        self.episode_ends = np.append(self.episode_ends, self.n_steps + n)
+
+    # -- zarr I/O --
+
+    def save(self, path: str | Path, zarr_format: int = 3, chunk_steps: int = 4096) -> Path:
+        path = Path(path)
+        root = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
+        cfg = {"write_empty_chunks": True}  # every chunk on disk, so a lost chunk can be told from a zero one
+        for key, arr in self.data.items():
+            chunks = (min(chunk_steps, max(len(arr), 1)),) + arr.shape[1:]
+            z = root.create_array(f"data/{key}", shape=arr.shape, chunks=chunks, dtype=arr.dtype, config=cfg)
+            z[...] = arr
+        ends = root.create_array("meta/episode_ends", shape=self.episode_ends.shape,
+                                 chunks=(max(len(self.episode_ends), 1),), dtype=np.int64, config=cfg)
+        ends[...] = self.episode_ends
+        root.attrs.update(json.loads(json.dumps(self.attrs)))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, keys: Iterable[str] | None = None) -> ReplayBuffer:
+        """Read a store into memory. `keys` limits which `data/` arrays are read (all by default)."""
+        path = Path(path)
+        if not path.exists():
+            raise DatasetError(f"dataset {path} does not exist")
+        try:
+            if path.suffix == ".zip":
+                root = zarr.open_group(zarr.storage.ZipStore(str(path), mode="r"), mode="r")
+            else:
+                root = zarr.open_group(str(path), mode="r")
+        except Exception as e:  # zarr raises several kinds for a folder that is not a group
+            raise DatasetError(f"{path} is not a zarr group: {e}") from None
+        src = str(path)
+        for group in ("data", "meta"):
+            if group not in root:
+                raise DatasetError(f"{src}: missing group {group!r} (diffusion_policy layout: data/<key>, "
+                                   "meta/episode_ends)")
+        if "episode_ends" not in root["meta"]:
+            raise DatasetError(f"{src}: missing meta/episode_ends")
+        available = sorted(root["data"].array_keys())
+        wanted = list(keys) if keys is not None else available
+        for k in wanted:
+            if k not in available:
+                raise DatasetError(f"{src}: missing data/{k}; it has {available}")
+        arrays = {"meta/episode_ends": root["meta/episode_ends"], **{f"data/{k}": root[f"data/{k}"] for k in wanted}}
+        loaded = {}
+        for name, arr in arrays.items():
+            stored, total = arr.nchunks_initialized, arr.nchunks
+            if stored < total:
+                raise DatasetError(f"{src}: {name} is truncated: {stored} of {total} chunks are on disk")
+            try:
+                loaded[name] = arr[...]
+            except Exception as e:
+                raise DatasetError(f"{src}: {name} cannot be read (damaged chunk?): {e}") from None
+        ends = loaded.pop("meta/episode_ends")
+        data = {name.split("/", 1)[1]: v for name, v in loaded.items()}
+        return cls(data, ends, dict(root.attrs), source=src)

@@ -1,0 +1,3 @@
+from rtdp.cli import main
+
+raise SystemExit(main())
