@@ -100,7 +100,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 50
     seed: int = 0
-    threads: int = 1  # torch intra-op threads per process: on 2 cores, one job per core beats two threads
+    threads: int = 0  # torch intra-op threads per process; 0: the machine's cores shared among local ranks
 
 
 @dataclass

@@ -135,7 +135,8 @@ def train(cfg: RunConfig, data: TrainingData, out_dir: str | Path, resume: bool 
     out_dir = Path(out_dir)
     rank, world = _distributed()
     tc = cfg.train
-    torch.set_num_threads(max(1, tc.threads))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    torch.set_num_threads(tc.threads if tc.threads > 0 else max(1, (os.cpu_count() or 1) // local_world))
     _fill_dims(cfg, data)
     if tc.steps < 1 or tc.batch_size < 1:
         raise ValueError(f"train.steps and train.batch_size must be >= 1, got {tc.steps}, {tc.batch_size}")
