@@ -61,7 +61,7 @@ def bench_forward(threads: int, iters: int) -> list[dict]:
         cond = torch.randn(1, TO, STATE_DIM) if isinstance(model, TransformerForDiffusion) else torch.randn(
             1, TO * STATE_DIM)
         with torch.inference_mode():
-            stats = timed(lambda m=model, c=cond: m(x, t, c), warmup=10, iters=iters)
+            stats = timed(lambda m=model, c=cond, x=x, t=t: m(x, t, c), warmup=10, iters=iters)
         params = sum(p.numel() for p in model.parameters())
         rows.append({"model": name, "params_m": round(params / 1e6, 2), "threads": threads, **stats})
         print(f"  {name}: {stats['p50_ms']:.2f} ms p50 ({threads} thread(s))", flush=True)

@@ -47,8 +47,10 @@ class SequenceSampler:
         self.key_lengths = {k: min(v, horizon) for k, v in (key_lengths or {}).items()}
         self.index = window_starts(buffer.episode_ends, horizon, pad_before, pad_after, episode_mask)
         if len(self.index) == 0:
-            raise DatasetError(f"{buffer.source}: no window of {horizon} steps fits (episode lengths "
-                               f"{buffer.episode_lengths[:10].tolist()}, pad_before {pad_before}, pad_after {pad_after})")
+            raise DatasetError(
+                f"{buffer.source}: no window of {horizon} steps fits (episode lengths "
+                f"{buffer.episode_lengths[:10].tolist()}, pad_before {pad_before}, pad_after {pad_after})"
+            )
 
     def __len__(self) -> int:
         return len(self.index)

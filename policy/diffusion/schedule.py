@@ -106,7 +106,8 @@ class NoiseSchedule:
         return out.reshape(out.shape + (1,) * (like.dim() - out.dim()))
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self._gather(self.sqrt_alpha_bar, t, x0) * x0 + self._gather(self.sqrt_one_minus_alpha_bar, t, x0) * noise
+        a = self._gather(self.sqrt_alpha_bar, t, x0)
+        return a * x0 + self._gather(self.sqrt_one_minus_alpha_bar, t, x0) * noise
 
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.prediction_type == "epsilon":

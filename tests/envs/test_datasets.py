@@ -7,8 +7,14 @@ import pytest
 import zarr
 
 from envs.datasets import (
-    DatasetError, PolicyDataset, ReplayBuffer, SequenceSampler, d4rl_to_replay_buffer, read_d4rl,
-    replay_buffer_to_d4rl, write_d4rl,
+    DatasetError,
+    PolicyDataset,
+    ReplayBuffer,
+    SequenceSampler,
+    d4rl_to_replay_buffer,
+    read_d4rl,
+    replay_buffer_to_d4rl,
+    write_d4rl,
 )
 
 
