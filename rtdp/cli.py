@@ -70,13 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from envs.datasets import DatasetError
-    from policy.checkpoint import CheckpointError
-    from policy.config import ConfigError
-
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError) as e:
+    except (ValueError, KeyError, FileNotFoundError) as e:  # bad input: config, dataset, checkpoint
         print(f"rtdp {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

@@ -23,11 +23,20 @@ class DatasetError(ValueError):
 class ReplayBuffer:
     def __init__(self, data: dict[str, np.ndarray] | None = None, episode_ends: Iterable[int] = (),
                  attrs: dict | None = None, source: str = "<memory>"):
-        self.data = dict(data or {})
+        self._data = dict(data or {})
+        self._pending: dict[str, list[np.ndarray]] = {}  # episodes added since the arrays were last joined
         self.episode_ends = np.asarray(list(episode_ends), dtype=np.int64)
         self.attrs = dict(attrs or {})
         self.source = source
         self._validate()
+
+    @property
+    def data(self) -> dict[str, np.ndarray]:
+        if self._pending:
+            for k, parts in self._pending.items():
+                self._data[k] = np.concatenate(([self._data[k]] if k in self._data else []) + parts)
+            self._pending = {}
+        return self._data
 
     # -- shape of the data --
 
@@ -64,7 +73,7 @@ class ReplayBuffer:
         if len(ends) and (ends[0] <= 0 or (np.diff(ends) <= 0).any()):
             raise DatasetError(f"{self.source}: meta/episode_ends must be positive and strictly increasing, "
                                f"got {ends[:10].tolist()}{' ...' if len(ends) > 10 else ''}")
-        for key, arr in self.data.items():
+        for key, arr in self._data.items():
             if len(arr) != self.n_steps:
                 raise DatasetError(
                     f"{self.source}: data/{key} has {len(arr)} steps but meta/episode_ends says {self.n_steps} "
@@ -77,14 +86,17 @@ class ReplayBuffer:
         lengths = {k: len(v) for k, v in episode.items()}
         if not lengths or len(set(lengths.values())) != 1 or 0 in lengths.values():
             raise DatasetError(f"an episode needs every key with the same, non-zero length; got {lengths}")
-        if self.data and set(episode) != set(self.data):
-            raise DatasetError(f"episode keys {sorted(episode)} differ from the buffer's {self.keys}")
-        for k, v in episode.items():
-            v = np.asarray(v)
-            if k in self.data and v.shape[1:] != self.data[k].shape[1:]:
-                raise DatasetError(f"episode {k!r} has per-step shape {v.shape[1:]}, buffer has "
-                                   f"{self.data[k].shape[1:]}")
-            self.data[k] = v.copy() if k not in self.data else np.concatenate([self.data[k], v])
+        known = {k: (self._pending[k][0] if self._pending.get(k) else self._data[k])
+                 for k in set(self._data) | set(self._pending)}
+        if known and set(episode) != set(known):
+            raise DatasetError(f"episode keys {sorted(episode)} differ from the buffer's {sorted(known)}")
+        arrays = {k: np.array(v) for k, v in episode.items()}
+        for k, v in arrays.items():
+            if k in known and (v.shape[1:], v.dtype) != (known[k].shape[1:], known[k].dtype):
+                raise DatasetError(f"episode {k!r} has per-step shape {v.shape[1:]} and dtype {v.dtype}, the "
+                                   f"buffer has {known[k].shape[1:]} and {known[k].dtype}")
+        for k, v in arrays.items():
+            self._pending.setdefault(k, []).append(v)
         n = next(iter(lengths.values()))
         self.episode_ends = np.append(self.episode_ends, self.n_steps + n)
 
