@@ -182,10 +182,32 @@ def train(cfg: RunConfig, data: TrainingData, out_dir: str | Path, resume: bool 
     summary.param_checksums = _checksums(policy, world)
     if rank == 0:
         (out_dir / "train_report.json").write_text(json.dumps(summary.to_dict(), indent=2))
+        plot_losses(summary.losses, out_dir / "loss.png", f"{cfg.policy.denoiser} policy, world size {world}")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return summary
+
+
+def plot_losses(losses: list[tuple[int, float]], path: Path, title: str) -> None:
+    if not losses:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps, values = zip(*losses, strict=True)
+    ax.plot(steps, values)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("denoising loss (mean over log interval)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _checksums(policy: torch.nn.Module, world: int) -> list[float]:

@@ -41,6 +41,7 @@ def test_train_makes_a_loadable_checkpoint_and_the_loss_falls(workspace):
     out = workspace / "run"
     assert train(workspace, out) == 0
     report = json.loads(Path(str(out) + ".json").read_text())
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert report["episodes"] == 20 and report["steps"] == 120 and report["world_size"] == 1
     assert report["loss_last"] < 0.5 * report["loss_first"]
     policy, cfg = load_policy(out)
