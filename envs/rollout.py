@@ -1,14 +1,16 @@
 """Closed-loop episodes with receding-horizon action chunking, for any policy given as a function.
 
-`act(obs_history) -> actions` takes the last n_obs_steps observations (n_obs_steps, obs_dim), the first
-repeated at the episode start, and returns a chunk (k, action_dim) of which every action is executed.
+`act(history) -> actions` takes the last n_obs_steps observations as a dict of stacked arrays
+({"state": (n_obs_steps, state_dim), ...}; the first observation is repeated at the episode start) and returns
+a chunk (k, action_dim), all of which is executed before the next decision. An episode ends at its first
+success or at the task's step limit.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import gymnasium as gym
 import numpy as np
@@ -16,27 +18,35 @@ import numpy as np
 
 @dataclass
 class EpisodeResult:
+    seed: int
     success: bool
     total_return: float
     steps: int
     decisions: int
+    frames: list[np.ndarray] = field(default_factory=list, repr=False)
 
 
-def run_episode(env: gym.Env, act: Callable[[np.ndarray], np.ndarray], n_obs_steps: int, seed: int) -> EpisodeResult:
-    obs, info = env.reset(seed=seed)
+def run_episode(env: gym.Env, act: Callable[[dict[str, np.ndarray]], np.ndarray], n_obs_steps: int, seed: int,
+                record_frames: bool = False, frame_size: int = 240) -> EpisodeResult:
+    obs, _ = env.reset(seed=seed)
     history = deque([obs] * n_obs_steps, maxlen=n_obs_steps)
-    total, steps, decisions, success = 0.0, 0, 0, False
+    result = EpisodeResult(seed, False, 0.0, 0, 0)
+    if record_frames:
+        result.frames.append(env.render_frame(frame_size))
     done = False
     while not done:
-        chunk = np.asarray(act(np.stack(history)))
-        decisions += 1
+        chunk = np.asarray(act({k: np.stack([o[k] for o in history]) for k in obs}))
+        result.decisions += 1
         for action in chunk:
             obs, reward, terminated, truncated, info = env.step(action)
             history.append(obs)
-            total += float(reward)
-            steps += 1
-            success = success or bool(info.get("success", False))
-            done = terminated or truncated
+            result.total_return += float(reward)
+            result.steps += 1
+            if record_frames:
+                result.frames.append(env.render_frame(frame_size))
+            if info.get("success", False):
+                result.success = True
+            done = result.success or terminated or truncated
             if done:
                 break
-    return EpisodeResult(success, total, steps, decisions)
+    return result

@@ -80,7 +80,8 @@ class PolicyConfig:
 
 @dataclass
 class DataConfig:
-    state_keys: list[str] = field(default_factory=lambda: ["obs"])  # concatenated into the state vector
+    task: str | None = None  # the task the data came from; `rtdp train` fills it from the dataset's attributes
+    state_keys: list[str] = field(default_factory=lambda: ["state"])  # concatenated into the state vector
     action_key: str = "action"
     image_key: str | None = None
     val_ratio: float = 0.0

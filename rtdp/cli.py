@@ -24,6 +24,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     d, p = cfg.data, cfg.policy
     keys = [*d.state_keys, d.action_key, *([d.image_key] if d.image_key else [])]
     buffer = ReplayBuffer.load(args.data, keys=keys)
+    d.task = d.task or buffer.attrs.get("task")
     data = PolicyDataset(buffer, p.horizon, p.n_obs_steps, p.n_action_steps, d.state_keys, d.action_key,
                          d.image_key, d.val_ratio, cfg.train.seed)
     summary = train(cfg, data, args.out, resume=args.resume, progress=not args.no_progress)
@@ -36,10 +37,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_collect(args: argparse.Namespace) -> int:
+    from envs.collect import collect_demos
+
+    buffer = collect_demos(args.task, args.episodes, seed=args.seed, image=args.image, image_size=args.image_size,
+                           progress=not args.no_progress)
+    buffer.save(args.out)
+    a = buffer.attrs
+    print(f"{args.task}: {a['episodes']} expert episodes ({buffer.n_steps} steps) in {args.out}; "
+          f"expert success {a['expert_success_rate']:.2f}")
+    _write_report(args.report, {"out": str(args.out), "steps": buffer.n_steps, **a})
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from deploy.evaluation import EvalSettings, evaluate, summary_line
+
+    settings = EvalSettings(checkpoint=args.checkpoint, episodes=args.episodes, seed=args.seed, sampler=args.sampler,
+                            steps=args.steps, task=args.task, workers=args.workers, video_dir=args.video,
+                            video_episodes=args.video_episodes)
+    report = evaluate(settings, progress=not args.no_progress)
+    print(summary_line(report))
+    _write_report(args.report, report)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from rtdp.demo import run_demo
 
-    report = run_demo(Path(args.workdir), steps=args.steps, episodes=args.episodes, seed=args.seed)
+    report = run_demo(Path(args.workdir), task=args.task, steps=args.steps, episodes=args.episodes, seed=args.seed)
     _write_report(args.report, report)
     return 0
 
@@ -58,8 +84,34 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.steps=500")
     t.set_defaults(func=cmd_train)
 
-    d = sub.add_parser("demo", help="collect, train and evaluate closed-loop on a small task, end to end")
+    c = sub.add_parser("collect", help="record scripted-expert demonstrations into a zarr dataset")
+    c.add_argument("--task", required=True, help="e.g. metaworld/push-v3 or point_mass/reach")
+    c.add_argument("--episodes", type=int, default=50, help="successful episodes to keep")
+    c.add_argument("--out", required=True, help="zarr store to write")
+    c.add_argument("--seed", type=int, default=0, help="first episode seed (tasks vary with the seed)")
+    c.add_argument("--image", action="store_true", help="also record rendered RGB frames")
+    c.add_argument("--image-size", type=int, default=96)
+    c.add_argument("--report", help="write a JSON summary here")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=cmd_collect)
+
+    e = sub.add_parser("eval", help="closed-loop success and decision latency of a checkpoint on its task")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--episodes", type=int, default=50)
+    e.add_argument("--seed", type=int, default=0, help="episodes use held-out seeds 100000 + seed + i")
+    e.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m"], help="default: the checkpoint's config")
+    e.add_argument("--steps", type=int, help="denoising steps; default: the checkpoint's config")
+    e.add_argument("--task", help="default: the task the checkpoint was trained on")
+    e.add_argument("--workers", type=int, default=0, help="worker processes; 0: one per core")
+    e.add_argument("--video", metavar="DIR", help="write the first --video-episodes rollouts as mp4 here")
+    e.add_argument("--video-episodes", type=int, default=3)
+    e.add_argument("--report", help="write the JSON report here")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="collect, train and evaluate closed-loop on a metaworld task, end to end")
     d.add_argument("--workdir", default="runs/demo")
+    d.add_argument("--task", default="metaworld/reach-v3")
     d.add_argument("--steps", type=int, default=1000, help="training steps")
     d.add_argument("--episodes", type=int, default=50, help="evaluation episodes per sampler")
     d.add_argument("--seed", type=int, default=0)

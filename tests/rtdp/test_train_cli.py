@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from envs.point_mass import collect_point_mass
+from envs.collect import collect_demos
 from policy.checkpoint import load_policy
 from policy.config import config_to_yaml
 from rtdp.cli import main
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
-    collect_point_mass(20, seed=0, progress=False).save(tmp / "pm.zarr")
+    collect_demos("point_mass/reach", 20, seed=0, progress=False).save(tmp / "pm.zarr")
     cfg = tiny_config()
     cfg.policy.state_dim = cfg.policy.action_dim = 0  # filled from the dataset
     cfg.train.steps, cfg.train.checkpoint_every = 120, 60
@@ -77,7 +77,7 @@ def test_resume_after_a_crash_continues_exactly(workspace):
     cfg = load_config(workspace / "tiny.yaml", ["train.steps=40", "train.checkpoint_every=20"])
     p = cfg.policy
     data = PolicyDataset(ReplayBuffer.load(workspace / "pm.zarr"), p.horizon, p.n_obs_steps, p.n_action_steps,
-                         ["obs"], "action")
+                         ["state"], "action")
     straight, crashed = workspace / "straight", workspace / "crashed"
     train_fn(cfg, data, straight, progress=False)
     with pytest.raises(KeyboardInterrupt):

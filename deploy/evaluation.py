@@ -1,0 +1,241 @@
+"""Closed-loop evaluation of a checkpoint on its task: success with a Wilson interval, return, and the latency and
+denoiser calls of every decision.
+
+Episodes run in worker processes, one per core, each with one torch thread. A worker is started as
+`python -m deploy.evaluation '<json settings>'` and sends one JSON line per episode on stdout, so nothing is
+pickled across the process boundary. Episode i always runs on seed EVAL_SEED_OFFSET + seed + i, with sampler
+noise seeded from the same number: results do not depend on how episodes were split among workers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import selectors
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+EVAL_SEED_OFFSET = 100_000  # evaluation never reuses a demonstration seed (demos start at 0)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class EvalSettings:
+    checkpoint: str
+    episodes: int = 50
+    seed: int = 0
+    sampler: str | None = None  # None: the checkpoint's inference config
+    steps: int | None = None
+    task: str | None = None  # None: the task the checkpoint was trained on
+    workers: int = 0  # 0: one per core
+    video_dir: str | None = None
+    video_episodes: int = 3
+    max_episode_steps: int | None = None
+    seeds: list[int] = field(default_factory=list)  # set by the orchestrator for each worker
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for a binomial proportion (sound at 0 and n successes, unlike the normal one)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def episode_seeds(seed: int, episodes: int) -> list[int]:
+    return [EVAL_SEED_OFFSET + seed + i for i in range(episodes)]
+
+
+def check_compatible(policy_cfg, env, checkpoint: str, task: str) -> None:
+    state_dim = env.observation_space["state"].shape[0]
+    action_dim = env.action_space.shape[0]
+    want_image = policy_cfg.image_shape is not None
+    has_image = "image" in env.observation_space.spaces
+    if (policy_cfg.state_dim, policy_cfg.action_dim, want_image) != (state_dim, action_dim, has_image):
+        raise ValueError(
+            f"checkpoint {checkpoint} expects a {policy_cfg.state_dim}-d state, a {policy_cfg.action_dim}-d action"
+            f"{' and images' if want_image else ''}; task {task} gives a {state_dim}-d state, a {action_dim}-d "
+            f"action{' and images' if has_image else ''}"
+        )
+
+
+def resolve_task(settings: EvalSettings, run_cfg) -> str:
+    task = settings.task or run_cfg.data.task
+    if not task:
+        raise ValueError(f"checkpoint {settings.checkpoint} does not record its task: pass --task")
+    return task
+
+
+# -- worker: runs its share of the episodes in this process --
+
+def run_episodes(settings: EvalSettings, emit) -> None:
+    import torch
+
+    from envs.rollout import run_episode
+    from envs.tasks import make_env
+    from policy.checkpoint import load_policy
+
+    torch.set_num_threads(1)
+    policy, run_cfg = load_policy(settings.checkpoint)
+    task = resolve_task(settings, run_cfg)
+    image_size = run_cfg.policy.image_shape[0] if run_cfg.policy.image_shape else 96
+    env = make_env(task, image=run_cfg.policy.image_shape is not None, image_size=image_size,
+                   max_episode_steps=settings.max_episode_steps)
+    check_compatible(run_cfg.policy, env, settings.checkpoint, task)
+    video_seeds = set(episode_seeds(settings.seed, settings.episodes)[: settings.video_episodes]) \
+        if settings.video_dir and hasattr(env, "render_frame") else set()
+    for seed in settings.seeds:
+        latencies, nfes = [], []
+        generator = torch.Generator().manual_seed(seed)
+
+        def act(history: dict[str, np.ndarray]) -> np.ndarray:
+            obs = {k: torch.from_numpy(np.ascontiguousarray(v))[None] for k, v in history.items()}
+            t0 = time.perf_counter()
+            out = policy.predict_chunk(obs, sampler=settings.sampler, steps=settings.steps, generator=generator)
+            latencies.append((time.perf_counter() - t0) * 1e3)
+            nfes.append(policy.last_nfe)
+            return out["action"][0].numpy()
+
+        result = run_episode(env, act, run_cfg.policy.n_obs_steps, seed, record_frames=seed in video_seeds)
+        video = write_video(result.frames, Path(settings.video_dir), task, seed) if result.frames else None
+        emit({"seed": seed, "success": result.success, "return": result.total_return, "steps": result.steps,
+              "decisions": result.decisions, "latency_ms": latencies, "nfe": nfes, "video": video})
+    env.close()
+
+
+def write_video(frames: list[np.ndarray], directory: Path, task: str, seed: int, fps: int = 30) -> str:
+    import imageio.v2 as imageio
+
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = f"{task.replace('/', '_')}_seed{seed}"
+    try:
+        path = directory / f"{stem}.mp4"
+        imageio.mimwrite(path, frames, fps=fps, macro_block_size=1)
+    except (ImportError, ValueError, RuntimeError):  # no ffmpeg backend: fall back to a GIF
+        path = directory / f"{stem}.gif"
+        imageio.mimwrite(path, frames, duration=1.0 / fps)
+    return str(path)
+
+
+# -- orchestrator --
+
+def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    from policy.checkpoint import load_config_file
+
+    if settings.episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {settings.episodes}")
+    run_cfg = load_config_file(settings.checkpoint)
+    task = resolve_task(settings, run_cfg)
+    seeds = episode_seeds(settings.seed, settings.episodes)
+    workers = settings.workers or min(os.cpu_count() or 1, 2)
+    workers = max(1, min(workers, settings.episodes))
+    t0 = time.perf_counter()
+    results: list[dict] = []
+    bar = tqdm(total=settings.episodes, desc=f"eval {task}", disable=not progress, dynamic_ncols=True)
+
+    def emit(record: dict) -> None:
+        results.append(record)
+        bar.update(1)
+        bar.set_postfix(success=f"{np.mean([r['success'] for r in results]):.2f}")
+
+    if workers == 1:
+        run_episodes(EvalSettings(**{**asdict(settings), "seeds": seeds}), emit)
+    else:
+        _run_in_workers(settings, seeds, workers, emit)
+    bar.close()
+    return build_report(settings, run_cfg, task, results, workers, time.perf_counter() - t0)
+
+
+def _run_in_workers(settings: EvalSettings, seeds: list[int], workers: int, emit) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    procs = []
+    sel = selectors.DefaultSelector()
+    for w in range(workers):
+        share = EvalSettings(**{**asdict(settings), "seeds": seeds[w::workers]})
+        p = subprocess.Popen([sys.executable, "-m", "deploy.evaluation", json.dumps(asdict(share))],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        sel.register(p.stdout, selectors.EVENT_READ, p)
+        procs.append(p)
+    open_streams = len(procs)
+    while open_streams:
+        for key, _ in sel.select():
+            line = key.fileobj.readline()
+            if not line:
+                sel.unregister(key.fileobj)
+                open_streams -= 1
+            elif line.startswith("{"):
+                emit(json.loads(line))
+    for p in procs:
+        err = p.stderr.read()
+        if p.wait() != 0:
+            raise RuntimeError(f"evaluation worker failed (exit {p.returncode}):\n{err[-3000:]}")
+
+
+def build_report(settings: EvalSettings, run_cfg, task: str, results: list[dict], workers: int,
+                 seconds: float) -> dict:
+    results = sorted(results, key=lambda r: r["seed"])
+    n, wins = len(results), sum(r["success"] for r in results)
+    lat = np.concatenate([r["latency_ms"] for r in results]) if results else np.zeros(1)
+    nfe = np.concatenate([r["nfe"] for r in results]) if results else np.zeros(1)
+    p = run_cfg.policy
+    sampler = settings.sampler or p.inference.sampler
+    steps = settings.steps or p.inference.steps
+    report = {
+        "task": task,
+        "checkpoint": str(settings.checkpoint),
+        "episodes": n,
+        "success_rate": wins / n,
+        "success_ci95": list(wilson_interval(wins, n)),
+        "mean_return": float(np.mean([r["return"] for r in results])),
+        "nfe_per_decision": float(nfe.mean()),
+        "actions_per_decision": p.n_action_steps,
+        "decisions": int(lat.size),
+        "latency_ms": {q: float(np.percentile(lat, v)) for q, v in (("p50", 50), ("p90", 90), ("p99", 99))}
+        | {"max": float(lat.max())},
+        "config": {"sampler": sampler, "steps": steps, "spacing": p.inference.spacing, "eta": p.inference.eta,
+                   "denoiser": p.denoiser, "backend": "torch", "threads_per_worker": 1, "workers": workers,
+                   "seed": settings.seed, "seeds": [EVAL_SEED_OFFSET + settings.seed, EVAL_SEED_OFFSET
+                                                    + settings.seed + n - 1]},
+        "seconds": seconds,
+        "per_episode": [{k: v for k, v in r.items() if k not in ("latency_ms", "nfe")} for r in results],
+        "videos": [r["video"] for r in results if r.get("video")],
+    }
+    if p.denoiser == "transformer":
+        report["block_evals_per_decision"] = report["nfe_per_decision"] * 3 * p.transformer.n_layer
+    return report
+
+
+def summary_line(report: dict) -> str:
+    c = report["config"]
+    lo, hi = report["success_ci95"]
+    return (f"{report['task']}  {c['sampler']}-{c['steps']}  success {report['success_rate']:.2f} "
+            f"[{lo:.2f}, {hi:.2f}]  return {report['mean_return']:.1f}  latency p50 {report['latency_ms']['p50']:.1f}"
+            f" ms p99 {report['latency_ms']['p99']:.1f} ms  calls {report['nfe_per_decision']:.0f}  "
+            f"({report['episodes']} episodes, {c['workers']} workers, {report['seconds']:.0f} s)")
+
+
+def _worker_main(argv: list[str]) -> int:
+    settings = EvalSettings(**json.loads(argv[0]))
+
+    def emit(record: dict) -> None:
+        sys.stdout.write(json.dumps(record) + "\n")
+        sys.stdout.flush()
+
+    run_episodes(settings, emit)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_worker_main(sys.argv[1:]))

@@ -1,0 +1,33 @@
+"""The task registry: `make_env("metaworld/push-v3")` and friends.
+
+Every task is a gymnasium env whose observation is a dict with `state` (float32 vector) and, for image
+tasks, `image` (H, W, 3 uint8); `info["success"]` flags success; `max_episode_steps` is its episode limit;
+`expert()` returns its scripted policy (state -> action).
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+
+
+def known_tasks() -> list[str]:
+    from .metaworld_env import metaworld_task_names
+
+    return ["point_mass/reach"] + [f"metaworld/{n}" for n in metaworld_task_names()]
+
+
+def make_env(task: str, image: bool = False, image_size: int = 96, max_episode_steps: int | None = None) -> gym.Env:
+    family, _, name = task.partition("/")
+    if family == "metaworld":
+        from .metaworld_env import EPISODE_LIMIT, MetaWorldTask, metaworld_task_names
+
+        if name in metaworld_task_names():
+            return MetaWorldTask(name, image=image, image_size=image_size,
+                                 max_episode_steps=max_episode_steps or EPISODE_LIMIT)
+    elif task == "point_mass/reach":
+        if image:
+            raise ValueError("point_mass/reach has no image observation")
+        from .point_mass import PointMassReach
+
+        return PointMassReach(**({"max_episode_steps": max_episode_steps} if max_episode_steps else {}))
+    raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(known_tasks())}")
