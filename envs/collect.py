@@ -15,12 +15,13 @@ STEPS_AFTER_SUCCESS = 10
 
 
 def collect_demos(task: str, episodes: int, seed: int = 0, image: bool = False, image_size: int = 96,
-                  max_attempts: int | None = None, progress: bool = True) -> ReplayBuffer:
+                  max_attempts: int | None = None, max_episode_steps: int | None = None,
+                  progress: bool = True) -> ReplayBuffer:
     """Run the task's scripted expert on seeds seed, seed + 1, ... until `episodes` of them succeed."""
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     max_attempts = max_attempts or 3 * episodes
-    env = make_env(task, image=image, image_size=image_size)
+    env = make_env(task, image=image, image_size=image_size, max_episode_steps=max_episode_steps)
     expert = env.expert()
     buffer = ReplayBuffer()
     kept, failed = [], []
