@@ -77,6 +77,34 @@ def resolve_task(settings: EvalSettings, run_cfg) -> str:
 
 # -- worker: runs its share of the episodes in this process --
 
+class TimedPolicy:
+    """Observation history (numpy) -> action chunk (numpy), recording each decision's inference time and
+    denoiser calls. Sampler noise is reseeded per episode, so an episode's rollout depends on its seed alone."""
+
+    def __init__(self, policy, sampler: str | None, steps: int | None):
+        import torch
+
+        self.policy, self.sampler, self.steps = policy, sampler, steps
+        self.generator = torch.Generator()
+        self.latencies_ms: list[float] = []
+        self.nfes: list[int] = []
+
+    def reset(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+        self.latencies_ms, self.nfes = [], []
+        self.policy.reset()
+
+    def __call__(self, history: dict[str, np.ndarray]) -> np.ndarray:
+        import torch
+
+        obs = {k: torch.from_numpy(np.ascontiguousarray(v))[None] for k, v in history.items()}
+        t0 = time.perf_counter()
+        out = self.policy.predict_chunk(obs, sampler=self.sampler, steps=self.steps, generator=self.generator)
+        self.latencies_ms.append((time.perf_counter() - t0) * 1e3)
+        self.nfes.append(self.policy.last_nfe)
+        return out["action"][0].numpy()
+
+
 def run_episodes(settings: EvalSettings, emit) -> None:
     import torch
 
@@ -93,22 +121,13 @@ def run_episodes(settings: EvalSettings, emit) -> None:
     check_compatible(run_cfg.policy, env, settings.checkpoint, task)
     video_seeds = set(episode_seeds(settings.seed, settings.episodes)[: settings.video_episodes]) \
         if settings.video_dir and hasattr(env, "render_frame") else set()
+    act = TimedPolicy(policy, settings.sampler, settings.steps)
     for seed in settings.seeds:
-        latencies, nfes = [], []
-        generator = torch.Generator().manual_seed(seed)
-
-        def act(history: dict[str, np.ndarray]) -> np.ndarray:
-            obs = {k: torch.from_numpy(np.ascontiguousarray(v))[None] for k, v in history.items()}
-            t0 = time.perf_counter()
-            out = policy.predict_chunk(obs, sampler=settings.sampler, steps=settings.steps, generator=generator)
-            latencies.append((time.perf_counter() - t0) * 1e3)
-            nfes.append(policy.last_nfe)
-            return out["action"][0].numpy()
-
+        act.reset(seed)
         result = run_episode(env, act, run_cfg.policy.n_obs_steps, seed, record_frames=seed in video_seeds)
         video = write_video(result.frames, Path(settings.video_dir), task, seed) if result.frames else None
         emit({"seed": seed, "success": result.success, "return": result.total_return, "steps": result.steps,
-              "decisions": result.decisions, "latency_ms": latencies, "nfe": nfes, "video": video})
+              "decisions": result.decisions, "latency_ms": act.latencies_ms, "nfe": act.nfes, "video": video})
     env.close()
 
 
