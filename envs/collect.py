@@ -23,6 +23,7 @@ def collect_demos(task: str, episodes: int, seed: int = 0, image: bool = False, 
     max_attempts = max_attempts or 3 * episodes
     env = make_env(task, image=image, image_size=image_size, max_episode_steps=max_episode_steps)
     expert = env.expert()
+    low, high = env.action_space.low, env.action_space.high
     buffer = ReplayBuffer()
     kept, failed = [], []
     bar = tqdm(total=episodes, desc=f"collect {task}", disable=not progress, dynamic_ncols=True)
@@ -34,7 +35,8 @@ def collect_demos(task: str, episodes: int, seed: int = 0, image: bool = False, 
         steps: dict[str, list] = {k: [] for k in [*obs, "action"]}
         after = None
         for _ in range(env.max_episode_steps):
-            action = expert(obs["state"])
+            # Record what the task executes: scripted experts may exceed the action bounds the task clips to.
+            action = np.clip(expert(obs["state"]), low, high).astype(np.float32)
             for k, v in obs.items():
                 steps[k].append(v)
             steps["action"].append(action)
