@@ -85,6 +85,8 @@ class DataConfig:
     action_key: str = "action"
     image_key: str | None = None
     val_ratio: float = 0.0
+    # Dimensions spanning less than this in the data are centred, not stretched to [-1, 1] (see normalizer.py).
+    normalizer_range_eps: float = 1e-2
 
 
 @dataclass

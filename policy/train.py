@@ -24,7 +24,7 @@ from .checkpoint import load_config_file, load_tensors, save_checkpoint, save_te
 from .config import RunConfig, TrainConfig, config_to_yaml
 from .diffusion_policy import DiffusionPolicy
 from .ema import EMA
-from .normalizer import FieldNormalizer, Normalizer
+from .normalizer import RANGE_EPS, FieldNormalizer, Normalizer
 
 TRAIN_STATE = "train_state.safetensors"
 TRAIN_META = "train_state.json"
@@ -80,9 +80,9 @@ def batch_indices(step: int, n: int, batch_size: int, rank: int, world: int, see
     return perm[k * global_batch : (k + 1) * global_batch][rank::world]
 
 
-def fit_normalizer(data: TrainingData) -> Normalizer:
-    fields = {"state": FieldNormalizer.fit_minmax(data.all_states()),
-              "action": FieldNormalizer.fit_minmax(data.all_actions())}
+def fit_normalizer(data: TrainingData, range_eps: float = RANGE_EPS) -> Normalizer:
+    fields = {"state": FieldNormalizer.fit_minmax(data.all_states(), range_eps),
+              "action": FieldNormalizer.fit_minmax(data.all_actions(), range_eps)}
     if data.image_shape is not None:
         fields["image"] = FieldNormalizer.image()
     return Normalizer(fields)
@@ -142,7 +142,7 @@ def train(cfg: RunConfig, data: TrainingData, out_dir: str | Path, resume: bool 
         raise ValueError(f"train.steps and train.batch_size must be >= 1, got {tc.steps}, {tc.batch_size}")
 
     torch.manual_seed(tc.seed)  # the initial weights are the same on every rank
-    policy = DiffusionPolicy(cfg.policy, fit_normalizer(data))
+    policy = DiffusionPolicy(cfg.policy, fit_normalizer(data, cfg.data.normalizer_range_eps))
     ema = EMA(policy, tc.ema_power, tc.ema_max_decay) if tc.ema else None
     opt = torch.optim.AdamW(policy.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     start = 0

@@ -96,11 +96,15 @@ def test_loss_falls_when_fitting_a_fixed_action_map():
 
 
 def test_normalizer_maps_data_range_to_unit_interval_and_back():
-    data = np.random.default_rng(1).uniform([-5, 0, 3], [5, 10, 3], size=(200, 3))  # last dim constant
+    # the last two dims barely move (spans 0 and 0.003): they are centred, not stretched
+    data = np.random.default_rng(1).uniform([-5, 0, 3, 0.0], [5, 10, 3, 0.003], size=(200, 4))
     f = FieldNormalizer.fit_minmax(data)
     y = f.normalize(data)
     assert np.allclose(y[:, :2].min(0), -1, atol=1e-6) and np.allclose(y[:, :2].max(0), 1, atol=1e-6)
-    assert np.allclose(y[:, 2], 0.0)
+    assert np.allclose(y[:, 2], 0.0) and np.abs(y[:, 3]).max() <= 0.0016
+    # a 0.01 excursion of the near-constant dim at run time stays a 0.01 change, not a 7x jump
+    assert abs(f.normalize(np.array([0, 5, 3, 0.0115]))[3] - f.normalize(np.array([0, 5, 3, 0.0015]))[3]) \
+        == pytest.approx(0.01, abs=1e-6)
     assert np.allclose(f.unnormalize(y), data, atol=1e-4)
     t = torch.from_numpy(data).float()
     assert torch.allclose(f.unnormalize(f.normalize(t)), t, atol=1e-4)
