@@ -36,6 +36,7 @@ class EvalSettings:
     workers: int = 0  # 0: one per core
     video_dir: str | None = None
     video_episodes: int = 3
+    plot: str | None = None  # a PNG: latency histogram and per-episode outcomes
     max_episode_steps: int | None = None
     seeds: list[int] = field(default_factory=list)  # set by the orchestrator for each worker
 
@@ -173,7 +174,10 @@ def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
     else:
         _run_in_workers(settings, seeds, workers, emit)
     bar.close()
-    return build_report(settings, run_cfg, task, results, workers, time.perf_counter() - t0)
+    report = build_report(settings, run_cfg, task, results, workers, time.perf_counter() - t0)
+    if settings.plot:
+        plot_report(report, results, Path(settings.plot))
+    return report
 
 
 def _run_in_workers(settings: EvalSettings, seeds: list[int], workers: int, emit) -> None:
@@ -234,6 +238,35 @@ def build_report(settings: EvalSettings, run_cfg, task: str, results: list[dict]
     if p.denoiser == "transformer":
         report["block_evals_per_decision"] = report["nfe_per_decision"] * 3 * p.transformer.n_layer
     return report
+
+
+def plot_report(report: dict, results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lat = np.concatenate([r["latency_ms"] for r in results])
+    fig, (ax_lat, ax_ep) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax_lat.hist(lat, bins=40)
+    for q in ("p50", "p99"):
+        ax_lat.axvline(report["latency_ms"][q], color="k", ls="--" if q == "p50" else ":", label=q)
+    ax_lat.set_xlabel("decision latency (ms, inference only)")
+    ax_lat.set_ylabel("decisions")
+    ax_lat.legend()
+    results = sorted(results, key=lambda r: r["seed"])
+    ax_ep.bar(range(len(results)), [r["steps"] for r in results],
+              color=["tab:green" if r["success"] else "tab:red" for r in results])
+    ax_ep.set_xlabel("episode (green: success)")
+    ax_ep.set_ylabel("steps")
+    c = report["config"]
+    lo, hi = report["success_ci95"]
+    fig.suptitle(f"{report['task']}  {c['sampler']}-{c['steps']}: success {report['success_rate']:.2f} "
+                 f"[{lo:.2f}, {hi:.2f}], {report['nfe_per_decision']:.0f} calls per decision")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def summary_line(report: dict) -> str:

@@ -15,6 +15,8 @@ import gymnasium as gym
 import numpy as np
 
 os.environ.setdefault("MUJOCO_GL", "egl")
+# Metaworld's scripted policies warn on every call that their gains exceed the action bounds; the task clips.
+warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high", category=UserWarning)
 
 STATE_DIM = 39
 EPISODE_LIMIT = 500  # metaworld's max_path_length

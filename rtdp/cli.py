@@ -55,7 +55,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     settings = EvalSettings(checkpoint=args.checkpoint, episodes=args.episodes, seed=args.seed, sampler=args.sampler,
                             steps=args.steps, task=args.task, workers=args.workers, video_dir=args.video,
-                            video_episodes=args.video_episodes)
+                            video_episodes=args.video_episodes, plot=args.plot)
     report = evaluate(settings, progress=not args.no_progress)
     print(summary_line(report))
     _write_report(args.report, report)
@@ -106,12 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--video", metavar="DIR", help="write the first --video-episodes rollouts as mp4 here")
     e.add_argument("--video-episodes", type=int, default=3)
     e.add_argument("--report", help="write the JSON report here")
+    e.add_argument("--plot", metavar="FILE.png", help="latency histogram and per-episode outcomes")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="collect, train and evaluate closed-loop on a metaworld task, end to end")
     d.add_argument("--workdir", default="runs/demo")
-    d.add_argument("--task", default="metaworld/reach-v3")
+    d.add_argument("--task", default="metaworld/drawer-open-v3")
     d.add_argument("--steps", type=int, default=1000, help="training steps")
     d.add_argument("--episodes", type=int, default=50, help="evaluation episodes per sampler")
     d.add_argument("--seed", type=int, default=0)

@@ -11,7 +11,7 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "policy" / "unet_l
 DEMOS = 50
 
 
-def run_demo(workdir: Path, task: str = "metaworld/reach-v3", steps: int = 1000, episodes: int = 50,
+def run_demo(workdir: Path, task: str = "metaworld/drawer-open-v3", steps: int = 1000, episodes: int = 50,
              seed: int = 0) -> dict:
     from deploy.evaluation import EvalSettings, evaluate
     from envs.collect import collect_demos

@@ -73,7 +73,9 @@ def test_checkpoint_that_does_not_fit_the_task_is_refused(point_mass_policy, cap
 def test_eval_cli_writes_the_report_and_a_summary_line(point_mass_policy, tmp_path, capsys):
     report_path = tmp_path / "r.json"
     assert main(["eval", "--checkpoint", str(point_mass_policy), "--episodes", "4", "--steps", "5",
-                 "--workers", "1", "--no-progress", "--report", str(report_path)]) == 0
+                 "--workers", "1", "--no-progress", "--report", str(report_path),
+                 "--plot", str(tmp_path / "r.png")]) == 0
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     out = capsys.readouterr().out
     assert "point_mass/reach  ddim-5  success" in out
     report = json.loads(report_path.read_text())
@@ -83,10 +85,11 @@ def test_eval_cli_writes_the_report_and_a_summary_line(point_mass_policy, tmp_pa
 
 
 @pytest.mark.slow
-def test_metaworld_reach_collect_train_eval(tmp_path):
-    """The demo's path at test size: 50 reach-v3 demos, 1000 steps of the default U-Net, 20 held-out episodes."""
-    buffer = collect_demos("metaworld/reach-v3", 50, seed=0, progress=False)
-    cfg = load_config(ROOT_CONFIG, ["train.steps=1000", "train.checkpoint_every=1000", "data.task=metaworld/reach-v3"])
+def test_metaworld_drawer_open_collect_train_eval(tmp_path):
+    """The demo's path: 50 drawer-open-v3 demos, 1000 steps of the default U-Net, 20 held-out episodes (~5 min)."""
+    buffer = collect_demos("metaworld/drawer-open-v3", 50, seed=0, progress=False)
+    cfg = load_config(ROOT_CONFIG, ["train.steps=1000", "train.checkpoint_every=1000",
+                                    "data.task=metaworld/drawer-open-v3"])
     p = cfg.policy
     data = PolicyDataset(buffer, p.horizon, p.n_obs_steps, p.n_action_steps, ["state"], "action")
     train(cfg, data, tmp_path / "policy", progress=False)
