@@ -164,6 +164,9 @@ def train(cfg: RunConfig, data: TrainingData, out_dir: str | Path, resume: bool 
         for g in opt.param_groups:
             g["lr"] = learning_rate(step, tc)
         loss = model({k: torch.from_numpy(v) for k, v in batch.items()})
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {float(loss)} at step {step}; the last checkpoint in "
+                                     f"{out_dir} is from before it (lower train.lr or check the data)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
