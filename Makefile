@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/rtdp demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 test-all: $(STAMP)
