@@ -55,6 +55,11 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
+def _signal_noise(ab_t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sqrt(alpha_bar) and sqrt(1 - alpha_bar) per step, on x's device and dtype: no roots inside the loop."""
+    return ab_t.sqrt().to(device=x.device, dtype=x.dtype), (1.0 - ab_t).sqrt().to(device=x.device, dtype=x.dtype)
+
+
 def _step_tables(schedule: NoiseSchedule, ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """alpha_bar at each step and at the step it moves to (1.0 after the last)."""
     ab = schedule.alpha_bar_padded
@@ -108,9 +113,10 @@ def _ddpm(model_fn, x, schedule, ts, generator):
     std = ((1.0 - ab_prev) / (1.0 - ab_t) * beta_t).clamp(min=1e-20).sqrt()
     add_noise = (ts > 0).tolist()
     to = dict(device=x.device, dtype=x.dtype)
-    ab_t, c_x0, c_xt, std = ab_t.to(**to), c_x0.to(**to), c_xt.to(**to), std.to(**to)
+    a, s = _signal_noise(ab_t, x)
+    c_x0, c_xt, std = c_x0.to(**to), c_xt.to(**to), std.to(**to)
     for i, t in enumerate(_model_timesteps(ts, x)):
-        x0, _ = schedule.to_x0_eps(model_fn(x, t), x, ab_t[i])
+        x0, _ = schedule.to_x0_eps(model_fn(x, t), x, a[i], s[i])
         x = c_x0[i] * _clip(x0, schedule) + c_xt[i] * x
         if add_noise[i]:
             x = x + std[i] * _noise_like(x, generator)
@@ -122,9 +128,10 @@ def _ddim(model_fn, x, schedule, ts, generator, eta):
     std = eta * ((1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev)).sqrt()
     c_eps = (1.0 - ab_prev - std**2).sqrt()
     to = dict(device=x.device, dtype=x.dtype)
-    ab_t, c_x0, c_eps, std = ab_t.to(**to), ab_prev.sqrt().to(**to), c_eps.to(**to), std.to(**to)
+    a, s = _signal_noise(ab_t, x)
+    c_x0, c_eps, std = ab_prev.sqrt().to(**to), c_eps.to(**to), std.to(**to)
     for i, t in enumerate(_model_timesteps(ts, x)):
-        x0, eps = schedule.to_x0_eps(model_fn(x, t), x, ab_t[i])
+        x0, eps = schedule.to_x0_eps(model_fn(x, t), x, a[i], s[i])
         x = c_x0[i] * _clip(x0, schedule) + c_eps[i] * eps
         if eta > 0:
             x = x + std[i] * _noise_like(x, generator)
@@ -147,10 +154,11 @@ def _dpmpp_2m(model_fn, x, schedule, ts):
         r = (lam[i] - lam[i - 1]) / (lam[i + 1] - lam[i])
         w0[i], w1[i] = 1.0 + 0.5 / r, -0.5 / r
     to = dict(device=x.device, dtype=x.dtype)
-    ab_t, c_x, c_d, w0, w1 = ab_t.to(**to), c_x.to(**to), c_d.to(**to), w0.to(**to), w1.to(**to)
+    a, s = _signal_noise(ab_t, x)
+    c_x, c_d, w0, w1 = c_x.to(**to), c_d.to(**to), w0.to(**to), w1.to(**to)
     d_prev = None
     for i, t in enumerate(_model_timesteps(ts, x)):
-        d, _ = schedule.to_x0_eps(model_fn(x, t), x, ab_t[i])
+        d, _ = schedule.to_x0_eps(model_fn(x, t), x, a[i], s[i])
         blended = d if d_prev is None else w0[i] * d + w1[i] * d_prev
         x = c_x[i] * x + c_d[i] * blended
         d_prev = d

@@ -119,10 +119,10 @@ class NoiseSchedule:
         return a * noise - s * x0
 
     def to_x0_eps(
-        self, prediction: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: torch.Tensor
+        self, prediction: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, s: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0, epsilon) implied by a model prediction at a noise level alpha_bar_t (already gathered)."""
-        a, s = alpha_bar_t.sqrt(), (1.0 - alpha_bar_t).sqrt()
+        """(x0, epsilon) implied by a model prediction at the noise level with sqrt(alpha_bar) = a and
+        sqrt(1 - alpha_bar) = s, both gathered by the caller once per timestep list."""
         if self.prediction_type == "epsilon":
             return (x_t - s * prediction) / a, prediction
         if self.prediction_type == "sample":
