@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 EVAL_SEED_OFFSET = 100_000  # evaluation never reuses a demonstration seed (demos start at 0)
+CALIBRATION_SEED_OFFSET = 200_000  # RTI's k0 calibration runs on episodes neither demos nor evaluation use
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,6 +39,10 @@ class EvalSettings:
     video_episodes: int = 3
     plot: str | None = None  # a PNG: latency histogram and per-episode outcomes
     max_episode_steps: int | None = None
+    rti: dict | None = None  # policy.rti.RTIConfig fields; k0 "auto" calibrates it first (calibrate_rti)
+    rti_calibration_episodes: int = 2
+    rti_calibration_steps: int = 100  # each calibration episode is cut here: it runs a full denoise per step
+    rti_margin: int = 1  # safety steps added to the calibrated k0
     seeds: list[int] = field(default_factory=list)  # set by the orchestrator for each worker
 
 
@@ -82,17 +87,20 @@ class TimedPolicy:
     """Observation history (numpy) -> action chunk (numpy), recording each decision's inference time and
     denoiser calls. Sampler noise is reseeded per episode, so an episode's rollout depends on its seed alone."""
 
-    def __init__(self, policy, sampler: str | None, steps: int | None):
+    def __init__(self, policy, sampler: str | None = None, steps: int | None = None):
         import torch
 
-        self.policy, self.sampler, self.steps = policy, sampler, steps
+        self.policy = policy
+        # A warm-starting wrapper carries its own sampler settings.
+        self.overrides = {} if hasattr(policy, "tail") else {"sampler": sampler, "steps": steps}
         self.generator = torch.Generator()
         self.latencies_ms: list[float] = []
         self.nfes: list[int] = []
+        self.kinds: list[str] = []  # "full" or "warm" per decision
 
     def reset(self, seed: int) -> None:
         self.generator.manual_seed(seed)
-        self.latencies_ms, self.nfes = [], []
+        self.latencies_ms, self.nfes, self.kinds = [], [], []
         self.policy.reset()
 
     def __call__(self, history: dict[str, np.ndarray]) -> np.ndarray:
@@ -100,26 +108,51 @@ class TimedPolicy:
 
         obs = {k: torch.from_numpy(np.ascontiguousarray(v))[None] for k, v in history.items()}
         t0 = time.perf_counter()
-        out = self.policy.predict_chunk(obs, sampler=self.sampler, steps=self.steps, generator=self.generator)
+        out = self.policy.predict_chunk(obs, generator=self.generator, **self.overrides)
         self.latencies_ms.append((time.perf_counter() - t0) * 1e3)
         self.nfes.append(self.policy.last_nfe)
+        self.kinds.append(getattr(self.policy, "last_kind", "full"))
         return out["action"][0].numpy()
+
+
+def rti_config(settings: EvalSettings):
+    from policy.rti import RTIConfig
+
+    fields = dict(settings.rti)
+    if fields.get("k0") == "auto":
+        raise ValueError("RTI k0 is 'auto': calibrate it first (calibrate_rti)")
+    try:
+        return RTIConfig(**fields)
+    except TypeError as e:
+        raise ValueError(f"bad RTI settings {fields}: {e}") from None
+
+
+def _load_for_eval(settings: EvalSettings, max_episode_steps: int | None = None):
+    from envs.tasks import discrete_action_dims, make_env
+    from policy.checkpoint import load_policy
+
+    policy, run_cfg = load_policy(settings.checkpoint)
+    task = resolve_task(settings, run_cfg)
+    image_size = run_cfg.policy.image_shape[0] if run_cfg.policy.image_shape else 96
+    env = make_env(task, image=run_cfg.policy.image_shape is not None, image_size=image_size,
+                   max_episode_steps=max_episode_steps or settings.max_episode_steps)
+    check_compatible(run_cfg.policy, env, settings.checkpoint, task)
+    if run_cfg.policy.discrete_action_dims is None:  # a checkpoint from before the field existed
+        run_cfg.policy.discrete_action_dims = discrete_action_dims(task)
+    return policy, run_cfg, task, env
 
 
 def run_episodes(settings: EvalSettings, emit) -> None:
     import torch
 
     from envs.rollout import run_episode
-    from envs.tasks import make_env
-    from policy.checkpoint import load_policy
 
     torch.set_num_threads(1)
-    policy, run_cfg = load_policy(settings.checkpoint)
-    task = resolve_task(settings, run_cfg)
-    image_size = run_cfg.policy.image_shape[0] if run_cfg.policy.image_shape else 96
-    env = make_env(task, image=run_cfg.policy.image_shape is not None, image_size=image_size,
-                   max_episode_steps=settings.max_episode_steps)
-    check_compatible(run_cfg.policy, env, settings.checkpoint, task)
+    policy, run_cfg, task, env = _load_for_eval(settings)
+    if settings.rti is not None:
+        from policy.rti import RTIPolicy
+
+        policy = RTIPolicy(policy, rti_config(settings))
     video_seeds = set(episode_seeds(settings.seed, settings.episodes)[: settings.video_episodes]) \
         if settings.video_dir and hasattr(env, "render_frame") else set()
     act = TimedPolicy(policy, settings.sampler, settings.steps)
@@ -128,7 +161,8 @@ def run_episodes(settings: EvalSettings, emit) -> None:
         result = run_episode(env, act, run_cfg.policy.n_obs_steps, seed, record_frames=seed in video_seeds)
         video = write_video(result.frames, Path(settings.video_dir), task, seed) if result.frames else None
         emit({"seed": seed, "success": result.success, "return": result.total_return, "steps": result.steps,
-              "decisions": result.decisions, "latency_ms": act.latencies_ms, "nfe": act.nfes, "video": video})
+              "decisions": result.decisions, "latency_ms": act.latencies_ms, "nfe": act.nfes, "kind": act.kinds,
+              "fallbacks": dict(getattr(act.policy, "stats", {})), "video": video})
     env.close()
 
 
@@ -146,6 +180,47 @@ def write_video(frames: list[np.ndarray], directory: Path, task: str, seed: int,
     return str(path)
 
 
+def calibrate_rti(settings: EvalSettings, progress: bool = True):
+    """Choose RTI's k0 from closed-loop episodes that run a full denoise at every step, logging each decision's
+    warm guess beside the full result (policy.rti.calibrate_k0). Runs in this process, on calibration seeds."""
+    import torch
+    from tqdm import tqdm
+
+    from envs.rollout import run_episode
+    from policy.rti import RTIPolicy, calibrate_k0
+
+    if settings.rti_calibration_episodes < 1:
+        raise ValueError(f"RTI calibration needs >= 1 episode, got {settings.rti_calibration_episodes}")
+    policy, run_cfg, task, env = _load_for_eval(settings, max_episode_steps=settings.rti_calibration_steps)
+    rti = RTIPolicy(policy, rti_config(EvalSettings(**{**asdict(settings), "rti": {**settings.rti, "k0": 0}})),
+                    record_pairs=True)
+    act = TimedPolicy(rti)
+    pairs = []
+    threads = torch.get_num_threads()
+    for i in tqdm(range(settings.rti_calibration_episodes), desc=f"calibrate k0 {task}", disable=not progress,
+                  dynamic_ncols=True):
+        seed = CALIBRATION_SEED_OFFSET + settings.seed + i
+        act.reset(seed)
+        run_episode(env, act, run_cfg.policy.n_obs_steps, seed)
+        pairs += rti.pairs
+    env.close()
+    torch.set_num_threads(threads)
+    return calibrate_k0(pairs, policy.schedule, margin=settings.rti_margin)
+
+
+def describe_rti(settings: EvalSettings) -> dict:
+    """Validate the RTI settings against the checkpoint before any worker starts; what the report records."""
+    from policy.checkpoint import load_policy
+    from policy.rti import RTIPolicy
+
+    policy, run_cfg = load_policy(settings.checkpoint)
+    if run_cfg.policy.discrete_action_dims is None:
+        from envs.tasks import discrete_action_dims
+
+        policy.cfg.discrete_action_dims = discrete_action_dims(resolve_task(settings, run_cfg))
+    return RTIPolicy(policy, rti_config(settings)).describe()
+
+
 # -- orchestrator --
 
 def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
@@ -157,6 +232,15 @@ def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
         raise ValueError(f"episodes must be >= 1, got {settings.episodes}")
     run_cfg = load_config_file(settings.checkpoint)
     task = resolve_task(settings, run_cfg)
+    rti = None
+    if settings.rti is not None:
+        calibration = None
+        if settings.rti.get("k0") == "auto":
+            calibration = calibrate_rti(settings, progress)
+            settings = EvalSettings(**{**asdict(settings), "rti": {**settings.rti, "k0": calibration.k0}})
+        rti = describe_rti(settings)
+        if calibration is not None:
+            rti["calibration"] = calibration.to_dict()
     seeds = episode_seeds(settings.seed, settings.episodes)
     workers = settings.workers or min(os.cpu_count() or 1, 2)
     workers = max(1, min(workers, settings.episodes))
@@ -174,7 +258,7 @@ def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
     else:
         _run_in_workers(settings, seeds, workers, emit)
     bar.close()
-    report = build_report(settings, run_cfg, task, results, workers, time.perf_counter() - t0)
+    report = build_report(settings, run_cfg, task, results, workers, time.perf_counter() - t0, rti)
     if settings.plot:
         plot_report(report, results, Path(settings.plot))
     return report
@@ -206,8 +290,15 @@ def _run_in_workers(settings: EvalSettings, seeds: list[int], workers: int, emit
             raise RuntimeError(f"evaluation worker failed (exit {p.returncode}):\n{err[-3000:]}")
 
 
+def _percentiles(values: np.ndarray) -> dict[str, float]:
+    if values.size == 0:
+        return {}
+    return {q: float(np.percentile(values, v)) for q, v in (("p50", 50), ("p90", 90), ("p99", 99))} | {
+        "max": float(values.max())}
+
+
 def build_report(settings: EvalSettings, run_cfg, task: str, results: list[dict], workers: int,
-                 seconds: float) -> dict:
+                 seconds: float, rti: dict | None = None) -> dict:
     results = sorted(results, key=lambda r: r["seed"])
     n, wins = len(results), sum(r["success"] for r in results)
     lat = np.concatenate([r["latency_ms"] for r in results]) if results else np.zeros(1)
@@ -225,16 +316,27 @@ def build_report(settings: EvalSettings, run_cfg, task: str, results: list[dict]
         "nfe_per_decision": float(nfe.mean()),
         "actions_per_decision": p.n_action_steps,
         "decisions": int(lat.size),
-        "latency_ms": {q: float(np.percentile(lat, v)) for q, v in (("p50", 50), ("p90", 90), ("p99", 99))}
-        | {"max": float(lat.max())},
+        "latency_ms": _percentiles(lat),
         "config": {"sampler": sampler, "steps": steps, "spacing": p.inference.spacing, "eta": p.inference.eta,
                    "denoiser": p.denoiser, "backend": "torch", "threads_per_worker": 1, "workers": workers,
                    "seed": settings.seed, "seeds": [EVAL_SEED_OFFSET + settings.seed, EVAL_SEED_OFFSET
                                                     + settings.seed + n - 1]},
         "seconds": seconds,
-        "per_episode": [{k: v for k, v in r.items() if k not in ("latency_ms", "nfe")} for r in results],
+        "per_episode": [{k: v for k, v in r.items() if k not in ("latency_ms", "nfe", "kind")} for r in results],
         "videos": [r["video"] for r in results if r.get("video")],
     }
+    if rti is not None:
+        kind = np.concatenate([r["kind"] for r in results]) if results else np.array([], dtype=str)
+        warm = kind == "warm"
+        report["actions_per_decision"] = rti["n_exec"]
+        report["config"].update(sampler=rti["sampler"], steps=len(rti["tail"]), rti=rti)
+        report["rti"] = {
+            "warm_decisions": int(warm.sum()), "full_decisions": int((~warm).sum()),
+            "nfe_per_warm_decision": float(nfe[warm].mean()) if warm.any() else None,
+            "latency_warm_ms": _percentiles(lat[warm]), "latency_full_ms": _percentiles(lat[~warm]),
+            "nan_fallbacks": sum(r["fallbacks"].get("nan_fallbacks", 0) for r in results),
+            "gap_fallbacks": sum(r["fallbacks"].get("gap_fallbacks", 0) for r in results),
+        }
     if p.denoiser == "transformer":
         report["block_evals_per_decision"] = report["nfe_per_decision"] * 3 * p.transformer.n_layer
     return report
@@ -259,9 +361,8 @@ def plot_report(report: dict, results: list[dict], path: Path) -> None:
               color=["tab:green" if r["success"] else "tab:red" for r in results])
     ax_ep.set_xlabel("episode (green: success)")
     ax_ep.set_ylabel("steps")
-    c = report["config"]
     lo, hi = report["success_ci95"]
-    fig.suptitle(f"{report['task']}  {c['sampler']}-{c['steps']}: success {report['success_rate']:.2f} "
+    fig.suptitle(f"{report['task']}  {method_label(report)}: success {report['success_rate']:.2f} "
                  f"[{lo:.2f}, {hi:.2f}], {report['nfe_per_decision']:.0f} calls per decision")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,13 +370,24 @@ def plot_report(report: dict, results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def method_label(report: dict) -> str:
+    c = report["config"]
+    if "rti" in c:
+        r = c["rti"]
+        return f"rti-{r['mode']}-k0={r['k0']}-{r['sampler']}"
+    return f"{c['sampler']}-{c['steps']}"
+
+
 def summary_line(report: dict) -> str:
     c = report["config"]
     lo, hi = report["success_ci95"]
-    return (f"{report['task']}  {c['sampler']}-{c['steps']}  success {report['success_rate']:.2f} "
+    rti = report.get("rti")
+    warm = (f"  warm decisions: {rti['nfe_per_warm_decision']:.0f} calls, p50 {rti['latency_warm_ms']['p50']:.1f} ms"
+            if rti and rti["warm_decisions"] else "")
+    return (f"{report['task']}  {method_label(report)}  success {report['success_rate']:.2f} "
             f"[{lo:.2f}, {hi:.2f}]  return {report['mean_return']:.1f}  latency p50 {report['latency_ms']['p50']:.1f}"
             f" ms p99 {report['latency_ms']['p99']:.1f} ms  calls {report['nfe_per_decision']:.0f}  "
-            f"({report['episodes']} episodes, {c['workers']} workers, {report['seconds']:.0f} s)")
+            f"({report['episodes']} episodes, {c['workers']} workers, {report['seconds']:.0f} s){warm}")
 
 
 def _worker_main(argv: list[str]) -> int:

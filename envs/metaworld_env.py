@@ -20,6 +20,7 @@ warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high", cate
 
 STATE_DIM = 39
 EPISODE_LIMIT = 500  # metaworld's max_path_length
+GRIPPER_DIM = 3  # actions are [dx, dy, dz, grip]; grip > 0 closes
 
 
 def _metaworld():

@@ -13,7 +13,20 @@ import gymnasium as gym
 def known_tasks() -> list[str]:
     from .metaworld_env import metaworld_task_names
 
-    return ["point_mass/reach"] + [f"metaworld/{n}" for n in metaworld_task_names()]
+    return ["point_mass/reach", "point_mass/obstacle"] + [f"metaworld/{n}" for n in metaworld_task_names()]
+
+
+def discrete_action_dims(task: str | None) -> list[int]:
+    """The action dimensions that are binary commands (a gripper) rather than continuous targets."""
+    if task and task.startswith("metaworld/"):
+        from .metaworld_env import GRIPPER_DIM
+
+        return [GRIPPER_DIM]
+    if task == "point_mass/obstacle":
+        from .obstacle import GRIPPER_DIM
+
+        return [GRIPPER_DIM]
+    return []
 
 
 def make_env(task: str, image: bool = False, image_size: int = 96, max_episode_steps: int | None = None) -> gym.Env:
@@ -30,4 +43,10 @@ def make_env(task: str, image: bool = False, image_size: int = 96, max_episode_s
         from .point_mass import PointMassReach
 
         return PointMassReach(**({"max_episode_steps": max_episode_steps} if max_episode_steps else {}))
+    elif task == "point_mass/obstacle":
+        if image:
+            raise ValueError("point_mass/obstacle has no image observation")
+        from .obstacle import PointMassObstacle
+
+        return PointMassObstacle(**({"max_episode_steps": max_episode_steps} if max_episode_steps else {}))
     raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(known_tasks())}")

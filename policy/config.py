@@ -70,6 +70,11 @@ class PolicyConfig:
     state_dim: int = 0
     action_dim: int = 0
     image_shape: list[int] | None = None  # [H, W] when the policy sees an RGB frame
+    # Binary action dimensions (a gripper); None: the task's (envs.tasks.discrete_action_dims).
+    discrete_action_dims: list[int] | None = None
+    # RTI's "scale" variant: the discrete dims are trained (normalised) divided by this, so a short warm-started
+    # denoise can flip them. 1 trains them like the others.
+    discrete_action_scale: float = 1.0
     state_encoder_hidden: list[int] = field(default_factory=list)
     unet: UnetConfig = field(default_factory=UnetConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)

@@ -130,6 +130,30 @@ class DiffusionPolicy(nn.Module):
     def inference_timesteps(self, steps: int | None = None) -> torch.Tensor:
         return self.schedule.timesteps(steps or self.cfg.inference.steps, self.cfg.inference.spacing)
 
+    def condition(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Raw observations -> the denoiser's condition (validated, normalised, encoded)."""
+        return self.encode_obs(self.normalize_obs(obs))
+
+    def chunk_shape(self, batch: int) -> tuple[int, int, int]:
+        return (batch, self.cfg.horizon, self.cfg.action_dim)
+
+    @torch.no_grad()
+    def sample_normalized(self, cond: torch.Tensor, x_init: torch.Tensor, timesteps, method: str,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+        """Denoise `x_init` (normalised, at noise level timesteps[0]) to a clean normalised chunk. The number of
+        denoiser calls is left in `self.last_nfe`."""
+        counter = CallCounter(lambda x, t: self.denoise(x, t, cond))
+        x0 = sample(counter, x_init.to(cond), self.schedule, timesteps, method, generator=generator,
+                    eta=self.cfg.inference.eta)
+        self.last_nfe = counter.calls
+        return x0
+
+    def to_actions(self, x0: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A clean normalised chunk -> {"action": the n_action_steps to execute, "action_pred": all}, raw units."""
+        action_pred = self.normalizer["action"].unnormalize(x0)
+        start = self.cfg.n_obs_steps - 1
+        return {"action": action_pred[:, start : start + self.cfg.n_action_steps], "action_pred": action_pred}
+
     @torch.no_grad()
     def predict_chunk(
         self,
@@ -144,22 +168,15 @@ class DiffusionPolicy(nn.Module):
         `noise` fixes the initial sample (deterministic tests, parity checks); `sampler` and `steps` override the
         config's inference settings for this call. The number of denoiser calls is left in `self.last_nfe`.
         """
-        cfg = self.cfg
-        nobs = self.normalize_obs(obs)
-        cond = self.encode_obs(nobs)
-        shape = (cond.shape[0], cfg.horizon, cfg.action_dim)
+        cond = self.condition(obs)
+        shape = self.chunk_shape(cond.shape[0])
         if noise is None:
             noise = torch.randn(shape, generator=generator, dtype=cond.dtype)
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
-        method = sampler or cfg.inference.sampler
-        counter = CallCounter(lambda x, t: self.denoise(x, t, cond))
-        x0 = sample(counter, noise.to(cond), self.schedule, self.inference_timesteps(steps), method,
-                    generator=generator, eta=cfg.inference.eta)
-        self.last_nfe = counter.calls
-        action_pred = self.normalizer["action"].unnormalize(x0)
-        start = cfg.n_obs_steps - 1
-        return {"action": action_pred[:, start : start + cfg.n_action_steps], "action_pred": action_pred}
+        x0 = self.sample_normalized(cond, noise, self.inference_timesteps(steps), sampler or self.cfg.inference.sampler,
+                                    generator)
+        return self.to_actions(x0)
 
     def reset(self) -> None:
         """Start of an episode. The plain policy keeps no state between decisions; warm-start wrappers do."""

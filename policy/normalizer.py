@@ -38,6 +38,14 @@ class FieldNormalizer:
         offset = np.where(const, -(lo + hi) / 2.0, -1.0 - scale * lo)
         return cls("minmax", scale, offset, {"min": lo.tolist(), "max": hi.tolist()})
 
+    def shrink(self, dims: list[int], factor: float) -> FieldNormalizer:
+        """The same map with `dims` divided by `factor` after normalising (RTI's scaled discrete actions)."""
+        scale, offset = self.scale.copy(), self.offset.copy()
+        scale[list(dims)] /= factor
+        offset[list(dims)] /= factor
+        return FieldNormalizer(self.kind, scale, offset, {**self.stats, "shrunk_dims": list(dims),
+                                                          "shrink_factor": factor})
+
     @classmethod
     def image(cls) -> FieldNormalizer:
         return cls("image", np.array([2.0 / 255.0]), np.array([-1.0]))

@@ -80,9 +80,12 @@ def batch_indices(step: int, n: int, batch_size: int, rank: int, world: int, see
     return perm[k * global_batch : (k + 1) * global_batch][rank::world]
 
 
-def fit_normalizer(data: TrainingData, range_eps: float = RANGE_EPS) -> Normalizer:
-    fields = {"state": FieldNormalizer.fit_minmax(data.all_states(), range_eps),
-              "action": FieldNormalizer.fit_minmax(data.all_actions(), range_eps)}
+def fit_normalizer(data: TrainingData, range_eps: float = RANGE_EPS, discrete_dims: list[int] = (),
+                   discrete_scale: float = 1.0) -> Normalizer:
+    action = FieldNormalizer.fit_minmax(data.all_actions(), range_eps)
+    if discrete_scale != 1.0:
+        action = action.shrink(discrete_dims, discrete_scale)
+    fields = {"state": FieldNormalizer.fit_minmax(data.all_states(), range_eps), "action": action}
     if data.image_shape is not None:
         fields["image"] = FieldNormalizer.image()
     return Normalizer(fields)
@@ -97,6 +100,16 @@ def _fill_dims(cfg: RunConfig, data: TrainingData) -> None:
     if p.image_shape is not None and data.image_shape is not None and list(p.image_shape) != data.image_shape:
         raise ValueError(f"policy.image_shape={p.image_shape} in the config, but the dataset has {data.image_shape}")
     p.image_shape = data.image_shape
+    if p.discrete_action_dims is None:  # `rtdp train` fills it from the task; a bare call has none
+        p.discrete_action_dims = []
+    bad = [d for d in p.discrete_action_dims if not -p.action_dim <= d < p.action_dim]
+    if bad:
+        raise ValueError(f"policy.discrete_action_dims {bad} are outside the {p.action_dim}-d action")
+    p.discrete_action_dims = [d % p.action_dim for d in p.discrete_action_dims]
+    if p.discrete_action_scale <= 0:
+        raise ValueError(f"policy.discrete_action_scale must be > 0, got {p.discrete_action_scale}")
+    if p.discrete_action_scale != 1.0 and not p.discrete_action_dims:
+        raise ValueError("policy.discrete_action_scale is set but no policy.discrete_action_dims are known")
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -142,7 +155,9 @@ def train(cfg: RunConfig, data: TrainingData, out_dir: str | Path, resume: bool 
         raise ValueError(f"train.steps and train.batch_size must be >= 1, got {tc.steps}, {tc.batch_size}")
 
     torch.manual_seed(tc.seed)  # the initial weights are the same on every rank
-    policy = DiffusionPolicy(cfg.policy, fit_normalizer(data, cfg.data.normalizer_range_eps))
+    p = cfg.policy
+    policy = DiffusionPolicy(p, fit_normalizer(data, cfg.data.normalizer_range_eps, p.discrete_action_dims,
+                                               p.discrete_action_scale))
     ema = EMA(policy, tc.ema_power, tc.ema_max_decay) if tc.ema else None
     opt = torch.optim.AdamW(policy.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     start = 0

@@ -25,6 +25,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     keys = [*d.state_keys, d.action_key, *([d.image_key] if d.image_key else [])]
     buffer = ReplayBuffer.load(args.data, keys=keys)
     d.task = d.task or buffer.attrs.get("task")
+    if p.discrete_action_dims is None:
+        from envs.tasks import discrete_action_dims
+
+        p.discrete_action_dims = discrete_action_dims(d.task)
     data = PolicyDataset(buffer, p.horizon, p.n_obs_steps, p.n_action_steps, d.state_keys, d.action_key,
                          d.image_key, d.val_ratio, cfg.train.seed)
     summary = train(cfg, data, args.out, resume=args.resume, progress=not args.no_progress)
@@ -50,12 +54,27 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rti_settings(args: argparse.Namespace) -> dict | None:
+    if args.rti is None:
+        return None
+    if args.rti == "auto":
+        k0 = "auto"
+    else:
+        try:
+            k0 = int(args.rti)
+        except ValueError:
+            raise ValueError(f"--rti takes an entry step k0 (an integer) or 'auto', got {args.rti!r}") from None
+    return {"k0": k0, "mode": args.rti_mode, "sampler": args.rti_sampler, "n_exec": args.rti_exec,
+            "discrete": args.rti_discrete, "factor": args.rti_factor}
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from deploy.evaluation import EvalSettings, evaluate, summary_line
 
     settings = EvalSettings(checkpoint=args.checkpoint, episodes=args.episodes, seed=args.seed, sampler=args.sampler,
                             steps=args.steps, task=args.task, workers=args.workers, video_dir=args.video,
-                            video_episodes=args.video_episodes, plot=args.plot)
+                            video_episodes=args.video_episodes, plot=args.plot, rti=_rti_settings(args),
+                            rti_calibration_episodes=args.rti_calibration_episodes)
     report = evaluate(settings, progress=not args.no_progress)
     print(summary_line(report))
     _write_report(args.report, report)
@@ -105,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=int, default=0, help="worker processes; 0: one per core")
     e.add_argument("--video", metavar="DIR", help="write the first --video-episodes rollouts as mp4 here")
     e.add_argument("--video-episodes", type=int, default=3)
+    e.add_argument("--rti", metavar="K0|auto", help="RTI warm start entered at step K0 (K0 + 1 calls per "
+                   "decision after a full denoise at the episode start); auto calibrates K0 from rollouts first")
+    e.add_argument("--rti-mode", choices=["direct", "renoise"], default="direct")
+    e.add_argument("--rti-sampler", choices=["ddpm", "ddim", "dpmpp_2m"], default="ddpm", help="the tail's sampler")
+    e.add_argument("--rti-exec", type=int, default=1, help="actions executed per RTI decision")
+    e.add_argument("--rti-discrete", choices=["auto", "scale", "clip", "none"], default="auto",
+                   help="gripper handling in the warm start; auto: scale if trained scaled, else clip")
+    e.add_argument("--rti-factor", type=float, default=10.0, help="clip: the guess's gripper is +-1/factor")
+    e.add_argument("--rti-calibration-episodes", type=int, default=2)
     e.add_argument("--report", help="write the JSON report here")
     e.add_argument("--plot", metavar="FILE.png", help="latency histogram and per-episode outcomes")
     e.add_argument("--no-progress", action="store_true")

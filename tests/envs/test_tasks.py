@@ -3,7 +3,7 @@ import pytest
 
 from envs.collect import collect_demos
 from envs.metaworld_env import metaworld_task_names
-from envs.tasks import known_tasks, make_env
+from envs.tasks import discrete_action_dims, known_tasks, make_env
 
 BENCHMARK = ["reach-v3", "push-v3", "pick-place-v3", "drawer-open-v3", "window-open-v3"]
 
@@ -18,7 +18,7 @@ def test_unknown_task_lists_the_known_ones():
 def test_every_metaworld_mt1_task_has_the_same_layout():
     names = metaworld_task_names()
     assert len(names) == 50 and set(BENCHMARK) <= set(names)
-    assert len(known_tasks()) == 51
+    assert len(known_tasks()) == 52  # with point_mass/reach and point_mass/obstacle
     for name in names:
         env = make_env(f"metaworld/{name}")
         obs, info = env.reset(seed=1)
@@ -81,3 +81,20 @@ def test_failed_expert_episodes_are_not_kept():
     assert not set(a["failed_seeds"]) & set(a["seeds"])
     with pytest.raises(RuntimeError, match=r"succeeded on only 0 of 4 episodes"):
         collect_demos("metaworld/push-v3", 2, max_episode_steps=3, max_attempts=4, progress=False)
+
+
+def test_obstacle_task_is_bimodal_and_its_expert_closes_the_gripper_on_arrival():
+    buffer = collect_demos("point_mass/obstacle", 40, seed=0, progress=False)
+    assert buffer.attrs["expert_success_rate"] == 1.0
+    sides = []
+    for e in range(buffer.n_episodes):
+        ep = buffer.episode(e)
+        xs = ep["state"][:, 0]
+        sides.append(np.sign(xs[np.argmax(np.abs(xs))]))
+        assert np.linalg.norm(ep["state"][:, :2], axis=1).min() >= 0.3 - 1e-6  # never inside the obstacle
+        grip = ep["action"][:, 2]
+        flip = int(np.argmax(grip > 0))
+        assert (grip[:flip] == -1).all() and (grip[flip:] == 1).all()
+        assert np.linalg.norm(ep["state"][flip, :2] - ep["state"][flip, 2:4]) < 0.1
+    assert 0.3 <= np.mean(np.array(sides) > 0) <= 0.7  # both routes, about equally often
+    assert discrete_action_dims("point_mass/obstacle") == [2] and discrete_action_dims("metaworld/push-v3") == [3]

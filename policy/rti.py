@@ -1,0 +1,272 @@
+"""RTI warm-starting (Duan, Yin, Kragic, "Real-Time Iteration Scheme for Diffusion Policy", IROS 2025).
+
+The first decision of an episode is a full denoise from noise. Every later decision starts from the previous
+clean chunk, shifted by the actions executed since and padded by repeating its last action, enters the
+schedule at step k0 and runs the short tail [k0, k0-1, ..., 0]: k0 + 1 denoiser calls instead of 100. The mode
+chosen by the first full denoise is kept, because the warm start already sits in it.
+
+    rti = RTIPolicy(policy, RTIConfig(k0=3))
+    rti.reset()                        # new episode: the next decision is a full denoise
+    out = rti.predict_chunk(obs)       # out["action"]: (B, n_exec, A), raw units
+
+Entry modes: `direct` feeds the shifted clean chunk as x_k0 (what the released code does); `renoise` forward-
+noises it to k0 first. Discrete action dims (a gripper) are binarised in the stored guess to +-1/factor in
+normalised space so a few low-noise steps can still flip them: `scale` is for policies trained with those dims
+divided by the factor (`policy.discrete_action_scale`), `clip` sets the guess to +-1/factor for policies trained
+without it. The executed discrete actions are snapped to the two levels the dim takes in the training data.
+
+A reset, a gap in observations longer than the chunk covers, or a NaN in the warm start falls back to a full
+denoise; `stats` counts each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .diffusion import NoiseSchedule
+from .diffusion.samplers import METHODS, as_timesteps
+from .normalizer import RANGE_EPS
+
+ENTRY_MODES = ("direct", "renoise")
+DISCRETE_HANDLING = ("auto", "scale", "clip", "none")
+
+
+@dataclass
+class RTIConfig:
+    k0: int = 3
+    tail: list[int] | None = None  # an explicit descending step list ending at 0; default [k0, ..., 0]
+    sampler: str = "ddpm"  # the tail's sampler
+    mode: str = "direct"  # direct | renoise
+    n_exec: int = 1  # actions executed per decision
+    discrete: str = "auto"  # auto | scale | clip | none; auto: scale if trained scaled, clip if dims exist
+    factor: float = 10.0  # clip: the guess's discrete dims are set to +-1/factor
+    discrete_dims: list[int] | None = None  # None: the policy config's discrete_action_dims
+    binarize_executed: bool = True
+    full_sampler: str = "ddpm"  # the full denoise at an episode start or a fallback
+    full_steps: int | None = None  # None: every training timestep
+
+
+def rti_tail(k0: int, schedule: NoiseSchedule) -> list[int]:
+    if not 0 <= k0 < schedule.num_train_timesteps:
+        raise ValueError(f"RTI k0={k0} is outside the schedule's steps [0, {schedule.num_train_timesteps - 1}]")
+    return list(range(k0, -1, -1))
+
+
+class RTIPolicy:
+    """A DiffusionPolicy with RTI warm-start state; the same `predict_chunk` / `reset` contract."""
+
+    def __init__(self, policy, cfg: RTIConfig | None = None, record_pairs: bool = False):
+        self.policy = policy
+        self.cfg = cfg = cfg or RTIConfig()
+        p = policy.cfg
+        schedule = policy.schedule
+        if cfg.tail is not None:
+            tail = as_timesteps(cfg.tail, schedule).tolist()
+            if tail[-1] != 0:
+                raise ValueError(f"an RTI tail must end at step 0 (the clean chunk), got {tail}")
+        else:
+            tail = rti_tail(cfg.k0, schedule)
+        self.tail = tail
+        self.k0 = tail[0]
+        for name, method in (("sampler", cfg.sampler), ("full_sampler", cfg.full_sampler)):
+            if method not in METHODS:
+                raise ValueError(f"RTI {name} must be one of {METHODS}, got {method!r}")
+        if cfg.mode not in ENTRY_MODES:
+            raise ValueError(f"RTI mode must be one of {ENTRY_MODES}, got {cfg.mode!r}")
+        self.max_shift = p.horizon - p.n_obs_steps  # the previous chunk still covers the current step
+        if not 1 <= cfg.n_exec <= self.max_shift:
+            raise ValueError(f"RTI n_exec={cfg.n_exec}: a horizon of {p.horizon} with {p.n_obs_steps} observation "
+                             f"steps covers 1 to {self.max_shift} executed actions per decision")
+        self.discrete_dims, self.discrete = self._discrete_handling(cfg, p)
+        self._levels = self._discrete_levels(policy.normalizer["action"])
+        self.full_timesteps = schedule.timesteps(cfg.full_steps or schedule.num_train_timesteps,
+                                                 p.inference.spacing)
+        self.record_pairs = record_pairs
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (warm guess, full denoise), when recording
+        self.stats = self._zero_stats()  # decisions of each kind since the last reset
+        self.last_nfe = 0
+        self.last_kind = "full"
+        self._chunk: torch.Tensor | None = None  # the previous clean chunk, normalised
+
+    @staticmethod
+    def _discrete_handling(cfg: RTIConfig, p) -> tuple[list[int], str]:
+        if cfg.discrete not in DISCRETE_HANDLING:
+            raise ValueError(f"RTI discrete must be one of {DISCRETE_HANDLING}, got {cfg.discrete!r}")
+        dims = cfg.discrete_dims if cfg.discrete_dims is not None else (p.discrete_action_dims or [])
+        bad = [d for d in dims if not -p.action_dim <= d < p.action_dim]
+        if bad:
+            raise ValueError(f"RTI discrete dims {bad} are outside the {p.action_dim}-d action")
+        dims = sorted({d % p.action_dim for d in dims})
+        mode = cfg.discrete
+        if mode == "auto":
+            mode = "none" if not dims else "scale" if p.discrete_action_scale != 1.0 else "clip"
+        if mode == "scale" and p.discrete_action_scale == 1.0:
+            raise ValueError("RTI discrete='scale' needs a policy trained with policy.discrete_action_scale > 1; "
+                             "use 'clip' for this one")
+        if mode in ("scale", "clip") and not dims:
+            raise ValueError(f"RTI discrete={mode!r} needs discrete action dims; the policy and config name none")
+        if mode == "clip" and cfg.factor <= 0:
+            raise ValueError(f"RTI factor must be > 0, got {cfg.factor}")
+        return (dims if mode != "none" else []), mode
+
+    def _discrete_levels(self, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two values each discrete dim takes in the training data (its min and max: metaworld's gripper is
+        0 / 0.6 in push demos, -1 / 1 elsewhere). A dim that is constant in the data is not binarised at all:
+        the policy reproduces the constant, and forcing it to a level it never saw derails the denoiser."""
+        lo = norm.stats.get("min")
+        hi = norm.stats.get("max")
+        if lo is None or hi is None:
+            lo, hi = [-1.0] * len(norm.scale), [1.0] * len(norm.scale)
+        self.constant_dims = [d for d in self.discrete_dims if hi[d] - lo[d] < RANGE_EPS]
+        self.discrete_dims = [d for d in self.discrete_dims if d not in self.constant_dims]
+        if not self.discrete_dims:
+            self.discrete = "none"
+        d = self.discrete_dims
+        return (torch.tensor([lo[i] for i in d], dtype=torch.float32),
+                torch.tensor([hi[i] for i in d], dtype=torch.float32))
+
+    def binarize(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw actions with the discrete dims snapped to the nearer of their two levels."""
+        lo, hi = self._levels[0].to(raw), self._levels[1].to(raw)
+        d = self.discrete_dims
+        out = raw.clone()
+        out[..., d] = torch.where(raw[..., d] > (lo + hi) / 2, hi, lo)
+        return out
+
+    def describe(self) -> dict:
+        """What the report's config records."""
+        factor = self.policy.cfg.discrete_action_scale if self.discrete == "scale" else self.cfg.factor
+        return {**asdict(self.cfg), "k0": self.k0, "tail": self.tail, "nfe_warm": len(self.tail),
+                "discrete": self.discrete, "discrete_dims": self.discrete_dims,
+                "discrete_levels": [self._levels[0].tolist(), self._levels[1].tolist()],
+                "constant_dims": self.constant_dims,
+                "factor": factor if self.discrete != "none" else None,
+                "full_steps": len(self.full_timesteps)}
+
+    @staticmethod
+    def _zero_stats() -> dict[str, int]:
+        return {"full": 0, "warm": 0, "nan_fallbacks": 0, "gap_fallbacks": 0}
+
+    def reset(self) -> None:
+        self._chunk = None
+        self.pairs = []
+        self.stats = self._zero_stats()
+        self.policy.reset()
+
+    def shifted_guess(self, executed: int) -> torch.Tensor:
+        """The previous chunk advanced by `executed` actions, its last action repeated to fill the horizon."""
+        chunk = self._chunk
+        if executed == 0:
+            return chunk.clone()
+        return torch.cat([chunk[:, executed:], chunk[:, -1:].expand(-1, executed, -1)], dim=1)
+
+    @torch.no_grad()
+    def predict_chunk(self, obs: dict[str, torch.Tensor], executed: int | None = None,
+                      generator: torch.Generator | None = None, noise: torch.Tensor | None = None
+                      ) -> dict[str, torch.Tensor]:
+        """Raw observations -> {"action": (B, n_exec, A), "action_pred": (B, horizon, A)}, raw units.
+
+        `executed`: actions executed since the previous decision (default n_exec); more than the previous chunk
+        covers is a gap and gets a full denoise. `noise` fixes the initial sample of a full denoise.
+        """
+        policy = self.policy
+        cond = policy.condition(obs)
+        executed = self.cfg.n_exec if executed is None else int(executed)
+        if executed < 0:
+            raise ValueError(f"executed must be >= 0 actions, got {executed}")
+        guess = None
+        if self._chunk is not None:
+            if self._chunk.shape[0] != cond.shape[0]:
+                raise ValueError(f"observation batch {cond.shape[0]} differs from the warm start's "
+                                 f"{self._chunk.shape[0]}; call reset() first")
+            if executed > self.max_shift:
+                self.stats["gap_fallbacks"] += 1
+            else:
+                guess = self.shifted_guess(executed)
+                if not bool(torch.isfinite(guess).all()):
+                    self.stats["nan_fallbacks"] += 1
+                    guess = None
+        if guess is None or self.record_pairs:
+            x_init = noise if noise is not None else torch.randn(policy.chunk_shape(cond.shape[0]),
+                                                                 generator=generator, dtype=cond.dtype)
+            x0 = policy.sample_normalized(cond, x_init, self.full_timesteps, self.cfg.full_sampler, generator)
+            if guess is not None:
+                self.pairs.append((guess, x0.clone()))
+            self.last_kind = "full"
+        else:
+            x0 = policy.sample_normalized(cond, self._enter(guess, generator), self.tail, self.cfg.sampler,
+                                          generator)
+            self.last_kind = "warm"
+        self.stats[self.last_kind] += 1
+        self.last_nfe = policy.last_nfe
+        self._chunk = self._binarize_guess(x0)
+        out = policy.to_actions(x0)
+        start = policy.cfg.n_obs_steps - 1
+        action = out["action_pred"][:, start : start + self.cfg.n_exec].clone()
+        if self.cfg.binarize_executed and self.discrete_dims:
+            action = self.binarize(action)
+        return {"action": action, "action_pred": out["action_pred"]}
+
+    def _enter(self, guess: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        if self.cfg.mode == "direct":
+            return guess
+        ab = self.policy.schedule.alphas_cumprod[self.k0]
+        eps = torch.randn(guess.shape, generator=generator, dtype=guess.dtype)
+        return (ab.sqrt() * guess + (1.0 - ab).sqrt() * eps).to(guess.dtype)
+
+    def _binarize_guess(self, x0: torch.Tensor) -> torch.Tensor:
+        """The chunk stored for the next warm start, its discrete dims set to the binary values the tail can
+        still flip (see the module docstring)."""
+        chunk = x0.clone()
+        if not self.discrete_dims:
+            return chunk
+        norm = self.policy.normalizer["action"]
+        d = self.discrete_dims
+        target = norm.normalize(self.binarize(norm.unnormalize(x0)))[..., d]
+        chunk[..., d] = target / self.cfg.factor if self.discrete == "clip" else target
+        return chunk
+
+
+@dataclass
+class K0Calibration:
+    k0: int
+    k_min: int | None  # the first step at which the guess looks like a forward-noised full-denoise chunk
+    margin: int
+    pairs: int
+    table: list[dict]  # per step k: the guess's mean squared deviation and forward noise's variance
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def calibrate_k0(pairs: list[tuple[torch.Tensor, torch.Tensor]], schedule: NoiseSchedule, margin: int = 1,
+                 k_max: int | None = None) -> K0Calibration:
+    """Pick k0 from (warm guess, full-denoise chunk) pairs logged in closed loop.
+
+    The rule (algorithms.md section 1.3): the smallest k at which the guess g deviates from the scaled full-denoise
+    chunk no more than forward noise would, mean over elements of (g - sqrt(ab_k) A0)^2 <= 1 - ab_k, plus `margin`
+    steps of safety. If no k up to k_max qualifies, k_max is returned and k_min is None.
+    """
+    if not pairs:
+        raise ValueError("k0 calibration needs at least one (guess, full denoise) pair; the calibration "
+                         "episodes made no warm-startable decision")
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    k_max = schedule.num_train_timesteps - 1 if k_max is None else k_max
+    g = torch.cat([p[0] for p in pairs]).double()
+    a0 = torch.cat([p[1] for p in pairs]).double()
+    table, k_min = [], None
+    for k in range(k_max + 1):
+        ab = schedule.alphas_cumprod[k].double()
+        deviation = float(((g - ab.sqrt() * a0) ** 2).mean())
+        noise_var = float(1.0 - ab)
+        table.append({"k": k, "deviation": deviation, "noise_var": noise_var})
+        if k_min is None and deviation <= noise_var:
+            k_min = k
+        if k_min is not None and k >= k_min + margin:
+            break
+    k0 = min(k_min + margin, k_max) if k_min is not None else k_max
+    return K0Calibration(k0=k0, k_min=k_min, margin=margin, pairs=len(pairs), table=table)
+
