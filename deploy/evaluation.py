@@ -43,6 +43,7 @@ class EvalSettings:
     rti_calibration_episodes: int = 2
     rti_calibration_steps: int = 100  # each calibration episode is cut here: it runs a full denoise per step
     rti_margin: int = 1  # safety steps added to the calibrated k0
+    cache: str | None = None  # bac:S | uniform:S (transformer policies; see deploy/caching.py)
     seeds: list[int] = field(default_factory=list)  # set by the orchestrator for each worker
 
 
@@ -92,15 +93,16 @@ class TimedPolicy:
 
         self.policy = policy
         # A warm-starting wrapper carries its own sampler settings.
-        self.overrides = {} if hasattr(policy, "tail") else {"sampler": sampler, "steps": steps}
+        self.overrides = {} if getattr(policy, "owns_sampler", False) else {"sampler": sampler, "steps": steps}
         self.generator = torch.Generator()
         self.latencies_ms: list[float] = []
         self.nfes: list[int] = []
         self.kinds: list[str] = []  # "full" or "warm" per decision
+        self.block_evals: list[int | None] = []  # residual-branch evaluations, where a block cache counts them
 
     def reset(self, seed: int) -> None:
         self.generator.manual_seed(seed)
-        self.latencies_ms, self.nfes, self.kinds = [], [], []
+        self.latencies_ms, self.nfes, self.kinds, self.block_evals = [], [], [], []
         self.policy.reset()
 
     def __call__(self, history: dict[str, np.ndarray]) -> np.ndarray:
@@ -112,6 +114,7 @@ class TimedPolicy:
         self.latencies_ms.append((time.perf_counter() - t0) * 1e3)
         self.nfes.append(self.policy.last_nfe)
         self.kinds.append(getattr(self.policy, "last_kind", "full"))
+        self.block_evals.append(getattr(self.policy, "last_block_evals", None))
         return out["action"][0].numpy()
 
 
@@ -149,7 +152,11 @@ def run_episodes(settings: EvalSettings, emit) -> None:
 
     torch.set_num_threads(1)
     policy, run_cfg, task, env = _load_for_eval(settings)
-    if settings.rti is not None:
+    if settings.cache is not None:
+        from deploy.caching import cached
+
+        policy, _ = cached(policy, settings)
+    elif settings.rti is not None:
         from policy.rti import RTIPolicy
 
         policy = RTIPolicy(policy, rti_config(settings))
@@ -162,6 +169,7 @@ def run_episodes(settings: EvalSettings, emit) -> None:
         video = write_video(result.frames, Path(settings.video_dir), task, seed) if result.frames else None
         emit({"seed": seed, "success": result.success, "return": result.total_return, "steps": result.steps,
               "decisions": result.decisions, "latency_ms": act.latencies_ms, "nfe": act.nfes, "kind": act.kinds,
+              "block_evals": act.block_evals,
               "fallbacks": dict(getattr(act.policy, "stats", {})), "video": video})
     env.close()
 
@@ -208,6 +216,18 @@ def calibrate_rti(settings: EvalSettings, progress: bool = True):
     return calibrate_k0(pairs, policy.schedule, margin=settings.rti_margin)
 
 
+def describe_cache(settings: EvalSettings) -> dict:
+    """Resolve the cache schedule before any worker starts (a missing or stale one is refused here)."""
+    from deploy.caching import resolve_schedule
+    from policy.checkpoint import load_policy
+
+    policy, _ = load_policy(settings.checkpoint)
+    s = resolve_schedule(policy, settings.checkpoint, settings.cache, settings.sampler, settings.steps, settings.rti)
+    return {"kind": s.kind, "budget": s.budget, "method": s.method, "steps": len(s.timesteps),
+            "block_evals_per_denoise": s.block_evals, "uncached_block_evals": len(s.blocks) * len(s.timesteps),
+            "selected": s.selected}
+
+
 def describe_rti(settings: EvalSettings) -> dict:
     """Validate the RTI settings against the checkpoint before any worker starts; what the report records."""
     from policy.checkpoint import load_policy
@@ -241,6 +261,7 @@ def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
         rti = describe_rti(settings)
         if calibration is not None:
             rti["calibration"] = calibration.to_dict()
+    cache = describe_cache(settings) if settings.cache is not None else None
     seeds = episode_seeds(settings.seed, settings.episodes)
     workers = settings.workers or min(os.cpu_count() or 1, 2)
     workers = max(1, min(workers, settings.episodes))
@@ -258,7 +279,7 @@ def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
     else:
         _run_in_workers(settings, seeds, workers, emit)
     bar.close()
-    report = build_report(settings, run_cfg, task, results, workers, time.perf_counter() - t0, rti)
+    report = build_report(settings, run_cfg, task, results, workers, time.perf_counter() - t0, rti, cache)
     if settings.plot:
         plot_report(report, results, Path(settings.plot))
     return report
@@ -298,7 +319,7 @@ def _percentiles(values: np.ndarray) -> dict[str, float]:
 
 
 def build_report(settings: EvalSettings, run_cfg, task: str, results: list[dict], workers: int,
-                 seconds: float, rti: dict | None = None) -> dict:
+                 seconds: float, rti: dict | None = None, cache: dict | None = None) -> dict:
     results = sorted(results, key=lambda r: r["seed"])
     n, wins = len(results), sum(r["success"] for r in results)
     lat = np.concatenate([r["latency_ms"] for r in results]) if results else np.zeros(1)
@@ -322,7 +343,8 @@ def build_report(settings: EvalSettings, run_cfg, task: str, results: list[dict]
                    "seed": settings.seed, "seeds": [EVAL_SEED_OFFSET + settings.seed, EVAL_SEED_OFFSET
                                                     + settings.seed + n - 1]},
         "seconds": seconds,
-        "per_episode": [{k: v for k, v in r.items() if k not in ("latency_ms", "nfe", "kind")} for r in results],
+        "per_episode": [{k: v for k, v in r.items() if k not in ("latency_ms", "nfe", "kind", "block_evals")}
+                        for r in results],
         "videos": [r["video"] for r in results if r.get("video")],
     }
     if rti is not None:
@@ -338,7 +360,12 @@ def build_report(settings: EvalSettings, run_cfg, task: str, results: list[dict]
             "gap_fallbacks": sum(r["fallbacks"].get("gap_fallbacks", 0) for r in results),
         }
     if p.denoiser == "transformer":
-        report["block_evals_per_decision"] = report["nfe_per_decision"] * 3 * p.transformer.n_layer
+        per_call = 3 * p.transformer.n_layer
+        evals = [be if be is not None else n * per_call for r in results
+                 for be, n in zip(r.get("block_evals", [None] * len(r["nfe"])), r["nfe"], strict=True)]
+        report["block_evals_per_decision"] = float(np.mean(evals)) if evals else 0.0
+    if cache is not None:
+        report["config"]["cache"] = cache
     return report
 
 
@@ -374,20 +401,26 @@ def method_label(report: dict) -> str:
     c = report["config"]
     if "rti" in c:
         r = c["rti"]
-        return f"rti-{r['mode']}-k0={r['k0']}-{r['sampler']}"
-    return f"{c['sampler']}-{c['steps']}"
+        label = f"rti-{r['mode']}-k0={r['k0']}-{r['sampler']}"
+    else:
+        label = f"{c['sampler']}-{c['steps']}"
+    if "cache" in c:
+        label += f"+{c['cache']['kind']}:{c['cache']['budget']}"
+    return label
 
 
 def summary_line(report: dict) -> str:
     c = report["config"]
     lo, hi = report["success_ci95"]
     rti = report.get("rti")
+    blocks = (f"  branch evals {report['block_evals_per_decision']:.0f}" if "block_evals_per_decision" in report
+              else "")
     warm = (f"  warm decisions: {rti['nfe_per_warm_decision']:.0f} calls, p50 {rti['latency_warm_ms']['p50']:.1f} ms"
             if rti and rti["warm_decisions"] else "")
     return (f"{report['task']}  {method_label(report)}  success {report['success_rate']:.2f} "
             f"[{lo:.2f}, {hi:.2f}]  return {report['mean_return']:.1f}  latency p50 {report['latency_ms']['p50']:.1f}"
             f" ms p99 {report['latency_ms']['p99']:.1f} ms  calls {report['nfe_per_decision']:.0f}  "
-            f"({report['episodes']} episodes, {c['workers']} workers, {report['seconds']:.0f} s){warm}")
+            f"({report['episodes']} episodes, {c['workers']} workers, {report['seconds']:.0f} s){blocks}{warm}")
 
 
 def _worker_main(argv: list[str]) -> int:

@@ -57,7 +57,11 @@ def rti_tail(k0: int, schedule: NoiseSchedule) -> list[int]:
 class RTIPolicy:
     """A DiffusionPolicy with RTI warm-start state; the same `predict_chunk` / `reset` contract."""
 
-    def __init__(self, policy, cfg: RTIConfig | None = None, record_pairs: bool = False):
+    owns_sampler = True  # the tail and the full denoise come from RTIConfig, not from the caller
+
+    def __init__(self, policy, cfg: RTIConfig | None = None, record_pairs: bool = False, tail_denoiser=None):
+        """`tail_denoiser`: a model_fn (x, t, cond) with `reset()` for the warm tail, e.g. a block cache
+        (policy.cache.CachedDenoiser) whose schedule was made for this tail."""
         self.policy = policy
         self.cfg = cfg = cfg or RTIConfig()
         p = policy.cfg
@@ -86,7 +90,9 @@ class RTIPolicy:
         self.record_pairs = record_pairs
         self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (warm guess, full denoise), when recording
         self.stats = self._zero_stats()  # decisions of each kind since the last reset
+        self.tail_denoiser = tail_denoiser
         self.last_nfe = 0
+        self.last_block_evals: int | None = None
         self.last_kind = "full"
         self._chunk: torch.Tensor | None = None  # the previous clean chunk, normalised
 
@@ -192,12 +198,16 @@ class RTIPolicy:
             x_init = noise if noise is not None else torch.randn(policy.chunk_shape(cond.shape[0]),
                                                                  generator=generator, dtype=cond.dtype)
             x0 = policy.sample_normalized(cond, x_init, self.full_timesteps, self.cfg.full_sampler, generator)
+            self.last_block_evals = None
             if guess is not None:
                 self.pairs.append((guess, x0.clone()))
             self.last_kind = "full"
         else:
+            if self.tail_denoiser is not None:
+                self.tail_denoiser.reset()
             x0 = policy.sample_normalized(cond, self._enter(guess, generator), self.tail, self.cfg.sampler,
-                                          generator)
+                                          generator, denoiser=self.tail_denoiser)
+            self.last_block_evals = getattr(self.tail_denoiser, "block_evals", None)
             self.last_kind = "warm"
         self.stats[self.last_kind] += 1
         self.last_nfe = policy.last_nfe

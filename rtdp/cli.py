@@ -74,11 +74,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = EvalSettings(checkpoint=args.checkpoint, episodes=args.episodes, seed=args.seed, sampler=args.sampler,
                             steps=args.steps, task=args.task, workers=args.workers, video_dir=args.video,
                             video_episodes=args.video_episodes, plot=args.plot, rti=_rti_settings(args),
-                            rti_calibration_episodes=args.rti_calibration_episodes)
+                            rti_calibration_episodes=args.rti_calibration_episodes, cache=args.cache)
     report = evaluate(settings, progress=not args.no_progress)
     print(summary_line(report))
     _write_report(args.report, report)
     return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from deploy.caching import CacheSettings, calibrate_cache, result_dict
+
+    try:
+        budgets = [int(b) for b in args.budget.split(",")]
+    except ValueError:
+        raise ValueError(f"--budget takes update budgets per block, e.g. 10 or 5,10,20; got {args.budget!r}") from None
+    settings = CacheSettings(checkpoint=args.checkpoint, budgets=budgets, sampler=args.sampler, steps=args.steps,
+                             rti=_rti_settings(args), episodes=args.episodes, samples=args.samples,
+                             bubble_n=args.bubble, seed=args.seed)
+    result = calibrate_cache(settings, progress=not args.no_progress)
+    for s in result.schedules:
+        print(f"bac:{s['budget']} for {s['method']}-{s['steps']}: {s['block_evals_per_decision']} of "
+              f"{s['uncached_block_evals']} branch evaluations per decision "
+              f"({s['uncached_block_evals'] / s['block_evals_per_decision']:.1f}x fewer); bubbling union on "
+              f"{', '.join(s['selected'])}")
+    print(f"schedules saved in {result.path}")
+    _write_report(args.report, result_dict(result))
+    return 0
+
+
+def _add_rti_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rti", metavar="K0|auto", help="RTI warm start entered at step K0 (K0 + 1 calls per "
+                   "decision after a full denoise at the episode start); auto calibrates K0 from rollouts first")
+    p.add_argument("--rti-mode", choices=["direct", "renoise"], default="direct")
+    p.add_argument("--rti-sampler", choices=["ddpm", "ddim", "dpmpp_2m"], default="ddpm", help="the tail's sampler")
+    p.add_argument("--rti-exec", type=int, default=1, help="actions executed per RTI decision")
+    p.add_argument("--rti-discrete", choices=["auto", "scale", "clip", "none"], default="auto",
+                   help="gripper handling in the warm start; auto: scale if trained scaled, else clip")
+    p.add_argument("--rti-factor", type=float, default=10.0, help="clip: the guess's gripper is +-1/factor")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -124,19 +156,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=int, default=0, help="worker processes; 0: one per core")
     e.add_argument("--video", metavar="DIR", help="write the first --video-episodes rollouts as mp4 here")
     e.add_argument("--video-episodes", type=int, default=3)
-    e.add_argument("--rti", metavar="K0|auto", help="RTI warm start entered at step K0 (K0 + 1 calls per "
-                   "decision after a full denoise at the episode start); auto calibrates K0 from rollouts first")
-    e.add_argument("--rti-mode", choices=["direct", "renoise"], default="direct")
-    e.add_argument("--rti-sampler", choices=["ddpm", "ddim", "dpmpp_2m"], default="ddpm", help="the tail's sampler")
-    e.add_argument("--rti-exec", type=int, default=1, help="actions executed per RTI decision")
-    e.add_argument("--rti-discrete", choices=["auto", "scale", "clip", "none"], default="auto",
-                   help="gripper handling in the warm start; auto: scale if trained scaled, else clip")
-    e.add_argument("--rti-factor", type=float, default=10.0, help="clip: the guess's gripper is +-1/factor")
+    _add_rti_arguments(e)
     e.add_argument("--rti-calibration-episodes", type=int, default=2)
+    e.add_argument("--cache", metavar="bac:S|uniform:S", help="transformer block caching with update budget S per "
+                   "block; bac needs a schedule made by `rtdp cache` for the same step list")
     e.add_argument("--report", help="write the JSON report here")
     e.add_argument("--plot", metavar="FILE.png", help="latency histogram and per-episode outcomes")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    k = sub.add_parser("cache", help="calibrate BAC block-cache schedules for a transformer checkpoint")
+    k.add_argument("--checkpoint", required=True)
+    k.add_argument("--budget", required=True, help="update budget per block, or several: 5,10,20")
+    k.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m"], help="default: the checkpoint's config")
+    k.add_argument("--steps", type=int, help="denoising steps; default: the checkpoint's config")
+    _add_rti_arguments(k)
+    k.add_argument("--episodes", type=int, default=2, help="calibration rollouts (on calibration seeds)")
+    k.add_argument("--samples", type=int, default=64, help="calibration observations taken from the rollouts")
+    k.add_argument("--bubble", type=int, default=3, help="blocks the bubbling union extends")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--report", help="write a JSON summary here")
+    k.add_argument("--no-progress", action="store_true")
+    k.set_defaults(func=cmd_cache)
 
     d = sub.add_parser("demo", help="collect, train and evaluate closed-loop on a metaworld task, end to end")
     d.add_argument("--workdir", default="runs/demo")

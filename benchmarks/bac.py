@@ -1,0 +1,141 @@
+"""BAC block caching on the transformer policy: per metaworld task, expert demos -> the default transformer
+policy -> BAC schedules (`rtdp cache`) -> closed-loop success, branch evaluations and decision latency for
+uncached / Uniform / BAC at several budgets, on DDPM-100, DDIM-10 and an RTI tail.
+
+    python benchmarks/bac.py [--tasks push-v3 ...] [--episodes 20] [--train-steps 3000]   # resumable
+    python benchmarks/bac.py --table
+    python benchmarks/bac.py --fidelity          # open-loop chunk error vs uncached, same noise
+
+Results are JSON files in benchmarks/results/bac (checkpoints under runs/, gitignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TASKS = ["push-v3", "drawer-open-v3", "reach-v3", "pick-place-v3", "window-open-v3"]
+CONFIG = ROOT / "configs" / "policy" / "transformer_lowdim.yaml"
+# The config's 8 x 256 transformer trains at about 2-4 s per step at batch 256 on this 2-core CPU (16 tokens per
+# sample): 3,000 steps would take hours per task. The benchmark trains a 4 x 128 one at batch 128 instead.
+SIZE = ["policy.transformer.n_layer=4", "policy.transformer.n_emb=128", "train.batch_size=128", "train.lr=2e-4"]
+# (label, sampler, steps, cache, rti)
+RUNS = [
+    ("ddpm-100", "ddpm", 100, None, None),
+    ("ddpm-100 uniform:10", "ddpm", 100, "uniform:10", None),
+    ("ddpm-100 bac:10", "ddpm", 100, "bac:10", None),
+    ("ddpm-100 bac:5", "ddpm", 100, "bac:5", None),
+    ("ddpm-100 uniform:5", "ddpm", 100, "uniform:5", None),
+    ("ddpm-100 bac:20", "ddpm", 100, "bac:20", None),
+    ("ddpm-100 uniform:20", "ddpm", 100, "uniform:20", None),
+    ("ddim-10", "ddim", 10, None, None),
+    ("ddim-10 bac:5", "ddim", 10, "bac:5", None),
+    ("ddim-10 uniform:5", "ddim", 10, "uniform:5", None),
+    ("rti-k0=3", None, None, None, {"k0": 3}),
+    ("rti-k0=3 bac:2", None, None, "bac:2", {"k0": 3}),
+]
+KEYS = ("success_rate", "success_ci95", "nfe_per_decision", "block_evals_per_decision", "latency_ms", "decisions",
+        "seconds", "rti")
+
+
+def train_task(name: str, run_dir: Path, steps: int, seed: int) -> dict:
+    from envs.collect import collect_demos
+    from envs.datasets import PolicyDataset
+    from policy.config import load_config
+    from policy.train import train
+
+    task = f"metaworld/{name}"
+    buffer = collect_demos(task, 50, seed=seed)
+    cfg = load_config(CONFIG, [f"train.steps={steps}", f"train.checkpoint_every={steps}", f"data.task={task}",
+                               f"train.seed={seed}", "policy.discrete_action_dims=[3]", *SIZE])
+    p = cfg.policy
+    data = PolicyDataset(buffer, p.horizon, p.n_obs_steps, p.n_action_steps, cfg.data.state_keys, cfg.data.action_key)
+    summary = train(cfg, data, run_dir)
+    return {"train_steps": steps, "train_seconds": summary.seconds, "loss_last": summary.losses[-1][1]}
+
+
+def make_schedules(run_dir: Path) -> dict:
+    from deploy.caching import CacheSettings, calibrate_cache, result_dict
+
+    out = {}
+    for label, sampler, steps, budgets, rti in (("ddpm-100", "ddpm", 100, [5, 10, 20], None),
+                                                 ("ddim-10", "ddim", 10, [5], None),
+                                                 ("rti-k0=3", None, None, [2], {"k0": 3})):
+        t0 = time.perf_counter()
+        r = calibrate_cache(CacheSettings(checkpoint=str(run_dir), budgets=budgets, sampler=sampler, steps=steps,
+                                          rti=rti))
+        out[label] = {**result_dict(r), "seconds": time.perf_counter() - t0}
+    return out
+
+
+def run_task(name: str, out: Path, episodes: int, train_steps: int, seed: int) -> None:
+    from deploy.evaluation import EvalSettings, evaluate
+
+    path = out / f"{name}.json"
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    run_dir = out / "runs" / name
+    if "train" not in done:
+        done["train"] = train_task(name, run_dir, train_steps, seed)
+        path.write_text(json.dumps(done, indent=2))
+    if "schedules" not in done:
+        done["schedules"] = make_schedules(run_dir)
+        path.write_text(json.dumps(done, indent=2))
+    evals = done.setdefault("eval", {})
+    for label, sampler, steps, cache, rti in RUNS:
+        if label in evals:
+            continue
+        print(f"{name}: {label}", flush=True)
+        r = evaluate(EvalSettings(checkpoint=str(run_dir), episodes=episodes, seed=seed, sampler=sampler,
+                                  steps=steps, cache=cache, rti=rti))
+        evals[label] = {k: r[k] for k in KEYS if k in r} | {"cache": r["config"].get("cache")}
+        evals[label].update(date=datetime.date.today().isoformat(), machine=platform.node())
+        path.write_text(json.dumps(done, indent=2))
+        print(f"  success {r['success_rate']:.2f}, {r['block_evals_per_decision']:.0f} branch evaluations, "
+              f"p50 {r['latency_ms']['p50']:.0f} ms", flush=True)
+
+
+def table(out: Path) -> str:
+    rows = ["| task | run | success [95% CI] | branch evals / decision | decision p50 / p99 ms |",
+            "|---|---|---|---|---|"]
+    for name in TASKS:
+        path = out / f"{name}.json"
+        if not path.is_file():
+            continue
+        r = json.loads(path.read_text())
+        for label, e in r.get("eval", {}).items():
+            lo, hi = e["success_ci95"]
+            lat = e["latency_ms"]
+            if e.get("rti"):
+                lat = e["rti"]["latency_warm_ms"]
+                label += " (warm decisions)"
+            rows.append(f"| {name} | {label} | {e['success_rate']:.2f} [{lo:.2f}, {hi:.2f}] | "
+                        f"{e['block_evals_per_decision']:.0f} | {lat['p50']:.0f} / {lat['p99']:.0f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bac")
+    ap.add_argument("--tasks", nargs="*", default=TASKS)
+    ap.add_argument("--episodes", type=int, default=20)
+    ap.add_argument("--train-steps", type=int, default=3000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--table", action="store_true", help="only print the table from existing results")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.table:
+        for name in args.tasks:
+            run_task(name, args.out, args.episodes, args.train_steps, args.seed)
+    print(table(args.out))
+
+
+if __name__ == "__main__":
+    main()

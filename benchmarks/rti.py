@@ -1,0 +1,109 @@
+"""RTI warm-starting on the closed-loop benchmark's checkpoints: RTI (one action per decision, k0 = 3 and k0
+calibrated by `--rti auto`) against DDPM-100 (from the closed-loop table, 8 actions per decision) and against
+DDIM and DPM-Solver++ at RTI's call count without a warm start, on the same 50 held-out episodes.
+
+    python benchmarks/rti.py [--tasks reach-v3 ...] [--methods rti-k0=3 ...]   # resumable
+    python benchmarks/rti.py --table
+
+Needs benchmarks/results/closed_loop/runs/<task> (python benchmarks/closed_loop.py makes them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TASKS = ["reach-v3", "push-v3", "pick-place-v3", "drawer-open-v3", "window-open-v3"]
+BASELINE = ROOT / "benchmarks" / "results" / "closed_loop"
+METHODS = {
+    "rti-k0=3": dict(rti={"k0": 3}),
+    "ddim-4": dict(sampler="ddim", steps=4),
+    "dpmpp_2m-4": dict(sampler="dpmpp_2m", steps=4),
+    "rti-auto": dict(rti={"k0": "auto"}),
+}
+KEYS = ("success_rate", "success_ci95", "mean_return", "nfe_per_decision", "actions_per_decision", "latency_ms",
+        "decisions", "seconds", "rti")
+
+
+def run(name: str, method: str, episodes: int, seed: int) -> dict:
+    from deploy.evaluation import EvalSettings, evaluate
+
+    settings = EvalSettings(checkpoint=str(BASELINE / "runs" / name), episodes=episodes, seed=seed,
+                            **METHODS[method])
+    report = evaluate(settings)
+    out = {k: report[k] for k in KEYS if k in report}
+    if "rti" in report["config"]:
+        out["config_rti"] = report["config"]["rti"]
+    out.update(date=datetime.date.today().isoformat(), machine=platform.node())
+    return out
+
+
+def table(out: Path) -> str:
+    head = ["| task | DDPM-100 (8 actions/decision) | RTI k0=3 (1 action/decision) | RTI auto | DDIM-4 "
+            "(8 actions/decision) | DPM-Solver++-4 (8 actions/decision) | decision latency p50: DDPM-100 / RTI "
+            "warm |", "|---|---|---|---|---|---|---|"]
+    rows = []
+    for name in TASKS:
+        path = out / f"{name}.json"
+        if not path.is_file():
+            continue
+        r = json.loads(path.read_text())
+        base = json.loads((BASELINE / f"{name}.json").read_text())["eval"]["ddpm-100"]
+
+        def cell(e, calls=None):
+            if e is None:
+                return "-"
+            lo, hi = e["success_ci95"]
+            calls = calls if calls is not None else e["nfe_per_decision"]
+            return f"{e['success_rate']:.2f} [{lo:.2f}, {hi:.2f}], {calls:.0f} calls, {e['latency_ms']['p50']:.1f} ms"
+
+        def rti_cell(e):
+            if e is None:
+                return "-"
+            k0 = e["config_rti"]["k0"]
+            warm = e["rti"]
+            lo, hi = e["success_ci95"]
+            return (f"{e['success_rate']:.2f} [{lo:.2f}, {hi:.2f}], k0={k0}: {warm['nfe_per_warm_decision']:.0f} "
+                    f"calls, {warm['latency_warm_ms']['p50']:.1f} ms")
+
+        rti3 = r.get("rti-k0=3")
+        speed = (f"{base['latency_ms']['p50']:.0f} / {rti3['rti']['latency_warm_ms']['p50']:.1f} ms "
+                 f"({base['latency_ms']['p50'] / rti3['rti']['latency_warm_ms']['p50']:.0f}x)") if rti3 else "-"
+        rows.append(f"| {name} | {cell(base)} | {rti_cell(rti3)} | {rti_cell(r.get('rti-auto'))} "
+                    f"| {cell(r.get('ddim-4'))} | {cell(r.get('dpmpp_2m-4'))} | {speed} |")
+    return "\n".join(head + rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "rti")
+    ap.add_argument("--tasks", nargs="*", default=TASKS)
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--episodes", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--table", action="store_true", help="only print the table from existing results")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.table:
+        for method in args.methods:  # method-major: the headline rows fill first
+            for name in args.tasks:
+                path = args.out / f"{name}.json"
+                done = json.loads(path.read_text()) if path.is_file() else {}
+                if method in done:
+                    continue
+                print(f"{name}: {method}", flush=True)
+                done[method] = run(name, method, args.episodes, args.seed)
+                path.write_text(json.dumps(done, indent=2))
+                print(f"  success {done[method]['success_rate']:.2f}", flush=True)
+    print(table(args.out))
+
+
+if __name__ == "__main__":
+    main()
