@@ -4,6 +4,7 @@ DDIM and DPM-Solver++ at RTI's call count without a warm start, on the same 50 h
 
     python benchmarks/rti.py [--tasks reach-v3 ...] [--methods rti-k0=3 ...]   # resumable
     python benchmarks/rti.py --table
+    python benchmarks/rti.py --latency     # decision latency alone, one thread, back to back: DDPM-100 vs RTI
 
 Needs benchmarks/results/closed_loop/runs/<task> (python benchmarks/closed_loop.py makes them).
 """
@@ -22,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 TASKS = ["reach-v3", "push-v3", "pick-place-v3", "drawer-open-v3", "window-open-v3"]
 BASELINE = ROOT / "benchmarks" / "results" / "closed_loop"
+CALIBRATION_SEED = 200_000
 METHODS = {
     "rti-k0=3": dict(rti={"k0": 3}),
     "ddim-4": dict(sampler="ddim", steps=4),
@@ -43,6 +45,54 @@ def run(name: str, method: str, episodes: int, seed: int) -> dict:
         out["config_rti"] = report["config"]["rti"]
     out.update(date=datetime.date.today().isoformat(), machine=platform.node())
     return out
+
+
+def latency(name: str, decisions: int = 200, full: int = 30) -> dict:
+    """Decision latency on one thread, DDPM-100 and the RTI warm decision timed back to back on the same
+    observations (from an expert rollout), so the ratio does not depend on what else the machine runs."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from envs.tasks import make_env
+    from policy.checkpoint import load_policy
+    from policy.rti import RTIConfig, RTIPolicy
+
+    torch.set_num_threads(1)
+    policy, cfg = load_policy(BASELINE / "runs" / name)
+    env = make_env(f"metaworld/{name}")
+    expert = env.expert()
+    obs, _ = env.reset(seed=CALIBRATION_SEED)
+    states = [obs["state"]]
+    for _ in range(decisions):
+        obs, *_ = env.step(np.clip(expert(obs["state"]), -1, 1))
+        states.append(obs["state"])
+    env.close()
+    history = [{"state": torch.from_numpy(np.stack(states[i : i + 2]))[None]} for i in range(decisions)]
+    g = torch.Generator().manual_seed(0)
+
+    def timed(fn, items):
+        out = []
+        for o in items:
+            t0 = time.perf_counter()
+            fn(o)
+            out.append((time.perf_counter() - t0) * 1e3)
+        return np.array(out)
+
+    rti = RTIPolicy(policy, RTIConfig(k0=3))
+    rti.reset()
+    rti.predict_chunk(history[0], generator=g)
+    ddpm = timed(lambda o: policy.predict_chunk(o, sampler="ddpm", steps=100, generator=g), history[:full])
+    warm = timed(lambda o: rti.predict_chunk(o, generator=g), history[1:])
+    ddim4 = timed(lambda o: policy.predict_chunk(o, sampler="ddim", steps=4, generator=g), history[1:])
+
+    def pct(a):
+        return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99))}
+
+    return {"ddpm-100": pct(ddpm), "rti-k0=3": pct(warm), "ddim-4": pct(ddim4), "threads": 1,
+            "ratio_p50": float(np.percentile(ddpm, 50) / np.percentile(warm, 50)),
+            "date": datetime.date.today().isoformat(), "machine": platform.node(), "cpu": platform.processor()}
 
 
 def table(out: Path) -> str:
@@ -89,8 +139,16 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--table", action="store_true", help="only print the table from existing results")
+    ap.add_argument("--latency", action="store_true", help="only the back-to-back decision latency measurement")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.latency:
+        result = {name: latency(name) for name in args.tasks}
+        (args.out / "latency.json").write_text(json.dumps(result, indent=2))
+        for name, r in result.items():
+            print(f"{name}: DDPM-100 p50 {r['ddpm-100']['p50']:.1f} ms, RTI k0=3 p50 {r['rti-k0=3']['p50']:.2f} ms "
+                  f"({r['ratio_p50']:.0f}x), DDIM-4 p50 {r['ddim-4']['p50']:.2f} ms")
+        return
     if not args.table:
         for method in args.methods:  # method-major: the headline rows fill first
             for name in args.tasks:
