@@ -44,6 +44,7 @@ class EvalSettings:
     rti_calibration_steps: int = 100  # each calibration episode is cut here: it runs a full denoise per step
     rti_margin: int = 1  # safety steps added to the calibrated k0
     cache: str | None = None  # bac:S | uniform:S (transformer policies; see deploy/caching.py)
+    backend: str = "torch"  # deploy.backends.BACKENDS; onnxruntime ones need `rtdp export` first
     seeds: list[int] = field(default_factory=list)  # set by the orchestrator for each worker
 
 
@@ -152,6 +153,10 @@ def run_episodes(settings: EvalSettings, emit) -> None:
 
     torch.set_num_threads(1)
     policy, run_cfg, task, env = _load_for_eval(settings)
+    if settings.backend != "torch":
+        from deploy.backends import BackendPolicy, make_backend
+
+        policy = BackendPolicy(policy, make_backend(settings.backend, policy, settings.checkpoint, threads=1))
     if settings.cache is not None:
         from deploy.caching import cached
 
@@ -216,6 +221,19 @@ def calibrate_rti(settings: EvalSettings, progress: bool = True):
     return calibrate_k0(pairs, policy.schedule, margin=settings.rti_margin)
 
 
+def check_backend(settings: EvalSettings) -> None:
+    """Refuse an unusable backend before any worker starts: a missing or corrupt export, a provider this
+    onnxruntime lacks, or a combination the backend cannot run."""
+    from deploy.backends import make_backend
+    from policy.checkpoint import load_policy
+
+    if settings.cache is not None:
+        raise ValueError("--cache runs the transformer's branches in torch; to cache on onnxruntime, export a "
+                         "fused graph with the schedule (rtdp export --cache ...)")
+    policy, _ = load_policy(settings.checkpoint)
+    make_backend(settings.backend, policy, settings.checkpoint, threads=1)
+
+
 def describe_cache(settings: EvalSettings) -> dict:
     """Resolve the cache schedule before any worker starts (a missing or stale one is refused here)."""
     from deploy.caching import resolve_schedule
@@ -262,6 +280,8 @@ def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
         if calibration is not None:
             rti["calibration"] = calibration.to_dict()
     cache = describe_cache(settings) if settings.cache is not None else None
+    if settings.backend != "torch":
+        check_backend(settings)
     seeds = episode_seeds(settings.seed, settings.episodes)
     workers = settings.workers or min(os.cpu_count() or 1, 2)
     workers = max(1, min(workers, settings.episodes))
@@ -339,7 +359,7 @@ def build_report(settings: EvalSettings, run_cfg, task: str, results: list[dict]
         "decisions": int(lat.size),
         "latency_ms": _percentiles(lat),
         "config": {"sampler": sampler, "steps": steps, "spacing": p.inference.spacing, "eta": p.inference.eta,
-                   "denoiser": p.denoiser, "backend": "torch", "threads_per_worker": 1, "workers": workers,
+                   "denoiser": p.denoiser, "backend": settings.backend, "threads_per_worker": 1, "workers": workers,
                    "seed": settings.seed, "seeds": [EVAL_SEED_OFFSET + settings.seed, EVAL_SEED_OFFSET
                                                     + settings.seed + n - 1]},
         "seconds": seconds,

@@ -74,7 +74,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = EvalSettings(checkpoint=args.checkpoint, episodes=args.episodes, seed=args.seed, sampler=args.sampler,
                             steps=args.steps, task=args.task, workers=args.workers, video_dir=args.video,
                             video_episodes=args.video_episodes, plot=args.plot, rti=_rti_settings(args),
-                            rti_calibration_episodes=args.rti_calibration_episodes, cache=args.cache)
+                            rti_calibration_episodes=args.rti_calibration_episodes, cache=args.cache,
+                            backend=args.backend)
     report = evaluate(settings, progress=not args.no_progress)
     print(summary_line(report))
     _write_report(args.report, report)
@@ -99,6 +100,40 @@ def cmd_cache(args: argparse.Namespace) -> int:
               f"{', '.join(s['selected'])}")
     print(f"schedules saved in {result.path}")
     _write_report(args.report, result_dict(result))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from deploy.export import ExportSettings, check_export, export_policy
+
+    settings = ExportSettings(checkpoint=args.checkpoint, out=args.out, opset=args.opset, fused=not args.no_fused,
+                              sampler=args.sampler, steps=args.steps,
+                              rti_k0=int(args.rti) if args.rti is not None else None, cache=args.cache)
+    manifest = export_policy(settings)
+    out = args.out or f"{args.checkpoint}/onnx"
+    graphs = manifest["graphs"]
+    print(f"exported {', '.join(graphs)} to {out} (opset {args.opset})"
+          + (f"; fused: {graphs['fused']['method']} over {len(graphs['fused']['timesteps'])} steps, "
+             f"{graphs['fused']['entry']} entry" if "fused" in graphs else ""))
+    report = {"out": out, "graphs": {k: {"file": v["file"], "sha256": v["sha256"]} for k, v in graphs.items()}}
+    if args.check:
+        errors = check_export(args.checkpoint, out)
+        report["max_abs_error"] = errors
+        print("parity with torch (max abs error): " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    _write_report(args.report, report)
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from deploy.profile import ProfileSettings, comparison_table, profile
+
+    settings = ProfileSettings(checkpoint=args.checkpoint, backends=args.backend or [], iters=args.iters,
+                               warmup=args.warmup, sampler=args.sampler, steps=args.steps,
+                               rti_k0=int(args.rti) if args.rti is not None else None, threads=args.threads,
+                               plot=args.plot)
+    report = profile(settings, progress=not args.no_progress)
+    print(comparison_table(report))
+    _write_report(args.report, report)
     return 0
 
 
@@ -158,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--video-episodes", type=int, default=3)
     _add_rti_arguments(e)
     e.add_argument("--rti-calibration-episodes", type=int, default=2)
+    e.add_argument("--backend", default="torch", choices=["torch", "torch-compile", "onnxruntime", "onnxruntime-cuda",
+                                                          "onnxruntime-tensorrt"],
+                   help="onnxruntime backends run the graphs `rtdp export` wrote to <checkpoint>/onnx")
     e.add_argument("--cache", metavar="bac:S|uniform:S", help="transformer block caching with update budget S per "
                    "block; bac needs a schedule made by `rtdp cache` for the same step list")
     e.add_argument("--report", help="write the JSON report here")
@@ -178,6 +216,35 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--report", help="write a JSON summary here")
     k.add_argument("--no-progress", action="store_true")
     k.set_defaults(func=cmd_cache)
+
+    x = sub.add_parser("export", help="ONNX graphs (encoder, denoiser step, fused sampler) and manifest.json")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--out", help="default: <checkpoint>/onnx")
+    x.add_argument("--check", action="store_true", help="parity against torch on seeded inputs; fails loudly")
+    x.add_argument("--opset", type=int, default=17)
+    x.add_argument("--no-fused", action="store_true", help="skip the fused graph")
+    x.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m"], help="the fused graph's sampler")
+    x.add_argument("--steps", type=int, help="the fused graph's steps (a full denoise)")
+    x.add_argument("--rti", metavar="K0", help="fuse the RTI tail [K0 .. 0], entered from a warm start")
+    x.add_argument("--cache", metavar="bac:S|uniform:S", help="fuse a block-cache schedule (transformers)")
+    x.add_argument("--report", help="write a JSON summary here")
+    x.set_defaults(func=cmd_export)
+
+    f = sub.add_parser("profile", help="decision and denoiser-call latency on every available backend")
+    f.add_argument("--checkpoint", required=True)
+    f.add_argument("--backend", action="append", choices=["torch", "torch-compile", "onnxruntime",
+                                                          "onnxruntime-cuda", "onnxruntime-tensorrt"],
+                   help="repeat to compare several; default: every backend that runs here")
+    f.add_argument("--iters", type=int, default=200, help="timed decisions per backend")
+    f.add_argument("--warmup", type=int, default=20)
+    f.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m"])
+    f.add_argument("--steps", type=int)
+    f.add_argument("--rti", metavar="K0", help="profile the RTI warm decision (K0 + 1 calls)")
+    f.add_argument("--threads", type=int, default=1)
+    f.add_argument("--report", help="write the JSON report here")
+    f.add_argument("--plot", metavar="FILE.png", help="latency histograms, one per backend")
+    f.add_argument("--no-progress", action="store_true")
+    f.set_defaults(func=cmd_profile)
 
     d = sub.add_parser("demo", help="collect, train and evaluate closed-loop on a metaworld task, end to end")
     d.add_argument("--workdir", default="runs/demo")

@@ -75,8 +75,12 @@ def sample(
     method: str = "ddim",
     generator: torch.Generator | None = None,
     eta: float = 0.0,
+    step_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Denoise `x_init`, taken to be at noise level `timesteps[0]`, down to the clean sample.
+
+    `step_noise` (K, *x_init.shape) supplies the noise of each stochastic step instead of drawing it, so an
+    exported graph can take it as an input (ddpm, and ddim with eta > 0).
 
     method: "ddpm" (fixed_small variance), "ddim" (`eta` scales its noise; 0 is deterministic) or
     "dpmpp_2m" (DPM-Solver++ 2M, data prediction, first-order on the first and the last step).
@@ -87,10 +91,16 @@ def sample(
     if not torch.is_tensor(x_init) or not x_init.dtype.is_floating_point:
         raise TypeError(f"x_init must be a floating-point tensor, got {type(x_init).__name__}")
     ts = as_timesteps(timesteps, schedule)
+    if step_noise is not None and tuple(step_noise.shape) != (len(ts), *x_init.shape):
+        raise ValueError(f"step_noise must have shape {(len(ts), *x_init.shape)}, got {tuple(step_noise.shape)}")
+
+    def noise(i: int, x: torch.Tensor) -> torch.Tensor:
+        return step_noise[i] if step_noise is not None else _noise_like(x, generator)
+
     if method == "ddpm":
-        return _ddpm(model_fn, x_init, schedule, ts, generator)
+        return _ddpm(model_fn, x_init, schedule, ts, noise)
     if method == "ddim":
-        return _ddim(model_fn, x_init, schedule, ts, generator, eta)
+        return _ddim(model_fn, x_init, schedule, ts, noise, eta)
     return _dpmpp_2m(model_fn, x_init, schedule, ts)
 
 
@@ -104,7 +114,7 @@ def _clip(x0: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
     return x0
 
 
-def _ddpm(model_fn, x, schedule, ts, generator):
+def _ddpm(model_fn, x, schedule, ts, noise):
     ab_t, ab_prev = _step_tables(schedule, ts)
     alpha_t = ab_t / ab_prev
     beta_t = 1.0 - alpha_t
@@ -119,11 +129,11 @@ def _ddpm(model_fn, x, schedule, ts, generator):
         x0, _ = schedule.to_x0_eps(model_fn(x, t), x, a[i], s[i])
         x = c_x0[i] * _clip(x0, schedule) + c_xt[i] * x
         if add_noise[i]:
-            x = x + std[i] * _noise_like(x, generator)
+            x = x + std[i] * noise(i, x)
     return x
 
 
-def _ddim(model_fn, x, schedule, ts, generator, eta):
+def _ddim(model_fn, x, schedule, ts, noise, eta):
     ab_t, ab_prev = _step_tables(schedule, ts)
     std = eta * ((1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev)).sqrt()
     c_eps = (1.0 - ab_prev - std**2).sqrt()
@@ -134,7 +144,7 @@ def _ddim(model_fn, x, schedule, ts, generator, eta):
         x0, eps = schedule.to_x0_eps(model_fn(x, t), x, a[i], s[i])
         x = c_x0[i] * _clip(x0, schedule) + c_eps[i] * eps
         if eta > 0:
-            x = x + std[i] * _noise_like(x, generator)
+            x = x + std[i] * noise(i, x)
     return x
 
 

@@ -1,0 +1,164 @@
+"""Inference backends behind one interface: `encode(nobs) -> cond` and `denoise(x, t, cond) -> pred` on
+normalised torch tensors, so a backend is just another model_fn for the samplers.
+
+- `TorchBackend`: the policy's own modules, eager or through torch.compile.
+- `OnnxRuntimeBackend`: the exported graphs in onnxruntime, on execution providers named explicitly (CPU, CUDA,
+  TensorRT). Inputs are bound in place and outputs go to buffers allocated once per batch size (IO binding), so a
+  decision allocates no new engine memory.
+
+`BackendPolicy` wraps a DiffusionPolicy so that `predict_chunk` runs on a backend: validation and normalisation
+stay in torch, outside the graphs, exactly as in the policy itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .export import ExportError, load_manifest
+
+BACKENDS = ("torch", "torch-compile", "onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt")
+_PROVIDERS = {
+    "onnxruntime": ["CPUExecutionProvider"],
+    "onnxruntime-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "onnxruntime-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+class BackendUnavailable(ValueError):
+    """The backend cannot run here (no such execution provider, no export): a setup problem the user fixes."""
+
+
+class TorchBackend:
+    def __init__(self, policy, compile: bool = False):
+        self.policy = policy.eval()
+        self.name = "torch-compile" if compile else "torch"
+        self.device = "cpu"
+        self._denoise = torch.compile(policy.denoise, dynamic=False) if compile else policy.denoise
+
+    @torch.no_grad()
+    def encode(self, nobs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.policy.encode_obs(nobs)
+
+    @torch.no_grad()
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self._denoise(x, t, cond)
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
+class OnnxRuntimeBackend:
+    """The graphs of an `rtdp export` folder in onnxruntime. `providers` is always explicit; asking for one that
+    this onnxruntime build lacks is an error, not a silent fall back to the CPU."""
+
+    def __init__(self, directory: str | Path, providers: list[str] | None = None, threads: int = 0,
+                 name: str = "onnxruntime", checkpoint: str | Path | None = None):
+        import onnxruntime as ort
+
+        providers = providers or ["CPUExecutionProvider"]
+        missing = [p for p in providers if p not in ort.get_available_providers()]
+        if missing:
+            raise BackendUnavailable(f"onnxruntime here has no {', '.join(missing)} (it has "
+                                     f"{', '.join(ort.get_available_providers())})")
+        self.directory = Path(directory)
+        self.manifest = load_manifest(self.directory, checkpoint)
+        self.name, self.providers = name, providers
+        self.device = "cuda" if providers[0] != "CPUExecutionProvider" else "cpu"
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.sessions = {}
+        for graph, spec in self.manifest["graphs"].items():
+            try:
+                self.sessions[graph] = ort.InferenceSession(str(self.directory / spec["file"]), options,
+                                                            providers=providers)
+            except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+                raise ExportError(f"{graph} graph {self.directory / spec['file']} cannot be loaded: {e}") from None
+        # A deterministic sampler's fused graph has no use for step_noise, and the exporter drops unused inputs.
+        self._input_names = {g: {i.name for i in sess.get_inputs()} for g, sess in self.sessions.items()}
+        self._outputs: dict[tuple, object] = {}
+        self._ort = ort
+
+    def _run(self, graph: str, inputs: dict[str, np.ndarray], out_name: str, out_shape: tuple) -> torch.Tensor:
+        session = self.sessions[graph]
+        binding = session.io_binding()
+        for name, value in inputs.items():
+            if name in self._input_names[graph]:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        key = (graph, out_shape)
+        out = self._outputs.get(key)
+        if out is None:
+            out = self._ort.OrtValue.ortvalue_from_shape_and_type(out_shape, np.float32, "cpu", 0)
+            self._outputs[key] = out
+        binding.bind_ortvalue_output(out_name, out)
+        session.run_with_iobinding(binding)
+        return torch.from_numpy(out.numpy())
+
+    def encode(self, nobs: dict[str, torch.Tensor]) -> torch.Tensor:
+        spec = self.manifest["graphs"]["encoder"]
+        inputs = {i["name"]: nobs[i["name"]].detach().float().numpy() for i in spec["inputs"]}
+        first = next(iter(inputs.values()))
+        p = self.manifest["policy"]
+        cond_dim = spec["outputs"][0]["shape"][-1]
+        return self._run("encoder", inputs, "cond", (first.shape[0], p["n_obs_steps"], cond_dim)).clone()
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self._run("denoiser", {"x": x.detach().float().numpy(), "t": t.detach().long().numpy(),
+                                      "cond": cond.detach().float().numpy()}, "pred", tuple(x.shape))
+
+    def fused(self, cond: torch.Tensor, x_init: torch.Tensor, step_noise: torch.Tensor) -> torch.Tensor:
+        if "fused" not in self.sessions:
+            raise ExportError(f"{self.directory} was exported without a fused graph")
+        return self._run("fused", {"cond": cond.detach().float().numpy(), "x_init": x_init.detach().float().numpy(),
+                                   "step_noise": step_noise.detach().float().numpy()}, "x0",
+                         tuple(x_init.shape)).clone()
+
+
+def make_backend(name: str, policy, checkpoint: str | Path, threads: int = 0):
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name in ("torch", "torch-compile"):
+        return TorchBackend(policy, compile=name == "torch-compile")
+    return OnnxRuntimeBackend(Path(checkpoint) / "onnx", _PROVIDERS[name], threads, name, checkpoint)
+
+
+class BackendPolicy:
+    """A DiffusionPolicy whose graph runs on `backend`; the same predict_chunk / reset contract. Wrappers that
+    call `policy.condition` and `policy.sample_normalized` (RTI, caching) pick the backend up through it."""
+
+    def __init__(self, policy, backend):
+        self.policy, self.backend = policy, backend
+        self.cfg, self.schedule, self.normalizer = policy.cfg, policy.schedule, policy.normalizer
+        self.last_nfe = 0
+
+    def __getattr__(self, name):
+        return getattr(self.policy, name)
+
+    def reset(self) -> None:
+        self.policy.reset()
+
+    def condition(self, obs):
+        return self.backend.encode(self.policy.normalize_obs(obs))
+
+    def sample_normalized(self, cond, x_init, timesteps, method, generator=None, denoiser=None):
+        x0 = self.policy.sample_normalized(cond, x_init, timesteps, method, generator,
+                                           denoiser=denoiser or self.backend.denoise)
+        self.last_nfe = self.policy.last_nfe
+        return x0
+
+    @torch.no_grad()
+    def predict_chunk(self, obs, noise=None, sampler=None, steps=None, generator=None):
+        cond = self.condition(obs)
+        if noise is None:
+            noise = torch.randn(self.policy.chunk_shape(cond.shape[0]), generator=generator, dtype=cond.dtype)
+        x0 = self.sample_normalized(cond, noise, self.policy.inference_timesteps(steps),
+                                    sampler or self.cfg.inference.sampler, generator)
+        return self.policy.to_actions(x0)
+
