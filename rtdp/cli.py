@@ -137,6 +137,21 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_control(args: argparse.Namespace) -> int:
+    from deploy.control import ControlSettings, control_summary, run_control
+
+    settings = ControlSettings(checkpoint=args.checkpoint, rate_hz=args.rate, episodes=args.episodes,
+                               min_ticks=args.min_ticks, seed=args.seed, sampler=args.sampler, steps=args.steps,
+                               rti=_rti_settings(args), backend=args.backend, replan_every=args.replan_every,
+                               inference_delay_ms=args.inference_delay_ms, bad_obs_every=args.bad_obs_every)
+    if settings.rti is not None and settings.rti["k0"] == "auto":
+        raise ValueError("rtdp control takes a fixed --rti K0; find one with rtdp eval --rti auto")
+    report = run_control(settings, progress=not args.no_progress)
+    print(control_summary(report))
+    _write_report(args.report, report)
+    return 0
+
+
 def _add_rti_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rti", metavar="K0|auto", help="RTI warm start entered at step K0 (K0 + 1 calls per "
                    "decision after a full denoise at the episode start); auto calibrates K0 from rollouts first")
@@ -245,6 +260,24 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--plot", metavar="FILE.png", help="latency histograms, one per backend")
     f.add_argument("--no-progress", action="store_true")
     f.set_defaults(func=cmd_profile)
+
+    c = sub.add_parser("control", help="run a checkpoint on its simulated task under the fixed-rate control loop")
+    c.add_argument("--checkpoint", required=True)
+    c.add_argument("--rate", type=float, default=50.0, help="control rate in Hz")
+    c.add_argument("--episodes", type=int, default=5)
+    c.add_argument("--min-ticks", type=int, default=0, help="keep running episodes until this many ticks")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m"])
+    c.add_argument("--steps", type=int)
+    _add_rti_arguments(c)
+    c.add_argument("--backend", default="torch", choices=["torch", "torch-compile", "onnxruntime",
+                                                          "onnxruntime-cuda", "onnxruntime-tensorrt"])
+    c.add_argument("--replan-every", type=int, help="ticks between decisions (default: n_action_steps; RTI: 1)")
+    c.add_argument("--inference-delay-ms", type=float, default=0.0, help="add this to every decision (stress test)")
+    c.add_argument("--bad-obs-every", type=int, default=0, help="corrupt every n-th observation with NaN")
+    c.add_argument("--report", help="write the JSON report here")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=cmd_control)
 
     d = sub.add_parser("demo", help="collect, train and evaluate closed-loop on a metaworld task, end to end")
     d.add_argument("--workdir", default="runs/demo")

@@ -1,0 +1,291 @@
+"""A fixed-rate control loop around a chunking policy.
+
+Every tick k has an absolute deadline t0 + k * period on the monotonic clock; the loop sleeps until shortly
+before it and spins the rest, so oversleeping does not accumulate. On each tick it reads the robot, sends one
+action, and goes on. Inference runs on a worker thread and computes the next chunk while the current one
+executes:
+
+- every chunk is time-stamped with the tick of the observation it was computed from; its action i belongs to
+  tick obs_tick + i, so when a chunk arrives late its actions for ticks already past are skipped (latency
+  compensation);
+- the deadline-miss policy: while no new chunk is ready, keep executing the current one; when it runs out, hold
+  a safe action (no motion, discrete dims such as a gripper kept) and count the tick as held;
+- a NaN / Inf observation, or one of the wrong shape, is not sent to the policy: the loop holds a safe action
+  for that tick, counts it and carries on;
+- a watchdog counts inferences that run longer than `watchdog_s` (the loop keeps ticking meanwhile);
+- with RTI the warm start comes from the chunk actually being executed: the worker tells the policy how many
+  ticks passed since the previous decision's observation.
+
+The robot is anything with `observe() -> dict` and `act(action) -> bool (done)`; `SimRobot` steps a gymnasium
+task at the control rate.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SPIN_S = 0.0015  # the last stretch before a deadline is busy-waited: sleep() can overshoot by about a millisecond
+
+
+@dataclass
+class LoopSettings:
+    rate_hz: float = 50.0
+    max_ticks: int = 10_000
+    replan_every: int | None = None  # ticks between decisions; None: the policy's actions per decision
+    miss_tolerance_ms: float | None = None  # a tick later than this is a deadline miss; None: half a period
+    watchdog_s: float = 1.0
+
+
+@dataclass
+class LoopStats:
+    ticks: int = 0
+    deadline_misses: int = 0
+    held_ticks: int = 0  # no chunk action for the tick: a safe action went out
+    stale_skipped: int = 0  # chunk actions dropped because their tick had passed when the chunk arrived
+    bad_observations: int = 0
+    watchdog_trips: int = 0
+    decisions: int = 0
+    period_error_ms: list[float] = field(default_factory=list)
+    inference_ms: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        def pct(values, keys):
+            a = np.asarray(values) if values else np.zeros(1)
+            return {k: float(np.percentile(a, q)) for k, q in keys} | {"max": float(a.max())}
+
+        out = {k: getattr(self, k) for k in ("ticks", "deadline_misses", "held_ticks", "stale_skipped",
+                                             "bad_observations", "watchdog_trips", "decisions")}
+        out["period_error_ms"] = pct(self.period_error_ms, (("p50", 50), ("p99", 99)))
+        out["inference_ms"] = pct(self.inference_ms, (("p50", 50), ("p99", 99)))
+        return out
+
+
+class _Chunk:
+    def __init__(self, actions: np.ndarray, obs_tick: int):
+        self.actions, self.obs_tick = actions, obs_tick
+
+    def action_for(self, tick: int) -> np.ndarray | None:
+        i = tick - self.obs_tick
+        return self.actions[i] if 0 <= i < len(self.actions) else None
+
+
+class InferenceWorker:
+    """One background thread: takes the latest (history, tick) request, runs `decide(history, executed)` and
+    publishes (chunk, obs_tick, ms). A request that arrives while one runs replaces any queued one."""
+
+    def __init__(self, decide):
+        self.decide = decide
+        self._cv = threading.Condition()
+        self._request = None
+        self._result = None
+        self._busy_since: float | None = None
+        self._stop = False
+        self._prev_tick: int | None = None
+        self._episode = 0  # results of a request from an earlier episode are dropped
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="rtdp-inference", daemon=True)
+        self._thread.start()
+
+    def submit(self, history: dict[str, np.ndarray], tick: int) -> None:
+        with self._cv:
+            self._request = (history, tick)
+            self._cv.notify()
+
+    def prime(self, history: dict[str, np.ndarray], tick: int):
+        """A decision made synchronously before the clock starts (the episode's first, full denoise)."""
+        t0 = time.perf_counter()
+        actions = self.decide(history, None)
+        with self._cv:
+            self._prev_tick = tick
+        return _Chunk(actions, tick), (time.perf_counter() - t0) * 1e3
+
+    def busy(self) -> bool:
+        with self._cv:
+            return self._request is not None or self._busy_since is not None
+
+    def busy_for(self) -> float:
+        with self._cv:
+            return 0.0 if self._busy_since is None else time.monotonic() - self._busy_since
+
+    def take(self):
+        with self._cv:
+            result, self._result = self._result, None
+            return result
+
+    def reset(self) -> None:
+        with self._cv:
+            self._request, self._result, self._prev_tick = None, None, None
+            self._episode += 1
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=5.0)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._request is None and not self._stop:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                (history, tick), self._request = self._request, None
+                self._busy_since = time.monotonic()
+                executed = None if self._prev_tick is None else tick - self._prev_tick
+                episode = self._episode
+            t0 = time.perf_counter()
+            try:
+                actions = self.decide(history, executed)
+            except Exception as e:  # noqa: BLE001  the loop must outlive a failing policy: it holds and reports
+                self.error = e
+                actions = None
+            ms = (time.perf_counter() - t0) * 1e3
+            with self._cv:
+                self._busy_since = None
+                if actions is not None and episode == self._episode:
+                    self._result = (_Chunk(actions, tick), ms)
+                    self._prev_tick = tick
+
+
+def valid_observation(obs: dict, shapes: dict[str, tuple]) -> bool:
+    for key, shape in shapes.items():
+        v = obs.get(key)
+        if v is None:
+            return False
+        v = np.asarray(v)
+        if v.shape != shape:
+            return False
+        if v.dtype.kind == "f" and not np.isfinite(v).all():
+            return False
+    return True
+
+
+class ControlLoop:
+    """Runs one episode: `run(robot)` until the robot reports done or `max_ticks`."""
+
+    def __init__(self, decide, settings: LoopSettings, obs_shapes: dict[str, tuple], n_obs_steps: int,
+                 action_dim: int, actions_per_decision: int, discrete_dims: list[int] = ()):
+        self.settings = settings
+        self.period = 1.0 / settings.rate_hz
+        self.tolerance = (settings.miss_tolerance_ms / 1e3 if settings.miss_tolerance_ms is not None
+                          else self.period / 2)
+        self.obs_shapes, self.n_obs_steps = obs_shapes, n_obs_steps
+        self.replan_every = settings.replan_every or actions_per_decision
+        self.action_dim, self.discrete_dims = action_dim, list(discrete_dims)
+        self.worker = InferenceWorker(decide)
+        self.stats = LoopStats()
+
+    def safe_action(self, last: np.ndarray | None) -> np.ndarray:
+        """No motion; discrete dims (a gripper) keep their last command."""
+        action = np.zeros(self.action_dim, dtype=np.float32)
+        if last is not None and self.discrete_dims:
+            action[self.discrete_dims] = last[self.discrete_dims]
+        return action
+
+    def run(self, robot, on_tick=None) -> bool:
+        s, stats = self.settings, self.stats
+        self.worker.reset()
+        history: deque = deque(maxlen=self.n_obs_steps)
+        chunk: _Chunk | None = None
+        last_action: np.ndarray | None = None
+        last_request = -(10**9)
+        first = robot.observe()
+        if valid_observation(first, self.obs_shapes):
+            # The first chunk (a full denoise, the slow one under RTI) is computed before the clock starts, as a
+            # robot would before it is switched to autonomous control.
+            history.extend([first] * self.n_obs_steps)
+            chunk, ms = self.worker.prime({k: np.stack([o[k] for o in history]) for k in self.obs_shapes}, 0)
+            stats.decisions += 1
+            last_request = 0
+            history.clear()
+        watchdog_armed = True
+        done = False
+        t0 = time.monotonic() + self.period  # the first deadline leaves a period to start the worker
+        for tick in range(s.max_ticks):
+            deadline = t0 + tick * self.period
+            _wait_until(deadline)
+            start = time.monotonic()
+            late = start - deadline
+            stats.period_error_ms.append(late * 1e3)
+            stats.ticks += 1
+            if late > self.tolerance:
+                stats.deadline_misses += 1
+
+            result = self.worker.take()
+            if result is not None:
+                new, ms = result
+                stats.inference_ms.append(ms)
+                stats.decisions += 1
+                stats.stale_skipped += max(0, tick - new.obs_tick)
+                chunk = new
+                watchdog_armed = True
+            if self.worker.error is not None:
+                raise RuntimeError(f"the policy failed on the inference thread: {self.worker.error}")
+
+            obs = robot.observe()
+            good = valid_observation(obs, self.obs_shapes)
+            if good:
+                if not history:
+                    history.extend([obs] * self.n_obs_steps)
+                else:
+                    history.append(obs)
+            else:
+                stats.bad_observations += 1
+
+            action = chunk.action_for(tick) if chunk is not None and good else None
+            if action is None:
+                action = self.safe_action(last_action)
+                stats.held_ticks += 1
+            last_action = action
+
+            remaining = (chunk.obs_tick + len(chunk.actions) - tick) if chunk is not None else 0
+            if good and not self.worker.busy() and (tick - last_request >= self.replan_every or remaining <= 1):
+                self.worker.submit({k: np.stack([o[k] for o in history]) for k in self.obs_shapes}, tick)
+                last_request = tick
+            if self.worker.busy_for() > s.watchdog_s and watchdog_armed:
+                stats.watchdog_trips += 1
+                watchdog_armed = False
+
+            done = robot.act(action)
+            if on_tick is not None:
+                on_tick(tick, action)
+            if done:
+                break
+        return done
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+def _wait_until(deadline: float) -> None:
+    remaining = deadline - time.monotonic()
+    if remaining > SPIN_S:
+        time.sleep(remaining - SPIN_S)
+    while time.monotonic() < deadline:
+        pass
+
+
+class SimRobot:
+    """A gymnasium task as the robot: `act` steps the simulator once per tick."""
+
+    def __init__(self, env, seed: int):
+        self.env = env
+        self.obs, _ = env.reset(seed=seed)
+        self.success = False
+        self.steps = 0
+
+    def observe(self) -> dict:
+        return self.obs
+
+    def act(self, action: np.ndarray) -> bool:
+        self.obs, _, terminated, truncated, info = self.env.step(action)
+        self.steps += 1
+        self.success = self.success or bool(info.get("success", False))
+        return self.success or terminated or truncated
+
