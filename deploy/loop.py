@@ -12,7 +12,8 @@ executes:
   a safe action (no motion, discrete dims such as a gripper kept) and count the tick as held;
 - a NaN / Inf observation, or one of the wrong shape, is not sent to the policy: the loop holds a safe action
   for that tick, counts it and carries on;
-- a watchdog counts inferences that run longer than `watchdog_s` (the loop keeps ticking meanwhile);
+- a watchdog counts inferences that run longer than `watchdog_s` (the loop keeps ticking meanwhile), and a
+  decision the policy raises on is counted and reported while the loop holds;
 - with RTI the warm start comes from the chunk actually being executed: the worker tells the policy how many
   ticks passed since the previous decision's observation.
 
@@ -49,6 +50,8 @@ class LoopStats:
     stale_skipped: int = 0  # chunk actions dropped because their tick had passed when the chunk arrived
     bad_observations: int = 0
     watchdog_trips: int = 0
+    inference_errors: int = 0  # decisions the policy raised on: the loop held and carried on
+    last_error: str | None = None
     decisions: int = 0
     period_error_ms: list[float] = field(default_factory=list)
     inference_ms: list[float] = field(default_factory=list)
@@ -59,7 +62,8 @@ class LoopStats:
             return {k: float(np.percentile(a, q)) for k, q in keys} | {"max": float(a.max())}
 
         out = {k: getattr(self, k) for k in ("ticks", "deadline_misses", "held_ticks", "stale_skipped",
-                                             "bad_observations", "watchdog_trips", "decisions")}
+                                             "bad_observations", "watchdog_trips", "inference_errors", "last_error",
+                                             "decisions")}
         out["period_error_ms"] = pct(self.period_error_ms, (("p50", 50), ("p99", 99)))
         out["inference_ms"] = pct(self.inference_ms, (("p50", 50), ("p99", 99)))
         return out
@@ -112,6 +116,11 @@ class InferenceWorker:
         with self._cv:
             return 0.0 if self._busy_since is None else time.monotonic() - self._busy_since
 
+    def take_error(self) -> BaseException | None:
+        with self._cv:
+            error, self.error = self.error, None
+            return error
+
     def take(self):
         with self._cv:
             result, self._result = self._result, None
@@ -143,10 +152,12 @@ class InferenceWorker:
             try:
                 actions = self.decide(history, executed)
             except Exception as e:  # noqa: BLE001  the loop must outlive a failing policy: it holds and reports
-                self.error = e
-                actions = None
+                error, actions = e, None
+            else:
+                error = None
             ms = (time.perf_counter() - t0) * 1e3
             with self._cv:
+                self.error = error or self.error
                 self._busy_since = None
                 if actions is not None and episode == self._episode:
                     self._result = (_Chunk(actions, tick), ms)
@@ -200,9 +211,13 @@ class ControlLoop:
             # The first chunk (a full denoise, the slow one under RTI) is computed before the clock starts, as a
             # robot would before it is switched to autonomous control.
             history.extend([first] * self.n_obs_steps)
-            chunk, ms = self.worker.prime({k: np.stack([o[k] for o in history]) for k in self.obs_shapes}, 0)
-            stats.decisions += 1
-            last_request = 0
+            try:
+                chunk, _ = self.worker.prime({k: np.stack([o[k] for o in history]) for k in self.obs_shapes}, 0)
+                stats.decisions += 1
+                last_request = 0
+            except Exception as e:  # noqa: BLE001  held and reported like any failed decision
+                stats.inference_errors += 1
+                stats.last_error = f"{type(e).__name__}: {e}"
             history.clear()
         watchdog_armed = True
         done = False
@@ -225,8 +240,10 @@ class ControlLoop:
                 stats.stale_skipped += max(0, tick - new.obs_tick)
                 chunk = new
                 watchdog_armed = True
-            if self.worker.error is not None:
-                raise RuntimeError(f"the policy failed on the inference thread: {self.worker.error}")
+            error = self.worker.take_error()
+            if error is not None:
+                stats.inference_errors += 1
+                stats.last_error = f"{type(error).__name__}: {error}"
 
             obs = robot.observe()
             good = valid_observation(obs, self.obs_shapes)

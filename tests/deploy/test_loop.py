@@ -1,0 +1,135 @@
+"""The fixed-rate loop's bookkeeping, checked with a scripted robot and scripted policies whose actions encode
+when they were computed: which chunk action goes out on which tick, what is skipped as stale, when a safe action
+is held, and how bad observations, slow and failing policies are counted. Nothing here asserts a speed: the
+timing figures live in benchmarks (BENCHMARKS.md)."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from deploy.loop import ControlLoop, LoopSettings
+from rtdp.cli import main
+
+RATE = 100.0
+PERIOD = 1.0 / RATE
+
+
+class TickRobot:
+    """Observes its own step count; records every action it is sent."""
+
+    def __init__(self, steps: int, nan_every: int = 0):
+        self.steps, self.nan_every, self.t = steps, nan_every, 0
+        self.sent: list[np.ndarray] = []
+
+    def observe(self):
+        if self.nan_every and self.t % self.nan_every == self.nan_every - 1:
+            return {"state": np.array([np.nan, 0.0], dtype=np.float32)}
+        return {"state": np.array([self.t, 0.0], dtype=np.float32)}
+
+    def act(self, action):
+        self.sent.append(np.array(action))
+        self.t += 1
+        return self.t >= self.steps
+
+
+def chunk_policy(length: int, delay_s: float = 0.0, calls: list | None = None):
+    """Action i of a chunk made from the observation at step s is [s, i, +1]: its intended tick is s + i."""
+    def decide(history, executed):
+        s = float(history["state"][-1, 0])
+        if calls is not None:
+            calls.append((s, executed))
+        if delay_s:
+            time.sleep(delay_s)
+        return np.array([[s, i, 1.0] for i in range(length)], dtype=np.float32)
+    return decide
+
+
+def make_loop(decide, replan_every=1, **kw):
+    return ControlLoop(decide, LoopSettings(rate_hz=RATE, max_ticks=200, replan_every=replan_every, **kw),
+                       {"state": (2,)}, n_obs_steps=2, action_dim=3, actions_per_decision=replan_every,
+                       discrete_dims=[2])
+
+
+def test_every_chunk_action_goes_out_on_its_own_tick_even_when_inference_takes_several_periods():
+    loop = make_loop(chunk_policy(16, delay_s=3.5 * PERIOD), replan_every=4)
+    robot = TickRobot(120)
+    assert loop.run(robot)
+    loop.close()
+    stats = loop.stats
+    executed = [(tick, a) for tick, a in enumerate(robot.sent) if a[2] == 1.0]
+    assert len(executed) == stats.ticks - stats.held_ticks
+    for tick, a in executed:
+        assert a[0] + a[1] == tick  # latency compensated: the action meant for this tick, never a stale one
+    assert stats.held_ticks == 0  # 16-action chunks cover 4-period inferences
+    assert stats.stale_skipped >= 3 * (stats.decisions - 1)  # each late chunk skipped the ticks it missed
+    assert stats.inference_errors == 0 and stats.decisions > 10
+
+
+def test_a_safe_action_is_held_when_the_chunk_runs_out_and_the_gripper_is_kept():
+    loop = make_loop(chunk_policy(2, delay_s=5 * PERIOD), replan_every=1)
+    robot = TickRobot(60)
+    loop.run(robot)
+    loop.close()
+    held = [a for a in robot.sent if a[0] == 0 and a[1] == 0 and a[2] == 1.0 and not np.any(a[:2])]
+    assert loop.stats.held_ticks > 10
+    assert len([a for a in robot.sent if not a[:2].any()]) >= loop.stats.held_ticks - 1
+    assert held  # zero motion, gripper command (dim 2) kept from the last action
+
+
+def test_bad_observations_are_counted_and_held_and_the_loop_carries_on():
+    loop = make_loop(chunk_policy(16), replan_every=1)
+    robot = TickRobot(100, nan_every=7)
+    assert loop.run(robot)
+    loop.close()
+    nan_ticks = [t for t in range(100) if t % 7 == 6]
+    assert loop.stats.bad_observations == len(nan_ticks)
+    for t in nan_ticks:
+        assert not robot.sent[t][:2].any()  # a safe action on that tick
+
+
+def test_a_failing_or_hanging_policy_is_reported_while_the_loop_keeps_ticking():
+    def failing(history, executed):
+        if history["state"][-1, 0] > 20:
+            raise ValueError("policy exploded")
+        return chunk_policy(16)(history, executed)
+
+    loop = make_loop(failing, replan_every=1)
+    robot = TickRobot(80)
+    assert loop.run(robot)
+    loop.close()
+    assert loop.stats.inference_errors > 0 and "policy exploded" in loop.stats.last_error
+    assert loop.stats.held_ticks > 0 and loop.stats.ticks == 80
+
+    slow = make_loop(chunk_policy(200, delay_s=0.3), replan_every=1, watchdog_s=0.1)
+    slow.run(TickRobot(60))
+    slow.close()
+    assert slow.stats.watchdog_trips >= 1 and slow.stats.ticks == 60
+
+
+def test_the_policy_is_told_how_many_ticks_passed_since_its_last_observation():
+    calls = []
+    loop = make_loop(chunk_policy(16, delay_s=1.5 * PERIOD, calls=calls), replan_every=1)
+    loop.run(TickRobot(50))
+    loop.close()
+    assert calls[0] == (0.0, None)  # the first decision, made before the clock starts
+    for (prev, _), (step, executed) in zip(calls[:-1], calls[1:], strict=True):
+        assert executed == step - prev
+
+
+@pytest.mark.parametrize("extra", [[], ["--rti", "2"]])
+def test_control_cli_reports_what_design_md_lists(extra, tmp_path, capsys):
+    from tests.deploy.test_export import saved_policy
+
+    ckpt = saved_policy(tmp_path / "policy")
+    path = tmp_path / "control.json"
+    assert main(["control", "--checkpoint", str(ckpt), "--rate", "50", "--episodes", "1", "--bad-obs-every", "9",
+                 "--no-progress", "--report", str(path), *extra]) == 0
+    r = json.loads(path.read_text())
+    for key in ("rate_hz", "ticks", "deadline_misses", "period_error_ms", "inference_ms", "success_rate"):
+        assert key in r
+    assert set(r["period_error_ms"]) == {"p50", "p99", "max"} and {"p50", "p99"} <= set(r["inference_ms"])
+    assert r["ticks"] == r["per_episode"][0]["ticks"] <= 40  # point_mass/reach episodes end by 40 steps
+    assert r["bad_observations"] == (r["ticks"] + 1) // 9  # every 9th observe() call, the first before the clock
+    assert "deadline misses" in capsys.readouterr().out
