@@ -19,7 +19,8 @@ import torch
 
 from .export import ExportError, load_manifest
 
-BACKENDS = ("torch", "torch-compile", "onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt")
+BACKENDS = ("torch", "torch-compile", "torch-cuda", "torch-compile-cuda", "onnxruntime", "onnxruntime-cuda",
+            "onnxruntime-tensorrt")
 _PROVIDERS = {
     "onnxruntime": ["CPUExecutionProvider"],
     "onnxruntime-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -32,15 +33,17 @@ class BackendUnavailable(ValueError):
 
 
 class TorchBackend:
-    def __init__(self, policy, compile: bool = False):
-        self.policy = policy.eval()
-        self.name = "torch-compile" if compile else "torch"
-        self.device = "cpu"
+    def __init__(self, policy, compile: bool = False, device: str = "cpu"):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailable("torch here has no CUDA device")
+        self.policy = policy.eval().to(device)
+        self.name = ("torch-compile" if compile else "torch") + ("-cuda" if device.startswith("cuda") else "")
+        self.device = device
         self._denoise = torch.compile(policy.denoise, dynamic=False) if compile else policy.denoise
 
     @torch.no_grad()
     def encode(self, nobs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.policy.encode_obs(nobs)
+        return self.policy.encode_obs({k: v.to(self.device) for k, v in nobs.items()})
 
     @torch.no_grad()
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -69,7 +72,7 @@ class OnnxRuntimeBackend:
         self.directory = Path(directory)
         self.manifest = load_manifest(self.directory, checkpoint)
         self.name, self.providers = name, providers
-        self.device = "cuda" if providers[0] != "CPUExecutionProvider" else "cpu"
+        self.device = "cpu"  # inputs and outputs are bound in host memory, whichever provider computes
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -124,8 +127,8 @@ class OnnxRuntimeBackend:
 def make_backend(name: str, policy, checkpoint: str | Path, threads: int = 0):
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    if name in ("torch", "torch-compile"):
-        return TorchBackend(policy, compile=name == "torch-compile")
+    if name.startswith("torch"):
+        return TorchBackend(policy, compile="compile" in name, device="cuda" if name.endswith("cuda") else "cpu")
     return OnnxRuntimeBackend(Path(checkpoint) / "onnx", _PROVIDERS[name], threads, name, checkpoint)
 
 

@@ -83,18 +83,26 @@ def profile_backend(policy, backend, settings: ProfileSettings, fused: bool = Fa
             raise BackendUnavailable(f"the fused graph runs {spec['method']} over {spec['timesteps'][:3]}..., "
                                      f"not the profiled {method} over {timesteps[:3]}...; export it for these")
 
-        def decide():
-            policy.to_actions(backend.fused(wrapped.condition(obs), x_init, step_noise))
+        def chunk():
+            return backend.fused(wrapped.condition(obs), x_init, step_noise)
         nfe = 1
     else:
-        def decide():
-            policy.to_actions(wrapped.sample_normalized(wrapped.condition(obs), x_init, timesteps, method, g))
+        def chunk():
+            return wrapped.sample_normalized(wrapped.condition(obs), x_init, timesteps, method, g)
         nfe = len(timesteps)
 
-    t = torch.tensor([timesteps[0]])
+    t = torch.tensor([timesteps[0]], device=cond.device)
+    x_dev = x_init.to(cond.device)
+    # A timed step ends when the device has finished its work, not when the host has queued it.
+    sync = torch.cuda.synchronize if str(cond.device).startswith("cuda") else (lambda: None)
+
+    def decide():
+        policy.to_actions(chunk()).get("action").cpu()
+        sync()
 
     def forward():
-        backend.denoise(x_init, t, cond)
+        backend.denoise(x_dev, t, cond)
+        sync()
 
     with torch.no_grad():
         _time(decide, settings.warmup)
@@ -109,8 +117,10 @@ def profile_backend(policy, backend, settings: ProfileSettings, fused: bool = Fa
 
 
 def _device(backend) -> str:
-    if backend.device == "cuda" and torch.cuda.is_available():
+    if str(backend.device).startswith("cuda"):
         return torch.cuda.get_device_name(0)
+    if getattr(backend, "providers", ["CPUExecutionProvider"])[0] != "CPUExecutionProvider":
+        return f"{backend.providers[0]} (host I/O)"
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
@@ -120,7 +130,7 @@ def profile(settings: ProfileSettings, progress: bool = True) -> dict:
     torch.set_num_threads(settings.threads)
     policy, _ = load_policy(settings.checkpoint)
     policy.eval()
-    names = settings.backends or [b for b in BACKENDS if b != "torch-compile"]
+    names = settings.backends or [b for b in BACKENDS if "compile" not in b]
     results, skipped = [], {}
     for name in names:
         try:

@@ -15,6 +15,10 @@ def _write_report(path: str | None, report: dict) -> None:
         Path(path).write_text(json.dumps(report, indent=2))
 
 
+BACKEND_CHOICES = ["torch", "torch-compile", "torch-cuda", "torch-compile-cuda", "onnxruntime", "onnxruntime-cuda",
+                   "onnxruntime-tensorrt"]  # deploy.backends.BACKENDS, without importing torch to parse arguments
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from envs.datasets import PolicyDataset, ReplayBuffer
     from policy.config import load_config
@@ -208,8 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--video-episodes", type=int, default=3)
     _add_rti_arguments(e)
     e.add_argument("--rti-calibration-episodes", type=int, default=2)
-    e.add_argument("--backend", default="torch", choices=["torch", "torch-compile", "onnxruntime", "onnxruntime-cuda",
-                                                          "onnxruntime-tensorrt"],
+    e.add_argument("--backend", default="torch", choices=BACKEND_CHOICES,
                    help="onnxruntime backends run the graphs `rtdp export` wrote to <checkpoint>/onnx")
     e.add_argument("--cache", metavar="bac:S|uniform:S", help="transformer block caching with update budget S per "
                    "block; bac needs a schedule made by `rtdp cache` for the same step list")
@@ -247,8 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("profile", help="decision and denoiser-call latency on every available backend")
     f.add_argument("--checkpoint", required=True)
-    f.add_argument("--backend", action="append", choices=["torch", "torch-compile", "onnxruntime",
-                                                          "onnxruntime-cuda", "onnxruntime-tensorrt"],
+    f.add_argument("--backend", action="append", choices=BACKEND_CHOICES,
                    help="repeat to compare several; default: every backend that runs here")
     f.add_argument("--iters", type=int, default=200, help="timed decisions per backend")
     f.add_argument("--warmup", type=int, default=20)
@@ -270,8 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m"])
     c.add_argument("--steps", type=int)
     _add_rti_arguments(c)
-    c.add_argument("--backend", default="torch", choices=["torch", "torch-compile", "onnxruntime",
-                                                          "onnxruntime-cuda", "onnxruntime-tensorrt"])
+    c.add_argument("--backend", default="torch", choices=BACKEND_CHOICES)
     c.add_argument("--replan-every", type=int, help="ticks between decisions (default: n_action_steps; RTI: 1)")
     c.add_argument("--inference-delay-ms", type=float, default=0.0, help="add this to every decision (stress test)")
     c.add_argument("--bad-obs-every", type=int, default=0, help="corrupt every n-th observation with NaN")
