@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .evaluation import CALIBRATION_SEED_OFFSET, EvalSettings, TimedPolicy, _load_for_eval, rti_config
+from .accelerations import rti_config
+from .evaluation import CALIBRATION_SEED_OFFSET, EvalSettings, TimedPolicy, _load_for_eval
 
 MODEL_FILE = "model.safetensors"
 

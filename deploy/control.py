@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .evaluation import EvalSettings, rti_config, wilson_interval
+from .accelerations import rti_config
+from .evaluation import EvalSettings, wilson_interval
 from .loop import ControlLoop, LoopSettings, SimRobot
 
 CONTROL_SEED_OFFSET = 300_000  # control episodes use their own seeds, apart from demos, evaluation, calibration
