@@ -25,6 +25,22 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.gpu_latency import MODELS, build  # noqa: E402
 
 
+def table(path: Path) -> str:
+    r = json.loads(path.read_text())
+    rows = ["| model | run | backend | engine calls | call p50 ms | decision p50 ms | decision p99 ms | p99/p50 "
+            "| vs torch eager |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, row in r["models"].items():
+        for run in ("ddim-10", "rti-k0=3"):
+            eager = next(b for b in row[run] if b["backend"] == "torch")["latency_ms"]["p50"]
+            for b in row[run]:
+                lat = b["latency_ms"]
+                rows.append(f"| {label} | {run} | {b['backend']} | {b['engine_calls_per_decision']} | "
+                            f"{b['forward_ms']['p50']:.2f} | {lat['p50']:.2f} | {lat['p99']:.2f} | "
+                            f"{b['p99_over_p50']:.2f} | {eager / lat['p50']:.2f}x |")
+    worst = max(max(v for v in row["parity_max_abs_error"].values()) for row in r["models"].values())
+    return "\n".join(rows) + f"\n\nParity of every graph with torch (max abs error, all models): {worst:.1e}."
+
+
 def main() -> None:
     from deploy.export import ExportSettings, check_export, export_policy
     from deploy.profile import ProfileSettings, profile
@@ -33,7 +49,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "deploy")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--backends", nargs="*", default=["torch", "torch-compile", "onnxruntime"])
+    ap.add_argument("--table", action="store_true", help="only print the table from the last run")
     args = ap.parse_args()
+    if args.table:
+        print(table(args.out / "deploy_latency.json"))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "ckpt"
     results = {"date": datetime.date.today().isoformat(), "machine": platform.node(),

@@ -23,6 +23,7 @@ task at the control rate.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import deque
@@ -31,6 +32,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SPIN_S = 0.0015  # the last stretch before a deadline is busy-waited: sleep() can overshoot by about a millisecond
+# The inference thread holds the GIL between torch kernels; with CPython's default 5 ms switch interval the loop
+# thread can wait that long to run after its deadline. The loop shortens it while it runs (RTI at 50 Hz: p99
+# period error 1.6 ms with the default, 0.18 ms with this).
+SWITCH_INTERVAL_S = 0.0002
 
 
 @dataclass
@@ -200,6 +205,14 @@ class ControlLoop:
         return action
 
     def run(self, robot, on_tick=None) -> bool:
+        previous = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        try:
+            return self._run(robot, on_tick)
+        finally:
+            sys.setswitchinterval(previous)
+
+    def _run(self, robot, on_tick) -> bool:
         s, stats = self.settings, self.stats
         self.worker.reset()
         history: deque = deque(maxlen=self.n_obs_steps)
