@@ -102,6 +102,72 @@ def run_task(name: str, out: Path, episodes: int, train_steps: int, seed: int) -
               f"p50 {r['latency_ms']['p50']:.0f} ms", flush=True)
 
 
+def _histories(run_dir: Path, seeds: list[int]) -> dict:
+    """Observation histories from episodes of the policy itself (DDIM-10, cheap), one per decision."""
+    import numpy as np
+    import torch
+
+    from deploy.evaluation import EvalSettings, TimedPolicy, _load_for_eval
+    from envs.rollout import run_episode
+
+    policy, run_cfg, _, env = _load_for_eval(EvalSettings(checkpoint=str(run_dir), max_episode_steps=150))
+    act = TimedPolicy(policy, "ddim", 10)
+    histories = []
+
+    def record(history):
+        histories.append(history["state"].copy())
+        return act(history)
+
+    for seed in seeds:
+        act.reset(seed)
+        run_episode(env, record, run_cfg.policy.n_obs_steps, seed)
+    env.close()
+    return {"state": torch.from_numpy(np.stack(histories))}
+
+
+def fidelity(name: str, out: Path) -> dict:
+    """Open-loop error of the final DDPM-100 chunk against the uncached one (same noise, same DDPM noise), for
+    BAC with and without the bubbling union and for Uniform with at least as many branch evaluations."""
+    import math
+
+    import torch
+
+    from policy.cache import CachedDenoiser, calibrate, make_schedule
+    from policy.checkpoint import load_policy
+
+    run_dir = out / "runs" / name
+    policy, _ = load_policy(run_dir)
+    blocks = list(policy.denoiser.residual_branches())
+    ts = list(range(99, -1, -1))
+    with torch.no_grad():
+        cal_cond = policy.condition(_histories(run_dir, [200_000, 200_001]))
+        test_cond = policy.condition(_histories(run_dir, [200_100, 200_101, 200_102]))
+    cal = calibrate(policy, cal_cond, torch.randn(policy.chunk_shape(cal_cond.shape[0]),
+                                                  generator=torch.Generator().manual_seed(0)), ts, "ddpm",
+                    torch.Generator().manual_seed(0))
+    noise = torch.randn(policy.chunk_shape(test_cond.shape[0]), generator=torch.Generator().manual_seed(1))
+    ref = policy.sample_normalized(test_cond, noise, ts, "ddpm", torch.Generator().manual_seed(2))
+
+    def error(schedule) -> dict:
+        cached = CachedDenoiser(policy, schedule)
+        x = policy.sample_normalized(test_cond, noise, ts, "ddpm", torch.Generator().manual_seed(2), cached)
+        return {"rel_error": float((x - ref).norm() / ref.norm()), "block_evals": cached.block_evals}
+
+    rows = {"observations": {"calibration": int(cal_cond.shape[0]), "test": int(test_cond.shape[0])},
+            "uncached_block_evals": len(blocks) * len(ts)}
+    for S in (5, 10, 20):
+        bac = make_schedule("bac", S, "ddpm", ts, blocks, "", cal)
+        uniform_budget = math.ceil(bac.block_evals / len(blocks))
+        rows[f"S={S}"] = {
+            "bac": error(bac), "bac_without_bubbling": error(make_schedule("bac", S, "ddpm", ts, blocks, "", cal,
+                                                                          bubble_n=0)),
+            "bac_l1": error(make_schedule("bac", S, "ddpm", ts, blocks, "", cal, metric="l1")),
+            f"uniform:{uniform_budget}": error(make_schedule("uniform", uniform_budget, "ddpm", ts, blocks, "")),
+            "selected": bac.selected}
+        print(name, S, json.dumps(rows[f"S={S}"]), flush=True)
+    return rows
+
+
 def table(out: Path) -> str:
     rows = ["| task | run | success [95% CI] | branch evals / decision | decision p50 / p99 ms |",
             "|---|---|---|---|---|"]
@@ -129,8 +195,17 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--table", action="store_true", help="only print the table from existing results")
+    ap.add_argument("--fidelity", action="store_true", help="only the open-loop chunk error of the schedules")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.fidelity:
+        for name in args.tasks:
+            if (args.out / "runs" / name / "model.safetensors").is_file():
+                path = args.out / f"{name}.json"
+                done = json.loads(path.read_text())
+                done["fidelity"] = fidelity(name, args.out)
+                path.write_text(json.dumps(done, indent=2))
+        return
     if not args.table:
         for name in args.tasks:
             run_task(name, args.out, args.episodes, args.train_steps, args.seed)

@@ -9,14 +9,11 @@ from the warm guesses those episodes produced, so the schedule is made for the i
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from .accelerations import rti_config
 from .evaluation import CALIBRATION_SEED_OFFSET, EvalSettings, TimedPolicy, _load_for_eval
-
-MODEL_FILE = "model.safetensors"
 
 
 @dataclass
@@ -55,7 +52,8 @@ def calibrate_cache(settings: CacheSettings, progress: bool = True) -> CacheResu
     from tqdm import tqdm
 
     from envs.rollout import run_episode
-    from policy.cache import _transformer, calibrate, file_sha256, make_schedule, save_schedule
+    from policy.cache import _transformer, calibrate, make_schedule, save_schedule
+    from policy.checkpoint import weights_sha256
     from policy.rti import RTIPolicy
 
     if settings.episodes < 1 or settings.samples < 1:
@@ -96,7 +94,7 @@ def calibrate_cache(settings: CacheSettings, progress: bool = True) -> CacheResu
     else:
         x_init = torch.randn(policy.chunk_shape(cond.shape[0]), generator=g)
     calibration = calibrate(policy, cond, x_init, timesteps, method, generator=g)
-    sha = file_sha256(Path(settings.checkpoint) / MODEL_FILE)
+    sha = weights_sha256(settings.checkpoint)
     result = CacheResult(path="")
     for budget in settings.budgets:
         schedule = make_schedule("bac", budget, method, timesteps, blocks, sha, calibration,
@@ -123,12 +121,13 @@ def parse_cache(spec: str) -> tuple[str, int]:
 def resolve_schedule(policy, checkpoint: str, spec: str, sampler: str | None, steps: int | None, rti: dict | None):
     """The cache schedule `spec` (bac:S | uniform:S) for the step list this evaluation runs, checked against
     the checkpoint's weights. Uniform schedules need no calibration and are made here."""
-    from policy.cache import _transformer, file_sha256, find_schedule, make_schedule
+    from policy.cache import _transformer, find_schedule, make_schedule
+    from policy.checkpoint import weights_sha256
 
     kind, budget = parse_cache(spec)
     blocks = list(_transformer(policy).residual_branches())
     method, timesteps = step_list(policy, sampler, steps, rti)
-    sha = file_sha256(Path(checkpoint) / MODEL_FILE)
+    sha = weights_sha256(checkpoint)
     if kind == "uniform":
         return make_schedule("uniform", budget, method, timesteps, blocks, sha)
     schedule = find_schedule(checkpoint, kind, budget, method, timesteps)

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from policy.checkpoint import file_sha256
+
 MANIFEST = "manifest.json"
 FORMAT = 1
 TOLERANCE = 1e-4
@@ -111,16 +113,9 @@ def _io(names: list[str], arrays: list, batch_axes: dict[str, dict]) -> list[dic
     return out
 
 
-def _sha256(path: Path) -> str:
-    from policy.cache import file_sha256
-
-    return file_sha256(path)
-
-
 def export_policy(settings: ExportSettings) -> dict:
     """Write the graphs and manifest.json; returns the manifest."""
-    from policy.cache import file_sha256
-    from policy.checkpoint import load_policy
+    from policy.checkpoint import load_policy, weights_sha256
 
     policy, run_cfg = load_policy(settings.checkpoint)
     policy.eval()
@@ -162,14 +157,13 @@ def export_policy(settings: ExportSettings) -> dict:
                            "outputs": _io(["x0"], [x], batch), **fused}
 
     for spec in graphs.values():
-        spec["sha256"] = _sha256(out / spec["file"])
+        spec["sha256"] = file_sha256(out / spec["file"])
     s = policy.schedule
     manifest = {
         "format": FORMAT,
         "opset": settings.opset,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "checkpoint": {"path": str(settings.checkpoint), "model_sha256": file_sha256(Path(settings.checkpoint)
-                                                                                      / "model.safetensors")},
+        "checkpoint": {"path": str(settings.checkpoint), "model_sha256": weights_sha256(settings.checkpoint)},
         "policy": {"denoiser": cfg.denoiser, "horizon": cfg.horizon, "n_obs_steps": cfg.n_obs_steps,
                    "n_action_steps": cfg.n_action_steps, "state_dim": cfg.state_dim, "action_dim": cfg.action_dim,
                    "image_shape": cfg.image_shape},
@@ -226,12 +220,12 @@ def load_manifest(directory: str | Path, checkpoint: str | Path | None = None) -
         f = directory / spec["file"]
         if not f.is_file():
             raise ExportError(f"{name} graph {f} is missing")
-        if _sha256(f) != spec["sha256"]:
+        if file_sha256(f) != spec["sha256"]:
             raise ExportError(f"{name} graph {f} does not match its manifest hash: corrupt or replaced; export again")
     if checkpoint is not None:
-        from policy.cache import file_sha256
+        from policy.checkpoint import weights_sha256
 
-        weights = file_sha256(Path(checkpoint) / "model.safetensors")
+        weights = weights_sha256(checkpoint)
         if weights != manifest["checkpoint"]["model_sha256"]:
             raise ExportError(f"the export in {directory} was made from other weights than {checkpoint}: "
                               f"export again")

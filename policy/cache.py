@@ -20,7 +20,6 @@ it is saved in the checkpoint as `cache_schedule.json`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -225,14 +224,6 @@ def make_schedule(kind: str, budget: int, method: str, timesteps, blocks: list[s
     return CacheSchedule(kind, budget, method, timesteps, per_block, model_sha256, selected,
                          {"samples": calibration.samples, "bubble_n": bubble_n,
                           "reuse_error": calibration.reuse_error})
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_schedule(checkpoint: str | Path, schedule: CacheSchedule) -> Path:

@@ -4,6 +4,7 @@ and `normalizer.json`. Nothing is pickled. Loading names the file and the tensor
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -103,3 +104,16 @@ def load_weights(module: torch.nn.Module, path: Path) -> None:
     if problems:
         raise CheckpointError(f"{path} does not fit the model its config describes: " + ", ".join(problems))
     module.load_state_dict(state)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_sha256(directory: str | Path) -> str:
+    """Identifies the weights a derived artefact (a cache schedule, an ONNX export) was made from."""
+    return file_sha256(Path(directory) / WEIGHTS)
