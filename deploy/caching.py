@@ -52,7 +52,7 @@ def calibrate_cache(settings: CacheSettings, progress: bool = True) -> CacheResu
     from tqdm import tqdm
 
     from envs.rollout import run_episode
-    from policy.cache import _transformer, calibrate, make_schedule, save_schedule
+    from policy.cache import calibrate, make_schedule, save_schedule, transformer_of
     from policy.checkpoint import weights_sha256
     from policy.rti import RTIPolicy
 
@@ -62,7 +62,7 @@ def calibrate_cache(settings: CacheSettings, progress: bool = True) -> CacheResu
     eval_settings = EvalSettings(checkpoint=settings.checkpoint, task=settings.task,
                                  max_episode_steps=settings.max_episode_steps, rti=settings.rti)
     policy, run_cfg, task, env = _load_for_eval(eval_settings)
-    blocks = list(_transformer(policy).residual_branches())
+    blocks = list(transformer_of(policy).residual_branches())
     method, timesteps = step_list(policy, settings.sampler, settings.steps, settings.rti)
     actor = RTIPolicy(policy, rti_config(eval_settings)) if settings.rti else policy
     act = TimedPolicy(actor, settings.sampler, settings.steps)
@@ -121,11 +121,11 @@ def parse_cache(spec: str) -> tuple[str, int]:
 def resolve_schedule(policy, checkpoint: str, spec: str, sampler: str | None, steps: int | None, rti: dict | None):
     """The cache schedule `spec` (bac:S | uniform:S) for the step list this evaluation runs, checked against
     the checkpoint's weights. Uniform schedules need no calibration and are made here."""
-    from policy.cache import _transformer, find_schedule, make_schedule
+    from policy.cache import find_schedule, make_schedule, transformer_of
     from policy.checkpoint import weights_sha256
 
     kind, budget = parse_cache(spec)
-    blocks = list(_transformer(policy).residual_branches())
+    blocks = list(transformer_of(policy).residual_branches())
     method, timesteps = step_list(policy, sampler, steps, rti)
     sha = weights_sha256(checkpoint)
     if kind == "uniform":

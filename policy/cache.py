@@ -57,7 +57,7 @@ def block_names(model: TransformerForDiffusion) -> list[str]:
 def calibrate(policy, cond: torch.Tensor, x_init: torch.Tensor, timesteps, method: str,
               generator: torch.Generator | None = None) -> CacheCalibration:
     """Record every residual-branch output over one uncached denoise of a batch (cond, x_init)."""
-    model = _transformer(policy)
+    model = transformer_of(policy)
     branches = model.residual_branches()
     outputs: dict[str, list[torch.Tensor]] = {name: [] for name in branches}
 
@@ -84,7 +84,7 @@ def calibrate(policy, cond: torch.Tensor, x_init: torch.Tensor, timesteps, metho
     return CacheCalibration(list(branches), similarity, reuse_error, int(cond.shape[0]), distance)
 
 
-def _transformer(policy) -> TransformerForDiffusion:
+def transformer_of(policy) -> TransformerForDiffusion:
     model = getattr(policy, "denoiser", None)
     if not isinstance(model, TransformerForDiffusion):
         raise CacheScheduleError(f"block caching needs a transformer denoiser; this policy's is "
@@ -269,7 +269,7 @@ class CachedDenoiser:
     steps. Call `reset()` before each denoise: the cache and the step counter are per decision."""
 
     def __init__(self, policy, schedule: CacheSchedule):
-        self.model = _transformer(policy)
+        self.model = transformer_of(policy)
         self.schedule = schedule
         names = block_names(self.model)
         missing = sorted(set(names) - set(schedule.blocks))
