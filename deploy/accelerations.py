@@ -42,18 +42,27 @@ def wrap_policy(policy, settings: EvalSettings):
 def resolve_accelerations(settings: EvalSettings, progress: bool = True) -> tuple[EvalSettings, dict | None,
                                                                                    dict | None]:
     """(settings with an RTI k0 of 'auto' calibrated, what the report records of RTI, of the cache)."""
-    rti = None
+    rti = cache = None
+    if settings.rti is None and settings.cache is None and settings.backend == "torch":
+        return settings, rti, cache
+    from envs.tasks import discrete_action_dims
+    from policy.checkpoint import load_policy
+
+    policy, run_cfg = load_policy(settings.checkpoint)  # once, for every check below
+    if run_cfg.policy.discrete_action_dims is None:  # a checkpoint from before the field existed
+        policy.cfg.discrete_action_dims = discrete_action_dims(resolve_task(settings, run_cfg))
     if settings.rti is not None:
         calibration = None
         if settings.rti.get("k0") == "auto":
             calibration = calibrate_rti(settings, progress)
             settings = EvalSettings(**{**asdict(settings), "rti": {**settings.rti, "k0": calibration.k0}})
-        rti = describe_rti(settings)
+        rti = describe_rti(policy, settings)
         if calibration is not None:
             rti["calibration"] = calibration.to_dict()
-    cache = describe_cache(settings) if settings.cache is not None else None
+    if settings.cache is not None:
+        cache = describe_cache(policy, settings)
     if settings.backend != "torch":
-        check_backend(settings)
+        check_backend(policy, settings)
     return settings, rti, cache
 
 
@@ -82,39 +91,29 @@ def calibrate_rti(settings: EvalSettings, progress: bool = True):
     return calibrate_k0(pairs, policy.schedule, margin=settings.rti_margin)
 
 
-def check_backend(settings: EvalSettings) -> None:
+def check_backend(policy, settings: EvalSettings) -> None:
     """Refuse an unusable backend before any worker starts: a missing or corrupt export, a provider this
     onnxruntime lacks, or a combination the backend cannot run."""
-    from deploy.backends import make_backend
-    from policy.checkpoint import load_policy
+    from .backends import make_backend
 
     if settings.cache is not None:
         raise ValueError("--cache runs the transformer's branches in torch; to cache on onnxruntime, export a "
                          "fused graph with the schedule (rtdp export --cache ...)")
-    policy, _ = load_policy(settings.checkpoint)
     make_backend(settings.backend, policy, settings.checkpoint, threads=1)
 
 
-def describe_cache(settings: EvalSettings) -> dict:
+def describe_cache(policy, settings: EvalSettings) -> dict:
     """Resolve the cache schedule before any worker starts (a missing or stale one is refused here)."""
-    from deploy.caching import resolve_schedule
-    from policy.checkpoint import load_policy
+    from .caching import resolve_schedule
 
-    policy, _ = load_policy(settings.checkpoint)
     s = resolve_schedule(policy, settings.checkpoint, settings.cache, settings.sampler, settings.steps, settings.rti)
     return {"kind": s.kind, "budget": s.budget, "method": s.method, "steps": len(s.timesteps),
             "block_evals_per_denoise": s.block_evals, "uncached_block_evals": len(s.blocks) * len(s.timesteps),
             "selected": s.selected}
 
 
-def describe_rti(settings: EvalSettings) -> dict:
+def describe_rti(policy, settings: EvalSettings) -> dict:
     """Validate the RTI settings against the checkpoint before any worker starts; what the report records."""
-    from policy.checkpoint import load_policy
     from policy.rti import RTIPolicy
 
-    policy, run_cfg = load_policy(settings.checkpoint)
-    if run_cfg.policy.discrete_action_dims is None:
-        from envs.tasks import discrete_action_dims
-
-        policy.cfg.discrete_action_dims = discrete_action_dims(resolve_task(settings, run_cfg))
     return RTIPolicy(policy, rti_config(settings)).describe()

@@ -235,11 +235,12 @@ def _run_in_workers(settings: EvalSettings, seeds: list[int], workers: int, emit
             raise RuntimeError(f"evaluation worker failed (exit {p.returncode}):\n{err[-3000:]}")
 
 
-def _percentiles(values: np.ndarray) -> dict[str, float]:
+def percentiles(values, keys: tuple[str, ...] = ("p50", "p90", "p99")) -> dict[str, float]:
+    """{"p50": ..., "p99": ..., "max": ...} of a sample, as every report here gives latencies; {} when empty."""
+    values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
         return {}
-    return {q: float(np.percentile(values, v)) for q, v in (("p50", 50), ("p90", 90), ("p99", 99))} | {
-        "max": float(values.max())}
+    return {k: float(np.percentile(values, float(k[1:]))) for k in keys} | {"max": float(values.max())}
 
 
 def build_report(settings: EvalSettings, run_cfg, task: str, results: list[dict], workers: int,
@@ -261,7 +262,7 @@ def build_report(settings: EvalSettings, run_cfg, task: str, results: list[dict]
         "nfe_per_decision": float(nfe.mean()),
         "actions_per_decision": p.n_action_steps,
         "decisions": int(lat.size),
-        "latency_ms": _percentiles(lat),
+        "latency_ms": percentiles(lat),
         "config": {"sampler": sampler, "steps": steps, "spacing": p.inference.spacing, "eta": p.inference.eta,
                    "denoiser": p.denoiser, "backend": settings.backend, "threads_per_worker": 1, "workers": workers,
                    "seed": settings.seed, "seeds": [EVAL_SEED_OFFSET + settings.seed, EVAL_SEED_OFFSET
@@ -279,7 +280,7 @@ def build_report(settings: EvalSettings, run_cfg, task: str, results: list[dict]
         report["rti"] = {
             "warm_decisions": int(warm.sum()), "full_decisions": int((~warm).sum()),
             "nfe_per_warm_decision": float(nfe[warm].mean()) if warm.any() else None,
-            "latency_warm_ms": _percentiles(lat[warm]), "latency_full_ms": _percentiles(lat[~warm]),
+            "latency_warm_ms": percentiles(lat[warm]), "latency_full_ms": percentiles(lat[~warm]),
             "nan_fallbacks": sum(r["fallbacks"].get("nan_fallbacks", 0) for r in results),
             "gap_fallbacks": sum(r["fallbacks"].get("gap_fallbacks", 0) for r in results),
         }

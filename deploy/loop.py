@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .evaluation import percentiles
+
 SPIN_S = 0.0015  # the last stretch before a deadline is busy-waited: sleep() can overshoot by about a millisecond
 # The inference thread holds the GIL between torch kernels; with CPython's default 5 ms switch interval the loop
 # thread can wait that long to run after its deadline. The loop shortens it while it runs (RTI at 50 Hz: p99
@@ -62,15 +64,11 @@ class LoopStats:
     inference_ms: list[float] = field(default_factory=list)
 
     def summary(self) -> dict:
-        def pct(values, keys):
-            a = np.asarray(values) if values else np.zeros(1)
-            return {k: float(np.percentile(a, q)) for k, q in keys} | {"max": float(a.max())}
-
         out = {k: getattr(self, k) for k in ("ticks", "deadline_misses", "held_ticks", "stale_skipped",
                                              "bad_observations", "watchdog_trips", "inference_errors", "last_error",
                                              "decisions")}
-        out["period_error_ms"] = pct(self.period_error_ms, (("p50", 50), ("p99", 99)))
-        out["inference_ms"] = pct(self.inference_ms, (("p50", 50), ("p99", 99)))
+        out["period_error_ms"] = percentiles(self.period_error_ms or [0.0], ("p50", "p99"))
+        out["inference_ms"] = percentiles(self.inference_ms or [0.0], ("p50", "p99"))
         return out
 
 

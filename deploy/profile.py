@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .backends import BACKENDS, BackendUnavailable, OnnxRuntimeBackend, make_backend
+from .evaluation import percentiles
 
 
 @dataclass
@@ -31,11 +32,6 @@ class ProfileSettings:
     threads: int = 1
     fused: bool = True  # also time the exported fused graph (one engine call per decision), when present
     plot: str | None = None
-
-
-def _percentiles(ms: np.ndarray, keys=("p50", "p90", "p99")) -> dict:
-    q = {"p50": 50, "p90": 90, "p99": 99}
-    return {k: float(np.percentile(ms, q[k])) for k in keys} | {"max": float(ms.max())}
 
 
 def _raw_obs(policy, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -111,7 +107,7 @@ def profile_backend(policy, backend, settings: ProfileSettings, fused: bool = Fa
         call = _time(forward, max(settings.iters, 50))
     return {"backend": backend.name + ("-fused" if fused else ""), "device": _device(backend),
             "nfe_per_decision": nfe, "engine_calls_per_decision": 1 if fused else nfe,
-            "latency_ms": _percentiles(decision), "forward_ms": _percentiles(call, ("p50", "p99")),
+            "latency_ms": percentiles(decision), "forward_ms": percentiles(call, ("p50", "p99")),
             "p99_over_p50": float(np.percentile(decision, 99) / np.percentile(decision, 50)),
             "samples_ms": decision.tolist()}
 

@@ -264,6 +264,13 @@ def find_schedule(checkpoint: str | Path, kind: str, budget: int, method: str, t
 
 # -- the cached denoiser --
 
+def _step_flags(steps: list[int], K: int) -> list[bool]:
+    flags = [False] * K
+    for k in steps:
+        flags[k] = True
+    return flags
+
+
 class CachedDenoiser:
     """model_fn(x, t, cond) for a transformer policy that recomputes each residual branch only on its scheduled
     steps. Call `reset()` before each denoise: the cache and the step counter are per decision."""
@@ -277,7 +284,7 @@ class CachedDenoiser:
             raise CacheScheduleError(f"the cache schedule has no entry for blocks {missing[:3]}")
         K = len(schedule.timesteps)
         # (layer, kind) -> update flag per step, looked up without string formatting in the loop
-        self._update = [[[k in set(schedule.blocks[f"layers.{i}.{kind}"]) for k in range(K)] for kind in BRANCH_KINDS]
+        self._update = [[_step_flags(schedule.blocks[f"layers.{i}.{kind}"], K) for kind in BRANCH_KINDS]
                         for i in range(len(self.model.layers))]
         self.steps = K
         self.block_evals = 0

@@ -58,17 +58,19 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_k0(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--rti takes an entry step k0 (an integer) or 'auto', got {value!r}") from None
+
+
 def _rti_settings(args: argparse.Namespace) -> dict | None:
     if args.rti is None:
         return None
-    if args.rti == "auto":
-        k0 = "auto"
-    else:
-        try:
-            k0 = int(args.rti)
-        except ValueError:
-            raise ValueError(f"--rti takes an entry step k0 (an integer) or 'auto', got {args.rti!r}") from None
-    return {"k0": k0, "mode": args.rti_mode, "sampler": args.rti_sampler, "n_exec": args.rti_exec,
+    return {"k0": _parse_k0(args.rti), "mode": args.rti_mode, "sampler": args.rti_sampler, "n_exec": args.rti_exec,
             "discrete": args.rti_discrete, "factor": args.rti_factor}
 
 
@@ -112,7 +114,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     settings = ExportSettings(checkpoint=args.checkpoint, out=args.out, opset=args.opset, fused=not args.no_fused,
                               sampler=args.sampler, steps=args.steps,
-                              rti_k0=int(args.rti) if args.rti is not None else None, cache=args.cache)
+                              rti_k0=_rti_k0(args), cache=args.cache)
     manifest = export_policy(settings)
     out = args.out or f"{args.checkpoint}/onnx"
     graphs = manifest["graphs"]
@@ -133,7 +135,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     settings = ProfileSettings(checkpoint=args.checkpoint, backends=args.backend or [], iters=args.iters,
                                warmup=args.warmup, sampler=args.sampler, steps=args.steps,
-                               rti_k0=int(args.rti) if args.rti is not None else None, threads=args.threads,
+                               rti_k0=_rti_k0(args), threads=args.threads,
                                plot=args.plot)
     report = profile(settings, progress=not args.no_progress)
     print(comparison_table(report))
@@ -144,16 +146,29 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_control(args: argparse.Namespace) -> int:
     from deploy.control import ControlSettings, control_summary, run_control
 
+    _rti_k0(args)  # the loop needs a fixed entry step
+
     settings = ControlSettings(checkpoint=args.checkpoint, rate_hz=args.rate, episodes=args.episodes,
                                min_ticks=args.min_ticks, seed=args.seed, sampler=args.sampler, steps=args.steps,
                                rti=_rti_settings(args), backend=args.backend, replan_every=args.replan_every,
                                inference_delay_ms=args.inference_delay_ms, bad_obs_every=args.bad_obs_every)
-    if settings.rti is not None and settings.rti["k0"] == "auto":
-        raise ValueError("rtdp control takes a fixed --rti K0; find one with rtdp eval --rti auto")
     report = run_control(settings, progress=not args.no_progress)
     print(control_summary(report))
     _write_report(args.report, report)
     return 0
+
+
+def _add_sampler_arguments(p: argparse.ArgumentParser, what: str = "default: the checkpoint's config") -> None:
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m"], help=what)
+    p.add_argument("--steps", type=int, help=f"denoising steps; {what}")
+
+
+def _rti_k0(args: argparse.Namespace) -> int | None:
+    """--rti for verbs that need a fixed entry step (export, profile)."""
+    k0 = _parse_k0(args.rti) if args.rti is not None else None
+    if k0 == "auto":
+        raise ValueError(f"rtdp {args.verb} takes a fixed --rti K0; find one with rtdp eval --rti auto")
+    return k0
 
 
 def _add_rti_arguments(p: argparse.ArgumentParser) -> None:
@@ -204,8 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--episodes", type=int, default=50)
     e.add_argument("--seed", type=int, default=0, help="episodes use held-out seeds 100000 + seed + i")
-    e.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m"], help="default: the checkpoint's config")
-    e.add_argument("--steps", type=int, help="denoising steps; default: the checkpoint's config")
+    _add_sampler_arguments(e)
     e.add_argument("--task", help="default: the task the checkpoint was trained on")
     e.add_argument("--workers", type=int, default=0, help="worker processes; 0: one per core")
     e.add_argument("--video", metavar="DIR", help="write the first --video-episodes rollouts as mp4 here")
@@ -224,8 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("cache", help="calibrate BAC block-cache schedules for a transformer checkpoint")
     k.add_argument("--checkpoint", required=True)
     k.add_argument("--budget", required=True, help="update budget per block, or several: 5,10,20")
-    k.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m"], help="default: the checkpoint's config")
-    k.add_argument("--steps", type=int, help="denoising steps; default: the checkpoint's config")
+    _add_sampler_arguments(k)
     _add_rti_arguments(k)
     k.add_argument("--episodes", type=int, default=2, help="calibration rollouts (on calibration seeds)")
     k.add_argument("--samples", type=int, default=64, help="calibration observations taken from the rollouts")
@@ -241,8 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--check", action="store_true", help="parity against torch on seeded inputs; fails loudly")
     x.add_argument("--opset", type=int, default=17)
     x.add_argument("--no-fused", action="store_true", help="skip the fused graph")
-    x.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m"], help="the fused graph's sampler")
-    x.add_argument("--steps", type=int, help="the fused graph's steps (a full denoise)")
+    _add_sampler_arguments(x, "for the fused graph; default: the checkpoint's config")
     x.add_argument("--rti", metavar="K0", help="fuse the RTI tail [K0 .. 0], entered from a warm start")
     x.add_argument("--cache", metavar="bac:S|uniform:S", help="fuse a block-cache schedule (transformers)")
     x.add_argument("--report", help="write a JSON summary here")
@@ -254,8 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repeat to compare several; default: every backend that runs here")
     f.add_argument("--iters", type=int, default=200, help="timed decisions per backend")
     f.add_argument("--warmup", type=int, default=20)
-    f.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m"])
-    f.add_argument("--steps", type=int)
+    _add_sampler_arguments(f)
     f.add_argument("--rti", metavar="K0", help="profile the RTI warm decision (K0 + 1 calls)")
     f.add_argument("--threads", type=int, default=1)
     f.add_argument("--report", help="write the JSON report here")
@@ -269,8 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--episodes", type=int, default=5)
     c.add_argument("--min-ticks", type=int, default=0, help="keep running episodes until this many ticks")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m"])
-    c.add_argument("--steps", type=int)
+    _add_sampler_arguments(c)
     _add_rti_arguments(c)
     c.add_argument("--backend", default="torch", choices=BACKEND_CHOICES)
     c.add_argument("--replan-every", type=int, help="ticks between decisions (default: n_action_steps; RTI: 1)")

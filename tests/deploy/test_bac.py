@@ -11,12 +11,10 @@ import pytest
 import torch
 
 from envs.collect import collect_demos
-from envs.datasets import PolicyDataset
 from policy.cache import CachedDenoiser, calibrate, find_schedule, make_schedule
 from policy.checkpoint import load_policy, save_tensors
-from policy.train import train
 from rtdp.cli import main
-from tests.conftest import tiny_config
+from tests.conftest import train_small_policy
 
 N_LAYER = 3
 
@@ -24,19 +22,11 @@ N_LAYER = 3
 @pytest.fixture(scope="module")
 def transformer_checkpoint(tmp_path_factory):
     """A 3-layer, 48-wide transformer on 60 point-mass demos: 500 steps, about 30 s on 2 cores."""
-    out = tmp_path_factory.mktemp("bac") / "policy"
-    torch.manual_seed(0)
-    buffer = collect_demos("point_mass/reach", 60, seed=0, progress=False)
-    cfg = tiny_config("transformer")
-    p = cfg.policy
-    p.state_dim = p.action_dim = 0
-    p.transformer.n_layer, p.transformer.n_emb, p.transformer.n_head = N_LAYER, 48, 4
-    cfg.train.steps, cfg.train.lr, cfg.train.batch_size = 500, 1e-3, 128
-    cfg.train.warmup_steps, cfg.train.checkpoint_every = 50, 500
-    cfg.data.task = "point_mass/reach"
-    data = PolicyDataset(buffer, p.horizon, p.n_obs_steps, p.n_action_steps, ["state"], "action")
-    train(cfg, data, out, progress=False)
-    return out
+    def configure(cfg):
+        cfg.policy.transformer.n_layer, cfg.policy.transformer.n_emb, cfg.policy.transformer.n_head = N_LAYER, 48, 4
+
+    return train_small_policy(tmp_path_factory.mktemp("bac") / "policy", "point_mass/reach", 60, configure,
+                              steps=500, lr=1e-3, denoiser="transformer", warmup_steps=50)
 
 
 def cache_cli(checkpoint, *args):

@@ -4,7 +4,6 @@ eval run on an easy task that must reach a stated success."""
 import json
 
 import pytest
-import torch
 
 from deploy.evaluation import EvalSettings, evaluate, wilson_interval
 from envs.collect import collect_demos
@@ -12,7 +11,7 @@ from envs.datasets import PolicyDataset
 from policy.config import load_config
 from policy.train import train
 from rtdp.cli import main
-from tests.conftest import tiny_config
+from tests.conftest import train_small_policy
 
 ROOT_CONFIG = "configs/policy/unet_lowdim.yaml"
 
@@ -27,18 +26,11 @@ def test_wilson_interval_matches_published_values(wins, n, lo, hi):
 @pytest.fixture(scope="module")
 def point_mass_policy(tmp_path_factory):
     """A tiny U-Net trained on 60 point-mass demos: 400 steps, about 20 s on 2 cores."""
-    tmp = tmp_path_factory.mktemp("pm")
-    torch.manual_seed(0)
-    buffer = collect_demos("point_mass/reach", 60, seed=0, progress=False)
-    cfg = tiny_config()
-    cfg.policy.state_dim = cfg.policy.action_dim = 0
-    cfg.policy.unet.down_dims, cfg.policy.unet.diffusion_step_embed_dim = [32, 64], 32
-    cfg.train.steps, cfg.train.lr, cfg.train.batch_size, cfg.train.checkpoint_every = 400, 2e-3, 128, 400
-    cfg.data.task = "point_mass/reach"
-    p = cfg.policy
-    data = PolicyDataset(buffer, p.horizon, p.n_obs_steps, p.n_action_steps, ["state"], "action")
-    train(cfg, data, tmp / "policy", progress=False)
-    return tmp / "policy"
+    def configure(cfg):
+        cfg.policy.unet.down_dims, cfg.policy.unet.diffusion_step_embed_dim = [32, 64], 32
+
+    return train_small_policy(tmp_path_factory.mktemp("pm") / "policy", "point_mass/reach", 60, configure,
+                              steps=400, lr=2e-3)
 
 
 def test_collect_train_eval_reaches_the_stated_success(point_mass_policy, tmp_path):

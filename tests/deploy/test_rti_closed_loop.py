@@ -11,13 +11,11 @@ import pytest
 import torch
 
 from envs.collect import collect_demos
-from envs.datasets import PolicyDataset
 from envs.tasks import make_env
 from policy.checkpoint import load_policy
 from policy.rti import RTIConfig, RTIPolicy
-from policy.train import train
 from rtdp.cli import main
-from tests.conftest import tiny_config
+from tests.conftest import train_small_policy
 
 EPISODES = 20
 
@@ -25,21 +23,14 @@ EPISODES = 20
 @pytest.fixture(scope="module")
 def obstacle_checkpoint(tmp_path_factory):
     """A small U-Net on 100 obstacle demos, gripper trained at +-0.1: 800 steps, about a minute on 2 cores."""
-    out = tmp_path_factory.mktemp("obstacle") / "policy"
-    torch.manual_seed(0)
-    buffer = collect_demos("point_mass/obstacle", 100, seed=0, progress=False)
-    cfg = tiny_config()
-    p = cfg.policy
-    p.state_dim = p.action_dim = 0
-    p.horizon, p.n_obs_steps, p.n_action_steps = 16, 2, 8
-    p.unet.down_dims, p.unet.diffusion_step_embed_dim = [32, 64], 32
-    p.discrete_action_dims, p.discrete_action_scale = [2], 10.0
-    cfg.train.steps, cfg.train.lr, cfg.train.batch_size = 800, 2e-3, 128
-    cfg.train.warmup_steps, cfg.train.checkpoint_every = 50, 800
-    cfg.data.task = "point_mass/obstacle"
-    data = PolicyDataset(buffer, p.horizon, p.n_obs_steps, p.n_action_steps, ["state"], "action")
-    train(cfg, data, out, progress=False)
-    return out
+    def configure(cfg):
+        p = cfg.policy
+        p.horizon, p.n_obs_steps, p.n_action_steps = 16, 2, 8
+        p.unet.down_dims, p.unet.diffusion_step_embed_dim = [32, 64], 32
+        p.discrete_action_dims, p.discrete_action_scale = [2], 10.0
+
+    return train_small_policy(tmp_path_factory.mktemp("obstacle") / "policy", "point_mass/obstacle", 100,
+                              configure, steps=800, lr=2e-3, warmup_steps=50)
 
 
 @pytest.fixture(scope="module")
