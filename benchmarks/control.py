@@ -1,9 +1,10 @@
 """`rtdp control` timing (issue 6): the push-v3 checkpoint of the closed-loop benchmark drives the simulator at
-50 Hz for at least 10,000 ticks, (a) with DDIM-10 and 8 actions per decision, (b) with RTI (k0 = 3) deciding
-every tick, and (c) with 30 ms added to every DDIM-10 decision (about 75 ms in all, more than three 20 ms
-periods), where the loop must keep every tick by executing chunk actions.
+50 Hz for at least 10,000 ticks, (a) with DDIM-10 and 8 actions per decision, with inference in its own process
+(the default) and (a') on a thread of the loop's process, (b) with RTI (k0 = 3) deciding every tick, and (c) with
+30 ms added to every DDIM-10 decision (more than three 20 ms periods in all), where the loop must keep every tick
+by executing chunk actions.
 
-    python benchmarks/control.py [--ticks 10000] [--runs ddim rti slow]
+    python benchmarks/control.py [--ticks 10000] [--runs ddim ddim-thread rti slow]
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 CHECKPOINT = ROOT / "benchmarks" / "results" / "closed_loop" / "runs" / "push-v3"
 RUNS = {
     "ddim": dict(sampler="ddim", steps=10),
+    "ddim-thread": dict(sampler="ddim", steps=10, worker="thread"),
     "rti": dict(rti={"k0": 3}),
     "slow": dict(sampler="ddim", steps=10, inference_delay_ms=30.0),
 }

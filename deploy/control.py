@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import threading
 import time
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from .accelerations import rti_config
 from .evaluation import EvalSettings, wilson_interval
 from .loop import ControlLoop, LoopSettings, SimRobot
 
+WORKERS = ("process", "thread")
 CONTROL_SEED_OFFSET = 300_000  # control episodes use their own seeds, apart from demos, evaluation, calibration
 
 
@@ -28,10 +30,13 @@ class ControlSettings:
     steps: int | None = None
     rti: dict | None = None
     backend: str = "torch"
+    precision: str = "fp32"
     replan_every: int | None = None
     inference_delay_ms: float = 0.0  # added to every decision: how the loop copes with a slow policy
     bad_obs_every: int = 0  # corrupt every n-th observation with NaN (tests the hold-and-report path)
     max_episode_steps: int | None = None
+    # "process": inference in its own process, so the loop never waits for the GIL; "thread": in this one.
+    worker: str = "process"
 
 
 class _CorruptingRobot(SimRobot):
@@ -46,49 +51,92 @@ class _CorruptingRobot(SimRobot):
         return self.obs
 
 
+class ChunkDecider:
+    """Observation history (numpy, `n_obs_steps` deep) -> the chunk of actions to execute from that observation's
+    tick on: the settings' policy on its backend, with RTI when asked. The same object runs on the loop's worker
+    thread or inside an inference process (deploy/inference_process.py)."""
+
+    def __init__(self, settings: ControlSettings, threads: int = 1):
+        import torch
+
+        from .evaluation import load_policy_for
+
+        torch.set_num_threads(threads)
+        es = _eval_settings(settings)
+        policy, run_cfg, _ = load_policy_for(es)
+        if settings.backend != "torch":
+            from .backends import BackendPolicy, make_backend
+
+            policy = BackendPolicy(policy, make_backend(settings.backend, policy, settings.checkpoint,
+                                                        threads=threads, precision=settings.precision))
+        self.rti = None
+        if settings.rti is not None:
+            from policy.rti import RTIPolicy
+
+            self.rti = RTIPolicy(policy, rti_config(es))
+        self.policy, self.settings = policy, settings
+        self.start = run_cfg.policy.n_obs_steps - 1
+        self.generator = torch.Generator()
+        self._lock = threading.Lock()  # reset() between episodes waits for a decision still in flight
+
+    def reset(self, seed: int) -> None:
+        """A new episode: sampler noise reseeded, RTI's warm start dropped."""
+        with self._lock:
+            self.generator.manual_seed(seed)
+            if self.rti is not None:
+                self.rti.reset()
+
+    def describe(self) -> dict | None:
+        return self.rti.describe() if self.rti is not None else None
+
+    def __call__(self, history: dict[str, np.ndarray], executed: int | None) -> np.ndarray:
+        with self._lock:
+            return self._decide(history, executed)
+
+    def _decide(self, history: dict[str, np.ndarray], executed: int | None) -> np.ndarray:
+        import torch
+
+        obs = {k: torch.from_numpy(np.ascontiguousarray(v))[None] for k, v in history.items()}
+        if self.rti is not None:
+            out = self.rti.predict_chunk(obs, executed=executed, generator=self.generator)
+            actions = out["action_pred"][:, self.start:]
+            if self.rti.discrete_dims:
+                actions = self.rti.binarize(actions)
+        else:
+            actions = self.policy.predict_chunk(obs, sampler=self.settings.sampler, steps=self.settings.steps,
+                                                generator=self.generator)["action_pred"][:, self.start:]
+        if self.settings.inference_delay_ms:
+            time.sleep(self.settings.inference_delay_ms / 1e3)
+        return actions[0].numpy()
+
+
+def _eval_settings(settings: ControlSettings) -> EvalSettings:
+    return EvalSettings(checkpoint=settings.checkpoint, sampler=settings.sampler, steps=settings.steps,
+                        rti=settings.rti, max_episode_steps=settings.max_episode_steps, backend=settings.backend,
+                        precision=settings.precision)
+
+
 def run_control(settings: ControlSettings, progress: bool = True) -> dict:
-    import torch
     from tqdm import tqdm
 
     from .evaluation import _load_for_eval
 
-    torch.set_num_threads(1)  # the inference thread gets one core; the loop keeps the other
-    es = EvalSettings(checkpoint=settings.checkpoint, sampler=settings.sampler, steps=settings.steps,
-                      rti=settings.rti, max_episode_steps=settings.max_episode_steps, backend=settings.backend)
-    policy, run_cfg, task, env = _load_for_eval(es)
-    if settings.backend != "torch":
-        from .backends import BackendPolicy, make_backend
+    if settings.worker not in WORKERS:
+        raise ValueError(f"worker must be one of {WORKERS}, got {settings.worker!r}")
+    _, run_cfg, task, env = _load_for_eval(_eval_settings(settings))
+    if settings.worker == "process":
+        from .inference_process import InferenceProcess
 
-        policy = BackendPolicy(policy, make_backend(settings.backend, policy, settings.checkpoint, threads=1))
+        decider = InferenceProcess(settings)
+    else:
+        decider = ChunkDecider(settings)
     p = run_cfg.policy
-    rti = None
-    if settings.rti is not None:
-        from policy.rti import RTIPolicy
-
-        rti = RTIPolicy(policy, rti_config(es))
-    generator = torch.Generator()
-    start = p.n_obs_steps - 1
-    delay = settings.inference_delay_ms / 1e3
-
-    def decide(history: dict[str, np.ndarray], executed: int | None) -> np.ndarray:
-        obs = {k: torch.from_numpy(np.ascontiguousarray(v))[None] for k, v in history.items()}
-        if rti is not None:
-            out = rti.predict_chunk(obs, executed=executed, generator=generator)
-            actions = out["action_pred"][:, start:]
-            if rti.discrete_dims:
-                actions = rti.binarize(actions)
-        else:
-            actions = policy.predict_chunk(obs, sampler=settings.sampler, steps=settings.steps,
-                                           generator=generator)["action_pred"][:, start:]
-        if delay:
-            time.sleep(delay)
-        return actions[0].numpy()
-
+    rti = decider.describe()
     shapes = {k: tuple(space.shape) for k, space in env.observation_space.spaces.items()}
-    loop = ControlLoop(decide, LoopSettings(rate_hz=settings.rate_hz, replan_every=settings.replan_every
-                                            or (1 if rti is not None else p.n_action_steps)),
-                       shapes, p.n_obs_steps, p.action_dim, p.n_action_steps,
-                       rti.discrete_dims if rti is not None else list(p.discrete_action_dims or []))
+    discrete = (rti["discrete_dims"] if rti is not None else p.discrete_action_dims) or []
+    loop = ControlLoop(decider, LoopSettings(rate_hz=settings.rate_hz, replan_every=settings.replan_every
+                                             or (1 if rti is not None else p.n_action_steps)),
+                       shapes, p.n_obs_steps, p.action_dim, p.n_action_steps, discrete)
     episodes = []
     bar = tqdm(desc=f"control {task} @ {settings.rate_hz:g} Hz", unit="tick", disable=not progress,
                dynamic_ncols=True)
@@ -97,9 +145,7 @@ def run_control(settings: ControlSettings, progress: bool = True) -> dict:
         i = 0
         while i < settings.episodes or loop.stats.ticks < settings.min_ticks:
             seed = CONTROL_SEED_OFFSET + settings.seed + i
-            generator.manual_seed(seed)
-            if rti is not None:
-                rti.reset()
+            decider.reset(seed)
             robot = _CorruptingRobot(env, seed, settings.bad_obs_every)
             before = loop.stats.ticks
             loop.settings.max_ticks = env.max_episode_steps
@@ -109,6 +155,8 @@ def run_control(settings: ControlSettings, progress: bool = True) -> dict:
             i += 1
     finally:
         loop.close()
+        if settings.worker == "process":
+            decider.close()
         bar.close()
         env.close()
     wins = sum(e["success"] for e in episodes)
@@ -118,7 +166,8 @@ def run_control(settings: ControlSettings, progress: bool = True) -> dict:
         "success_rate": wins / len(episodes), "success_ci95": list(wilson_interval(wins, len(episodes))),
         "episodes": len(episodes),
         "config": {"sampler": settings.sampler or p.inference.sampler, "steps": settings.steps or p.inference.steps,
-                   "rti": rti.describe() if rti is not None else None, "backend": settings.backend,
+                   "rti": rti, "backend": settings.backend, "precision": settings.precision,
+                   "worker": settings.worker,
                    "replan_every": loop.replan_every, "inference_delay_ms": settings.inference_delay_ms,
                    "bad_obs_every": settings.bad_obs_every, "miss_tolerance_ms": loop.tolerance * 1e3},
         "per_episode": episodes, "seconds": time.perf_counter() - t0,

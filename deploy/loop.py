@@ -3,7 +3,8 @@
 Every tick k has an absolute deadline t0 + k * period on the monotonic clock; the loop sleeps until shortly
 before it and spins the rest, so oversleeping does not accumulate. On each tick it reads the robot, sends one
 action, and goes on. Inference runs on a worker thread and computes the next chunk while the current one
-executes:
+executes (`rtdp control` gives that thread an InferenceProcess, deploy/inference_process.py, so it only waits on
+a pipe and the loop never waits for the GIL):
 
 - every chunk is time-stamped with the tick of the observation it was computed from; its action i belongs to
   tick obs_tick + i, so when a chunk arrives late its actions for ticks already past are skipped (latency
@@ -34,9 +35,9 @@ import numpy as np
 from .evaluation import percentiles
 
 SPIN_S = 0.0015  # the last stretch before a deadline is busy-waited: sleep() can overshoot by about a millisecond
-# The inference thread holds the GIL between torch kernels; with CPython's default 5 ms switch interval the loop
-# thread can wait that long to run after its deadline. The loop shortens it while it runs (RTI at 50 Hz: p99
-# period error 1.6 ms with the default, 0.18 ms with this).
+# An inference thread that runs the policy itself holds the GIL between torch kernels; with CPython's default 5 ms
+# switch interval the loop thread can wait that long to run after its deadline. The loop shortens it while it runs
+# (RTI at 50 Hz on a thread: p99 period error 1.6 ms with the default, 0.18 ms with this).
 SWITCH_INTERVAL_S = 0.0002
 
 

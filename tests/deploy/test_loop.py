@@ -118,7 +118,7 @@ def test_the_policy_is_told_how_many_ticks_passed_since_its_last_observation():
         assert executed == step - prev
 
 
-@pytest.mark.parametrize("extra", [[], ["--rti", "2"]])
+@pytest.mark.parametrize("extra", [[], ["--rti", "2"], ["--worker", "thread"]])
 def test_control_cli_reports_what_design_md_lists(extra, tmp_path, capsys):
     from tests.deploy.test_export import saved_policy
 
@@ -132,4 +132,5 @@ def test_control_cli_reports_what_design_md_lists(extra, tmp_path, capsys):
     assert set(r["period_error_ms"]) == {"p50", "p99", "max"} and {"p50", "p99"} <= set(r["inference_ms"])
     assert r["ticks"] == r["per_episode"][0]["ticks"] <= 40  # point_mass/reach episodes end by 40 steps
     assert r["bad_observations"] == (r["ticks"] + 1) // 9  # every 9th observe() call, the first before the clock
+    assert r["config"]["worker"] == ("thread" if "thread" in extra else "process")
     assert "deadline misses" in capsys.readouterr().out

@@ -1,0 +1,203 @@
+"""Inference in its own process, so the control loop's thread never waits for the GIL.
+
+On a worker thread, the sampler's Python (a DDIM-10 decision steps through it ten times) competes for the GIL
+with the loop; CPython hands it over only every switch interval, and the loop's ticks start late (p99 3.4 ms at
+50 Hz on the 2-core benchmark machine). Here the policy runs in a child process; the loop's worker thread only
+waits on a pipe, which holds no GIL.
+
+`InferenceProcess(settings)` is a drop-in for `ChunkDecider`: `__call__(history, executed)`, `reset(seed)`,
+`describe()`, plus `close()`. It talks to the child over stdin / stdout in explicit messages, never pickle:
+
+    message = one line of JSON (the header), then header["nbytes"] bytes of payload
+    arrays  = header["arrays"]: [{"name", "dtype", "shape"}], their C-order bytes concatenated in the payload
+
+    -> {"op": "start", "settings": {...ControlSettings}}   <- {"ok": true, "describe": ...}
+    -> {"op": "decide", "executed": int | null, arrays}    <- {"ok": true, "ms": float, arrays: [actions]}
+    -> {"op": "reset", "seed": int}                        <- {"ok": true}
+    -> {"op": "close"}                                     (the child exits)
+    any failure                                            <- {"ok": false, "error": "Type: message"}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = ("float32", "float64", "int64", "int32", "uint8", "bool")
+MAX_HEADER_BYTES = 1 << 16
+MAX_PAYLOAD_BYTES = 1 << 30
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the schema above."""
+
+
+class InferenceError(RuntimeError):
+    """The inference process failed a request, or is gone."""
+
+
+def write_message(stream, header: dict, arrays: dict[str, np.ndarray] | None = None) -> None:
+    arrays = {k: np.ascontiguousarray(v) for k, v in (arrays or {}).items()}
+    for name, a in arrays.items():
+        if a.dtype.name not in DTYPES:
+            raise ProtocolError(f"array {name!r} has dtype {a.dtype}; messages carry {', '.join(DTYPES)}")
+    header = {**header, "arrays": [{"name": k, "dtype": a.dtype.name, "shape": list(a.shape)}
+                                   for k, a in arrays.items()],
+              "nbytes": sum(a.nbytes for a in arrays.values())}
+    stream.write(json.dumps(header).encode() + b"\n")
+    for a in arrays.values():
+        stream.write(memoryview(a).cast("B"))
+    stream.flush()
+
+
+def read_message(stream) -> tuple[dict, dict[str, np.ndarray]] | None:
+    """(header, arrays), or None at the end of the stream."""
+    line = stream.readline(MAX_HEADER_BYTES + 1)
+    if not line:
+        return None
+    if not line.endswith(b"\n"):
+        raise ProtocolError(f"header longer than {MAX_HEADER_BYTES} bytes or cut short")
+    try:
+        header = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ProtocolError(f"header is not JSON: {e}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("nbytes"), int) or not isinstance(
+            header.get("arrays", []), list):
+        raise ProtocolError(f"header needs an integer 'nbytes' and an 'arrays' list, got {str(header)[:200]}")
+    nbytes = header["nbytes"]
+    if not 0 <= nbytes <= MAX_PAYLOAD_BYTES:
+        raise ProtocolError(f"payload of {nbytes} bytes is out of range")
+    payload, got = bytearray(nbytes), 0  # a bytearray, so the arrays that view it are writable
+    while got < nbytes:
+        n = stream.readinto(memoryview(payload)[got:])
+        if not n:
+            raise ProtocolError(f"payload cut short: {got} of {nbytes} bytes")
+        got += n
+    arrays, offset = {}, 0
+    for spec in header.get("arrays", []):
+        try:
+            name, dtype, shape = spec["name"], np.dtype(spec["dtype"]), tuple(int(d) for d in spec["shape"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProtocolError(f"bad array spec {spec}: {e}") from None
+        if dtype.name not in DTYPES or any(d < 0 for d in shape):
+            raise ProtocolError(f"bad array spec {spec}")
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if offset + size > nbytes:
+            raise ProtocolError(f"array {name!r} {shape} {dtype} runs past the {nbytes}-byte payload")
+        arrays[name] = np.frombuffer(payload, dtype, count=size // dtype.itemsize, offset=offset).reshape(shape)
+        offset += size
+    if offset != nbytes:
+        raise ProtocolError(f"arrays take {offset} bytes of a {nbytes}-byte payload")
+    return header, arrays
+
+
+class InferenceProcess:
+    """A ChunkDecider in a child process. Calls are serialised: `reset` between episodes waits for a decision
+    still in flight instead of interleaving with it."""
+
+    def __init__(self, settings, threads: int = 1, start_timeout_s: float = 120.0):
+        settings = type(settings)(**{**asdict(settings), "checkpoint": str(Path(settings.checkpoint).resolve())})
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads),
+               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        self._proc = subprocess.Popen([sys.executable, "-m", "deploy.inference_process", str(threads)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self._lock = threading.Lock()
+        self.start_timeout_s = start_timeout_s
+        self._describe = self._request({"op": "start", "settings": asdict(settings)})[0].get("describe")
+
+    def _request(self, header: dict, arrays: dict | None = None) -> tuple[dict, dict]:
+        with self._lock:
+            try:
+                write_message(self._proc.stdin, header, arrays)
+                reply = read_message(self._proc.stdout)
+            except (BrokenPipeError, OSError):
+                reply = None
+            if reply is None:
+                code = self._proc.poll()
+                raise InferenceError(f"the inference process exited (code {code}); its stderr is above")
+            if not reply[0].get("ok"):
+                raise InferenceError(f"inference process: {reply[0].get('error')}")
+            return reply
+
+    def __call__(self, history: dict[str, np.ndarray], executed: int | None) -> np.ndarray:
+        header, arrays = self._request({"op": "decide", "executed": executed}, history)
+        self.last_ms = header.get("ms")
+        return arrays["actions"]
+
+    def reset(self, seed: int) -> None:
+        self._request({"op": "reset", "seed": int(seed)})
+
+    def describe(self) -> dict | None:
+        return self._describe
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            try:
+                write_message(self._proc.stdin, {"op": "close"})
+                self._proc.stdin.close()
+                self._proc.wait(timeout=5.0)
+            except (OSError, subprocess.TimeoutExpired):
+                self._proc.kill()
+                self._proc.wait()
+
+
+def serve(requests, replies, threads: int) -> None:
+    from .control import ChunkDecider, ControlSettings
+
+    decider = None
+    while True:
+        try:
+            message = read_message(requests)
+        except ProtocolError as e:
+            write_message(replies, {"ok": False, "error": f"ProtocolError: {e}"})
+            return  # the stream is out of step: nothing after this can be trusted
+        if message is None:
+            return
+        header, arrays = message
+        op = header.get("op")
+        try:
+            if op == "close":
+                return
+            if op == "start":
+                decider = ChunkDecider(ControlSettings(**header["settings"]), threads=threads)
+                write_message(replies, {"ok": True, "describe": decider.describe()})
+            elif decider is None:
+                raise ProtocolError(f"{op!r} before 'start'")
+            elif op == "decide":
+                executed = header.get("executed")
+                if executed is not None and not isinstance(executed, int):
+                    raise ProtocolError(f"'executed' must be an integer or null, got {executed!r}")
+                t0 = time.perf_counter()
+                actions = decider(arrays, executed)
+                ms = (time.perf_counter() - t0) * 1e3
+                write_message(replies, {"ok": True, "ms": ms}, {"actions": actions.astype(np.float32)})
+            elif op == "reset":
+                decider.reset(int(header["seed"]))
+                write_message(replies, {"ok": True})
+            else:
+                raise ProtocolError(f"unknown op {op!r}")
+        except Exception as e:  # noqa: BLE001  a failed request is answered, and the process serves on
+            write_message(replies, {"ok": False, "error": f"{type(e).__name__}: {e}"})
+
+
+def main(argv: list[str]) -> int:
+    threads = int(argv[0]) if argv else 1
+    # The protocol owns the real stdout; anything the libraries print goes to stderr instead.
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    serve(sys.stdin.buffer, replies, threads)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
