@@ -27,7 +27,8 @@ def wrap_policy(policy, settings: EvalSettings):
     if settings.backend != "torch":
         from .backends import BackendPolicy, make_backend
 
-        policy = BackendPolicy(policy, make_backend(settings.backend, policy, settings.checkpoint, threads=1))
+        policy = BackendPolicy(policy, make_backend(settings.backend, policy, settings.checkpoint, threads=1,
+                                                    precision=settings.precision))
     if settings.cache is not None:
         from .caching import cached
 
@@ -99,7 +100,7 @@ def check_backend(policy, settings: EvalSettings) -> None:
     if settings.cache is not None:
         raise ValueError("--cache runs the transformer's branches in torch; to cache on onnxruntime, export a "
                          "fused graph with the schedule (rtdp export --cache ...)")
-    make_backend(settings.backend, policy, settings.checkpoint, threads=1)
+    make_backend(settings.backend, policy, settings.checkpoint, threads=1, precision=settings.precision)
 
 
 def describe_cache(policy, settings: EvalSettings) -> dict:

@@ -5,6 +5,10 @@ normalised torch tensors, so a backend is just another model_fn for the samplers
 - `OnnxRuntimeBackend`: the exported graphs in onnxruntime, on execution providers named explicitly (CPU, CUDA,
   TensorRT). Inputs are bound in place and outputs go to buffers allocated once per batch size (IO binding), so a
   decision allocates no new engine memory.
+- `TensorRTBackend` (deploy/tensorrt_backend.py): engines built natively from the exported graphs.
+
+Every backend takes a precision: fp32, or fp16 for the network alone (the torch backends cast a half copy's
+inputs and outputs; the engines read the fp16 export). The sampler's arithmetic stays fp32 either way.
 
 `BackendPolicy` wraps a DiffusionPolicy so that `predict_chunk` runs on a backend: validation and normalisation
 stay in torch, outside the graphs, exactly as in the policy itself.
@@ -17,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .export import ExportError, load_manifest
+from .export import ExportError, export_dir, load_manifest, network_in
 
 BACKENDS = ("torch", "torch-compile", "torch-cuda", "torch-compile-cuda", "onnxruntime", "onnxruntime-cuda",
-            "onnxruntime-tensorrt")
+            "onnxruntime-tensorrt", "tensorrt")
 _PROVIDERS = {
     "onnxruntime": ["CPUExecutionProvider"],
     "onnxruntime-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -33,23 +37,25 @@ class BackendUnavailable(ValueError):
 
 
 class TorchBackend:
-    def __init__(self, policy, compile: bool = False, device: str = "cpu"):
+    def __init__(self, policy, compile: bool = False, device: str = "cpu", precision: str = "fp32"):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendUnavailable("torch here has no CUDA device")
-        self.policy = policy.eval().to(device)
+        self.policy = network_in(policy.eval(), precision).to(device)
+        self.dtype = next(self.policy.parameters()).dtype
         self.name = ("torch-compile" if compile else "torch") + ("-cuda" if device.startswith("cuda") else "")
-        self.device = device
+        self.device, self.precision = device, precision
         # On a GPU a batch-1 denoiser call is bound by kernel launches; "reduce-overhead" replays CUDA graphs.
         mode = "reduce-overhead" if device.startswith("cuda") else None
-        self._denoise = torch.compile(policy.denoise, dynamic=False, mode=mode) if compile else policy.denoise
+        net = self.policy.denoise
+        self._denoise = torch.compile(net, dynamic=False, mode=mode) if compile else net
 
     @torch.no_grad()
     def encode(self, nobs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.policy.encode_obs({k: v.to(self.device) for k, v in nobs.items()})
+        return self.policy.encode_obs({k: v.to(self.device, self.dtype) for k, v in nobs.items()}).float()
 
     @torch.no_grad()
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self._denoise(x, t, cond)
+        return self._denoise(x.to(self.dtype), t, cond.to(self.dtype)).float()
 
 
 def available_providers() -> list[str]:
@@ -129,12 +135,24 @@ class OnnxRuntimeBackend:
                          tuple(x_init.shape)).clone()
 
 
-def make_backend(name: str, policy, checkpoint: str | Path, threads: int = 0):
+def make_backend(name: str, policy, checkpoint: str | Path, threads: int = 0, precision: str = "fp32"):
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name.startswith("torch"):
-        return TorchBackend(policy, compile="compile" in name, device="cuda" if name.endswith("cuda") else "cpu")
-    return OnnxRuntimeBackend(Path(checkpoint) / "onnx", _PROVIDERS[name], threads, name, checkpoint)
+        return TorchBackend(policy, compile="compile" in name, device="cuda" if name.endswith("cuda") else "cpu",
+                            precision=precision)
+    directory = export_dir(checkpoint, precision)
+    if name == "tensorrt":
+        from .tensorrt_backend import TensorRTBackend
+
+        backend = TensorRTBackend(directory, checkpoint)
+    else:
+        backend = OnnxRuntimeBackend(directory, _PROVIDERS[name], threads, name, checkpoint)
+    exported = backend.manifest.get("precision", "fp32")
+    if exported != precision:
+        raise ExportError(f"{directory} holds an {exported} export, not {precision}: export it with --precision "
+                          f"{precision}")
+    return backend
 
 
 class BackendPolicy:

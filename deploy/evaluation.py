@@ -45,6 +45,7 @@ class EvalSettings:
     rti_margin: int = 1  # safety steps added to the calibrated k0
     cache: str | None = None  # bac:S | uniform:S (transformer policies; see deploy/caching.py)
     backend: str = "torch"  # deploy.backends.BACKENDS; onnxruntime ones need `rtdp export` first
+    precision: str = "fp32"  # the network's: fp32 | fp16 (engines read the matching export)
     seeds: list[int] = field(default_factory=list)  # set by the orchestrator for each worker
 
 
@@ -119,18 +120,26 @@ class TimedPolicy:
         return out["action"][0].numpy()
 
 
-def _load_for_eval(settings: EvalSettings, max_episode_steps: int | None = None):
-    from envs.tasks import discrete_action_dims, make_env
+def load_policy_for(settings: EvalSettings):
+    """(policy, run config, task) without building the environment: what an inference process needs."""
+    from envs.tasks import discrete_action_dims
     from policy.checkpoint import load_policy
 
     policy, run_cfg = load_policy(settings.checkpoint)
     task = resolve_task(settings, run_cfg)
+    if run_cfg.policy.discrete_action_dims is None:  # a checkpoint from before the field existed
+        run_cfg.policy.discrete_action_dims = discrete_action_dims(task)
+    return policy, run_cfg, task
+
+
+def _load_for_eval(settings: EvalSettings, max_episode_steps: int | None = None):
+    from envs.tasks import make_env
+
+    policy, run_cfg, task = load_policy_for(settings)
     image_size = run_cfg.policy.image_shape[0] if run_cfg.policy.image_shape else 96
     env = make_env(task, image=run_cfg.policy.image_shape is not None, image_size=image_size,
                    max_episode_steps=max_episode_steps or settings.max_episode_steps)
     check_compatible(run_cfg.policy, env, settings.checkpoint, task)
-    if run_cfg.policy.discrete_action_dims is None:  # a checkpoint from before the field existed
-        run_cfg.policy.discrete_action_dims = discrete_action_dims(task)
     return policy, run_cfg, task, env
 
 

@@ -8,12 +8,15 @@ static structure) so that one engine call returns the clean chunk.
     out/manifest.json   names, shapes, opset, schedule tables, normaliser, sampler settings, file hashes
 
 Normalisation stays outside the graphs: the manifest carries the normaliser, and rtdp's backends apply the same
-one in torch. The sampler arithmetic runs in float32 in every graph; `check_export` compares every graph and the
-sampled chunk with torch on seeded inputs and raises if any differs by more than the tolerance.
+one in torch. Every graph's inputs and outputs are float32. With `precision="fp16"` (written to <checkpoint>/
+onnx-fp16) the network runs in float16 between casts, while the sampler arithmetic in the fused graph, the
+accumulation of x_t, stays float32. `check_export` compares every graph and the sampled chunk with the float32
+torch policy on seeded inputs and raises if any differs by more than the precision's tolerance.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import warnings
@@ -28,7 +31,8 @@ from policy.checkpoint import file_sha256
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-TOLERANCE = 1e-4
+PRECISIONS = ("fp32", "fp16")
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}  # max abs error against the float32 torch policy
 
 
 class ExportError(ValueError):
@@ -38,53 +42,76 @@ class ExportError(ValueError):
 @dataclass
 class ExportSettings:
     checkpoint: str
-    out: str | None = None  # default: <checkpoint>/onnx
+    out: str | None = None  # default: export_dir(checkpoint, precision)
     opset: int = 17
     fused: bool = True
     sampler: str | None = None  # the fused graph's sampler and steps; None: the checkpoint's inference config
     steps: int | None = None
     rti_k0: int | None = None  # fuse the RTI tail [k0 .. 0] (entered from a warm start) instead of a full denoise
     cache: str | None = None  # fuse a BAC / Uniform schedule (transformer policies): bac:S | uniform:S
+    precision: str = "fp32"  # the network's precision: fp32 | fp16 (inputs, outputs and sampler stay fp32)
+
+
+def export_dir(checkpoint: str | Path, precision: str = "fp32") -> Path:
+    """Where `rtdp export` writes, and the onnxruntime / TensorRT backends read, a checkpoint's graphs."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return Path(checkpoint) / ("onnx" if precision == "fp32" else f"onnx-{precision}")
+
+
+def network_in(policy, precision: str):
+    """The policy whose network computes in `precision` (a copy for fp16; its noise schedule, a plain object,
+    stays float32)."""
+    if precision == "fp32":
+        return policy
+    if precision != "fp16":
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return copy.deepcopy(policy).half()
+
+
+def _dtype(policy) -> torch.dtype:
+    return next(policy.parameters()).dtype
 
 
 class _Encoder(nn.Module):
     def __init__(self, policy, keys: list[str]):
         super().__init__()
-        self.policy, self.keys = policy, keys
+        self.policy, self.keys, self.dtype = policy, keys, _dtype(policy)
 
     def forward(self, *fields):
-        return self.policy.encode_obs(dict(zip(self.keys, fields, strict=True)))
+        return self.policy.encode_obs({k: v.to(self.dtype) for k, v in zip(self.keys, fields, strict=True)}).float()
 
 
 class _DenoiserStep(nn.Module):
     def __init__(self, policy):
         super().__init__()
-        self.policy = policy
+        self.policy, self.dtype = policy, _dtype(policy)
 
     def forward(self, x, t, cond):
-        return self.policy.denoise(x, t, cond)
+        return self.policy.denoise(x.to(self.dtype), t, cond.to(self.dtype)).float()
 
 
 class _FusedSampler(nn.Module):
     """The whole step list as one graph: every timestep and coefficient is a constant, a cache schedule's
-    reuse decisions are resolved while tracing, and stochastic steps read their noise from an input."""
+    reuse decisions are resolved while tracing, and stochastic steps read their noise from an input. The
+    network sees its own precision; the sampler's arithmetic is float32."""
 
     def __init__(self, policy, method: str, timesteps: list[int], cache_schedule=None):
         super().__init__()
         self.policy, self.method, self.timesteps = policy, method, timesteps
-        self.cache_schedule = cache_schedule
+        self.cache_schedule, self.dtype = cache_schedule, _dtype(policy)
 
     def forward(self, cond, x_init, step_noise):
         from policy.cache import CachedDenoiser
         from policy.diffusion import sample
 
         if self.cache_schedule is not None:
-            cached = CachedDenoiser(self.policy, self.cache_schedule)
-            denoise = cached
+            denoise = CachedDenoiser(self.policy, self.cache_schedule)
         else:
             denoise = self.policy.denoise
-        return sample(lambda x, t: denoise(x, t, cond), x_init, self.policy.schedule, self.timesteps, self.method,
-                      eta=self.policy.cfg.inference.eta, step_noise=step_noise)
+        net_cond = cond.to(self.dtype)
+        return sample(lambda x, t: denoise(x.to(self.dtype), t, net_cond).float(), x_init, self.policy.schedule,
+                      self.timesteps, self.method, eta=self.policy.cfg.inference.eta, step_noise=step_noise)
 
 
 def obs_fields(cfg) -> dict[str, tuple]:
@@ -120,7 +147,8 @@ def export_policy(settings: ExportSettings) -> dict:
     policy, run_cfg = load_policy(settings.checkpoint)
     policy.eval()
     cfg = policy.cfg
-    out = Path(settings.out or Path(settings.checkpoint) / "onnx")
+    out = Path(settings.out or export_dir(settings.checkpoint, settings.precision))
+    net = network_in(policy, settings.precision)
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     B = 2
@@ -131,14 +159,14 @@ def export_policy(settings: ExportSettings) -> dict:
     batch = {name: {0: "batch"} for name in [*fields, "cond", "x", "t", "pred", "x_init", "x0"]}
     with torch.no_grad():
         cond = policy.encode_obs(dict(zip(fields, obs, strict=True)))
-    _export(_Encoder(policy, list(fields)), tuple(obs), out / "encoder.onnx", list(fields), ["cond"],
+    _export(_Encoder(net, list(fields)), tuple(obs), out / "encoder.onnx", list(fields), ["cond"],
             {k: v for k, v in batch.items() if k in [*fields, "cond"]}, settings.opset)
     graphs["encoder"] = {"file": "encoder.onnx", "inputs": _io(list(fields), obs, batch),
                          "outputs": _io(["cond"], [cond], batch)}
 
     x = torch.randn(B, cfg.horizon, cfg.action_dim, generator=g)
     t = torch.tensor([10] * B)
-    _export(_DenoiserStep(policy), (x, t, cond), out / "denoiser.onnx", ["x", "t", "cond"], ["pred"],
+    _export(_DenoiserStep(net), (x, t, cond), out / "denoiser.onnx", ["x", "t", "cond"], ["pred"],
             {k: batch[k] for k in ("x", "t", "cond", "pred")}, settings.opset)
     graphs["denoiser"] = {"file": "denoiser.onnx", "inputs": _io(["x", "t", "cond"], [x, t, cond], batch),
                           "outputs": _io(["pred"], [x], batch)}
@@ -146,7 +174,7 @@ def export_policy(settings: ExportSettings) -> dict:
     fused = None
     if settings.fused:
         fused = fused_spec(policy, settings)
-        module = _FusedSampler(policy, fused["method"], fused["timesteps"], fused.pop("_schedule"))
+        module = _FusedSampler(net, fused["method"], fused["timesteps"], fused.pop("_schedule"))
         K = len(fused["timesteps"])
         noise = torch.randn(K, B, cfg.horizon, cfg.action_dim, generator=g)
         fused_batch = {**batch, "step_noise": {1: "batch"}}
@@ -162,6 +190,7 @@ def export_policy(settings: ExportSettings) -> dict:
     manifest = {
         "format": FORMAT,
         "opset": settings.opset,
+        "precision": settings.precision,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "checkpoint": {"path": str(settings.checkpoint), "model_sha256": weights_sha256(settings.checkpoint)},
         "policy": {"denoiser": cfg.denoiser, "horizon": cfg.horizon, "n_obs_steps": cfg.n_obs_steps,
@@ -232,16 +261,19 @@ def load_manifest(directory: str | Path, checkpoint: str | Path | None = None) -
     return manifest
 
 
-def check_export(checkpoint: str | Path, directory: str | Path, tolerance: float = TOLERANCE,
+def check_export(checkpoint: str | Path, directory: str | Path, tolerance: float | None = None,
                  samples: int = 4, seed: int = 0) -> dict:
-    """Parity of every graph, and of a chunk sampled through the step graph, against torch on seeded inputs.
-    Returns the max abs errors; raises ExportError if any exceeds `tolerance`."""
+    """Parity of every graph, and of a chunk sampled through the step graph, against the float32 torch policy on
+    seeded inputs. Returns the max abs errors; raises ExportError if any exceeds `tolerance` (default: the
+    export's precision's, TOLERANCE)."""
     from policy.checkpoint import load_policy
     from policy.diffusion import sample
 
     from .backends import OnnxRuntimeBackend
 
     manifest = load_manifest(directory, checkpoint)
+    if tolerance is None:
+        tolerance = TOLERANCE[manifest.get("precision", "fp32")]
     policy, _ = load_policy(checkpoint)
     policy.eval()
     backend = OnnxRuntimeBackend(directory, threads=1)

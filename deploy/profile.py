@@ -30,6 +30,7 @@ class ProfileSettings:
     steps: int | None = None
     rti_k0: int | None = None  # profile RTI's warm decision ([k0 .. 0]) instead of a full denoise
     threads: int = 1
+    precision: str = "fp32"  # the network's: fp32 | fp16
     fused: bool = True  # also time the exported fused graph (one engine call per decision), when present
     plot: str | None = None
 
@@ -130,7 +131,7 @@ def profile(settings: ProfileSettings, progress: bool = True) -> dict:
     results, skipped = [], {}
     for name in names:
         try:
-            backend = make_backend(name, policy, settings.checkpoint, settings.threads)
+            backend = make_backend(name, policy, settings.checkpoint, settings.threads, settings.precision)
         except (BackendUnavailable, FileNotFoundError, ValueError) as e:
             if settings.backends:  # asked for by name: its absence is an error
                 raise

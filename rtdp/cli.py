@@ -16,7 +16,12 @@ def _write_report(path: str | None, report: dict) -> None:
 
 
 BACKEND_CHOICES = ["torch", "torch-compile", "torch-cuda", "torch-compile-cuda", "onnxruntime", "onnxruntime-cuda",
-                   "onnxruntime-tensorrt"]  # deploy.backends.BACKENDS, without importing torch to parse arguments
+                   "onnxruntime-tensorrt", "tensorrt"]  # deploy.backends.BACKENDS, without importing torch to parse
+
+
+def _add_precision_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                        help=f"{what}; the sampler's arithmetic stays fp32")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -81,7 +86,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             steps=args.steps, task=args.task, workers=args.workers, video_dir=args.video,
                             video_episodes=args.video_episodes, plot=args.plot, rti=_rti_settings(args),
                             rti_calibration_episodes=args.rti_calibration_episodes, cache=args.cache,
-                            backend=args.backend)
+                            backend=args.backend, precision=args.precision)
     report = evaluate(settings, progress=not args.no_progress)
     print(summary_line(report))
     _write_report(args.report, report)
@@ -110,13 +115,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from deploy.export import ExportSettings, check_export, export_policy
+    from deploy.export import ExportSettings, check_export, export_dir, export_policy
 
     settings = ExportSettings(checkpoint=args.checkpoint, out=args.out, opset=args.opset, fused=not args.no_fused,
                               sampler=args.sampler, steps=args.steps,
-                              rti_k0=_rti_k0(args), cache=args.cache)
+                              rti_k0=_rti_k0(args), cache=args.cache, precision=args.precision)
     manifest = export_policy(settings)
-    out = args.out or f"{args.checkpoint}/onnx"
+    out = args.out or str(export_dir(args.checkpoint, args.precision))
     graphs = manifest["graphs"]
     print(f"exported {', '.join(graphs)} to {out} (opset {args.opset})"
           + (f"; fused: {graphs['fused']['method']} over {len(graphs['fused']['timesteps'])} steps, "
@@ -136,7 +141,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     settings = ProfileSettings(checkpoint=args.checkpoint, backends=args.backend or [], iters=args.iters,
                                warmup=args.warmup, sampler=args.sampler, steps=args.steps,
                                rti_k0=_rti_k0(args), threads=args.threads,
-                               plot=args.plot)
+                               plot=args.plot, precision=args.precision)
     report = profile(settings, progress=not args.no_progress)
     print(comparison_table(report))
     _write_report(args.report, report)
@@ -151,7 +156,8 @@ def cmd_control(args: argparse.Namespace) -> int:
     settings = ControlSettings(checkpoint=args.checkpoint, rate_hz=args.rate, episodes=args.episodes,
                                min_ticks=args.min_ticks, seed=args.seed, sampler=args.sampler, steps=args.steps,
                                rti=_rti_settings(args), backend=args.backend, replan_every=args.replan_every,
-                               inference_delay_ms=args.inference_delay_ms, bad_obs_every=args.bad_obs_every)
+                               inference_delay_ms=args.inference_delay_ms, bad_obs_every=args.bad_obs_every,
+                               worker=args.worker, precision=args.precision)
     report = run_control(settings, progress=not args.no_progress)
     print(control_summary(report))
     _write_report(args.report, report)
@@ -228,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rti-calibration-episodes", type=int, default=2)
     e.add_argument("--backend", default="torch", choices=BACKEND_CHOICES,
                    help="onnxruntime backends run the graphs `rtdp export` wrote to <checkpoint>/onnx")
+    _add_precision_argument(e, "the network's precision (fp16 engines read <checkpoint>/onnx-fp16)")
     e.add_argument("--cache", metavar="bac:S|uniform:S", help="transformer block caching with update budget S per "
                    "block; bac needs a schedule made by `rtdp cache` for the same step list")
     e.add_argument("--report", help="write the JSON report here")
@@ -250,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="ONNX graphs (encoder, denoiser step, fused sampler) and manifest.json")
     x.add_argument("--checkpoint", required=True)
-    x.add_argument("--out", help="default: <checkpoint>/onnx")
+    x.add_argument("--out", help="default: <checkpoint>/onnx, or onnx-fp16")
+    _add_precision_argument(x, "the network's precision in the graphs (their inputs and outputs are fp32)")
     x.add_argument("--check", action="store_true", help="parity against torch on seeded inputs; fails loudly")
     x.add_argument("--opset", type=int, default=17)
     x.add_argument("--no-fused", action="store_true", help="skip the fused graph")
@@ -269,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampler_arguments(f)
     f.add_argument("--rti", metavar="K0", help="profile the RTI warm decision (K0 + 1 calls)")
     f.add_argument("--threads", type=int, default=1)
+    _add_precision_argument(f, "the network's precision")
     f.add_argument("--report", help="write the JSON report here")
     f.add_argument("--plot", metavar="FILE.png", help="latency histograms, one per backend")
     f.add_argument("--no-progress", action="store_true")
@@ -283,9 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampler_arguments(c)
     _add_rti_arguments(c)
     c.add_argument("--backend", default="torch", choices=BACKEND_CHOICES)
+    _add_precision_argument(c, "the network's precision")
     c.add_argument("--replan-every", type=int, help="ticks between decisions (default: n_action_steps; RTI: 1)")
     c.add_argument("--inference-delay-ms", type=float, default=0.0, help="add this to every decision (stress test)")
     c.add_argument("--bad-obs-every", type=int, default=0, help="corrupt every n-th observation with NaN")
+    c.add_argument("--worker", choices=("process", "thread"), default="process",
+                   help="run inference in its own process (default: the loop never waits for the GIL) or on a "
+                        "thread of this one")
     c.add_argument("--report", help="write the JSON report here")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_control)
