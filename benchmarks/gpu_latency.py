@@ -2,7 +2,8 @@
 transformer) through `rtdp profile`'s machinery on torch CUDA, for DDPM-100, DDIM-10 and the RTI warm decision
 (k0 = 3, 4 calls), batch 1. Weights are random: latency does not depend on them.
 
-    python benchmarks/gpu_latency.py --out DIR     # writes DIR/gpu_latency.json
+    python benchmarks/gpu_latency.py --out DIR [--backends torch-cuda torch-compile-cuda] [--precision fp16]
+                                     [--runs ddim-10 rti-k0=3]     # writes DIR/gpu_latency[-fp16].json
 
 Runs where torch sees a CUDA device (on this project's lent GPU machine); the card is recorded in the JSON.
 """
@@ -52,22 +53,31 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--backends", nargs="*", default=["torch-cuda"])
+    ap.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="the network's precision")
+    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--runs", nargs="*", default=[r for r, _ in RUNS], choices=[r for r, _ in RUNS])
     ap.add_argument("--iters-scale", type=float, default=1.0, help="e.g. 0.05 for a quick dry run on a CPU")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-               "torch": torch.__version__, "runs": []}
+               "torch": torch.__version__, "precision": args.precision, "runs": []}
+    suffix = "" if args.precision == "fp32" else f"-{args.precision}"
     for label, (config, overrides) in MODELS.items():
+        if label not in args.models:
+            continue
         ckpt = build(args.out / "ckpt" / label.split()[0] / str(len(results["runs"])), config, overrides)
         for run, kw in RUNS:
+            if run not in args.runs:
+                continue
             kw = {**kw, "iters": max(2, int(kw["iters"] * args.iters_scale))}
             r = profile(ProfileSettings(checkpoint=str(ckpt), backends=args.backends, warmup=min(10, kw["iters"]),
-                                        threads=4, **kw), progress=False)
+                                        threads=4, precision=args.precision, **kw), progress=False)
             for b in r["backends"]:
-                results["runs"].append({"model": label, "run": run, **b})
-                print(f"{label:<26}{run:<10}{b['backend']:<20}p50 {b['latency_ms']['p50']:8.2f} ms  p99 "
-                      f"{b['latency_ms']['p99']:8.2f} ms  call p50 {b['forward_ms']['p50']:.3f} ms", flush=True)
-    (args.out / "gpu_latency.json").write_text(json.dumps(results, indent=1))
+                results["runs"].append({"model": label, "run": run, "precision": args.precision, **b})
+                print(f"{label:<26}{run:<10}{b['backend']:<20}{args.precision:<6}p50 {b['latency_ms']['p50']:8.2f} ms"
+                      f"  p99 {b['latency_ms']['p99']:8.2f} ms  call p50 {b['forward_ms']['p50']:.3f} ms", flush=True)
+            # written after every run: a run cut short by the machine's time limit keeps what it measured
+            (args.out / f"gpu_latency{suffix}.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
