@@ -273,7 +273,8 @@ def build_report(settings: EvalSettings, run_cfg, task: str, results: list[dict]
         "decisions": int(lat.size),
         "latency_ms": percentiles(lat),
         "config": {"sampler": sampler, "steps": steps, "spacing": p.inference.spacing, "eta": p.inference.eta,
-                   "denoiser": p.denoiser, "backend": settings.backend, "threads_per_worker": 1, "workers": workers,
+                   "denoiser": p.denoiser, "backend": settings.backend,
+                   "precision": settings.precision, "threads_per_worker": 1, "workers": workers,
                    "seed": settings.seed, "seeds": [EVAL_SEED_OFFSET + settings.seed, EVAL_SEED_OFFSET
                                                     + settings.seed + n - 1]},
         "seconds": seconds,
