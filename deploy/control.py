@@ -124,12 +124,16 @@ def run_control(settings: ControlSettings, progress: bool = True) -> dict:
     if settings.worker not in WORKERS:
         raise ValueError(f"worker must be one of {WORKERS}, got {settings.worker!r}")
     _, run_cfg, task, env = _load_for_eval(_eval_settings(settings))
-    if settings.worker == "process":
-        from .inference_process import InferenceProcess
+    try:
+        if settings.worker == "process":
+            from .inference_process import InferenceProcess
 
-        decider = InferenceProcess(settings)
-    else:
-        decider = ChunkDecider(settings)
+            decider = InferenceProcess(settings)
+        else:
+            decider = ChunkDecider(settings)
+    except Exception:
+        env.close()
+        raise
     p = run_cfg.policy
     rti = decider.describe()
     shapes = {k: tuple(space.shape) for k, space in env.observation_space.spaces.items()}

@@ -112,7 +112,11 @@ class InferenceProcess:
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self._lock = threading.Lock()
         self.start_timeout_s = start_timeout_s
-        self._describe = self._request({"op": "start", "settings": asdict(settings)})[0].get("describe")
+        try:
+            self._describe = self._request({"op": "start", "settings": asdict(settings)})[0].get("describe")
+        except InferenceError:
+            self.close()
+            raise
 
     def _request(self, header: dict, arrays: dict | None = None) -> tuple[dict, dict]:
         with self._lock:
