@@ -127,9 +127,8 @@ def _histories(run_dir: Path, seeds: list[int]) -> dict:
 
 def fidelity(name: str, out: Path) -> dict:
     """Open-loop error of the final DDPM-100 chunk against the uncached one (same noise, same DDPM noise), for
-    BAC with and without the bubbling union and for Uniform with at least as many branch evaluations."""
-    import math
-
+    BAC with and without the bubbling union (and with n = 5), with the L1 metric, and for the two Uniform schedules
+    whose evaluation counts bracket BAC's."""
     import torch
 
     from policy.cache import CachedDenoiser, calibrate, make_schedule
@@ -157,12 +156,18 @@ def fidelity(name: str, out: Path) -> dict:
             "uncached_block_evals": len(blocks) * len(ts)}
     for S in (5, 10, 20):
         bac = make_schedule("bac", S, "ddpm", ts, blocks, "", cal)
-        uniform_budget = math.ceil(bac.block_evals / len(blocks))
+        # Uniform schedules bracketing BAC's evaluation count: the largest at or below it, the smallest at or above
+        uniform_evals = {b: make_schedule("uniform", b, "ddpm", ts, blocks, "").block_evals for b in range(1, 101)}
+        below = max(b for b, n in uniform_evals.items() if n <= bac.block_evals)
+        above = min(b for b, n in uniform_evals.items() if n >= bac.block_evals)
         rows[f"S={S}"] = {
             "bac": error(bac), "bac_without_bubbling": error(make_schedule("bac", S, "ddpm", ts, blocks, "", cal,
                                                                           bubble_n=0)),
             "bac_l1": error(make_schedule("bac", S, "ddpm", ts, blocks, "", cal, metric="l1")),
-            f"uniform:{uniform_budget}": error(make_schedule("uniform", uniform_budget, "ddpm", ts, blocks, "")),
+            # the paper's simulation setting; 3 (the default) is its real-robot one
+            "bac_bubble5": error(make_schedule("bac", S, "ddpm", ts, blocks, "", cal, bubble_n=5)),
+            "uniform_below": {"budget": below, **error(make_schedule("uniform", below, "ddpm", ts, blocks, ""))},
+            "uniform_above": {"budget": above, **error(make_schedule("uniform", above, "ddpm", ts, blocks, ""))},
             "selected": bac.selected}
         print(name, S, json.dumps(rows[f"S={S}"]), flush=True)
     return rows
@@ -184,6 +189,27 @@ def table(out: Path) -> str:
                 label += " (warm decisions)"
             rows.append(f"| {name} | {label} | {e['success_rate']:.2f} [{lo:.2f}, {hi:.2f}] | "
                         f"{e['block_evals_per_decision']:.0f} | {lat['p50']:.0f} / {lat['p99']:.0f} |")
+    return "\n".join(rows)
+
+
+def fidelity_table(out: Path) -> str:
+    rows = ["| task | S | BAC (cosine, union n=3) | BAC without union | BAC, union n=5 | BAC, L1 metric | "
+            "Uniform at or below | Uniform at or above |", "|---|---|---|---|---|---|---|---|"]
+
+    def cell(e: dict) -> str:
+        return f"{e['rel_error']:.3f} ({e['block_evals']})"
+
+    for name in TASKS:
+        path = out / f"{name}.json"
+        f = json.loads(path.read_text()).get("fidelity") if path.is_file() else None
+        if not f or "uniform_below" not in f.get("S=10", {}):
+            continue
+        for S in (5, 10, 20):
+            r = f[f"S={S}"]
+            rows.append(f"| {name} | {S} | {cell(r['bac'])} | {cell(r['bac_without_bubbling'])} | "
+                        f"{cell(r['bac_bubble5'])} | {cell(r['bac_l1'])} | uniform:{r['uniform_below']['budget']} "
+                        f"{cell(r['uniform_below'])} | uniform:{r['uniform_above']['budget']} "
+                        f"{cell(r['uniform_above'])} |")
     return "\n".join(rows)
 
 
@@ -210,6 +236,8 @@ def main() -> None:
         for name in args.tasks:
             run_task(name, args.out, args.episodes, args.train_steps, args.seed)
     print(table(args.out))
+    print()
+    print(fidelity_table(args.out))
 
 
 if __name__ == "__main__":
