@@ -118,11 +118,15 @@ def test_the_policy_is_told_how_many_ticks_passed_since_its_last_observation():
         assert executed == step - prev
 
 
-@pytest.mark.parametrize("extra", [[], ["--rti", "2"], ["--worker", "thread"]])
+@pytest.mark.parametrize("extra", [[], ["--rti", "2"], ["--worker", "thread"],
+                                   ["--backend", "onnxruntime", "--precision", "fp16"]])
 def test_control_cli_reports_what_design_md_lists(extra, tmp_path, capsys):
+    from deploy.export import ExportSettings, export_policy
     from tests.deploy.test_export import saved_policy
 
     ckpt = saved_policy(tmp_path / "policy")
+    if "--precision" in extra:
+        export_policy(ExportSettings(checkpoint=str(ckpt), fused=False, precision="fp16"))
     path = tmp_path / "control.json"
     assert main(["control", "--checkpoint", str(ckpt), "--rate", "50", "--episodes", "1", "--bad-obs-every", "9",
                  "--no-progress", "--report", str(path), *extra]) == 0
@@ -133,4 +137,7 @@ def test_control_cli_reports_what_design_md_lists(extra, tmp_path, capsys):
     assert r["ticks"] == r["per_episode"][0]["ticks"] <= 40  # point_mass/reach episodes end by 40 steps
     assert r["bad_observations"] == (r["ticks"] + 1) // 9  # every 9th observe() call, the first before the clock
     assert r["config"]["worker"] == ("thread" if "thread" in extra else "process")
+    assert (r["config"]["backend"], r["config"]["precision"]) == (
+        ("onnxruntime", "fp16") if "--backend" in extra else ("torch", "fp32"))
+    assert r["inference_errors"] == 0 and r["decisions"] > 1
     assert "deadline misses" in capsys.readouterr().out
