@@ -1,7 +1,7 @@
 """BAC on a trained transformer policy (point-mass reach): `rtdp cache` calibrates schedules from rollouts and
 saves them in the checkpoint, `rtdp eval --cache` counts exactly the branch evaluations the schedule predicts,
 stale or missing schedules are refused, the schedule composes with an RTI tail, and the cached chunk
-approaches the uncached one as the budget grows."""
+approaches the uncached one as the budget grows, closer with the bubbling union than without."""
 
 import json
 import shutil
@@ -119,3 +119,6 @@ def test_cached_chunk_approaches_the_uncached_one_as_the_budget_grows(transforme
     errors = {s: error(make_schedule("bac", s, "ddpm", ts, blocks, "", cal)) for s in (5, 10, 20, 50, 100)}
     assert errors[100] == 0.0
     assert errors[5] > errors[10] > errors[20] > errors[50] > 0, errors
+    # The bubbling union exists to stop upstream reuse error surging through downstream FFNs (paper, Prop. 3.1).
+    without = {s: error(make_schedule("bac", s, "ddpm", ts, blocks, "", cal, bubble_n=0)) for s in (5, 10)}
+    assert without[5] > errors[5] and without[10] > errors[10], (without, errors)
