@@ -69,7 +69,8 @@ class TensorRTBackend:
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace_bytes)
         # fp32 layers stay fp32: TF32's 10-bit mantissa breaks 1e-4 parity (as cuDNN's does, tests/deploy/test_gpu.py)
-        config.clear_flag(trt.BuilderFlag.TF32)
+        if hasattr(trt.BuilderFlag, "TF32"):
+            config.clear_flag(trt.BuilderFlag.TF32)
         profile = builder.create_optimization_profile()
         for i in range(network.num_inputs):
             tensor = network.get_input(i)
