@@ -104,14 +104,13 @@ class InferenceProcess:
     """A ChunkDecider in a child process. Calls are serialised: `reset` between episodes waits for a decision
     still in flight instead of interleaving with it."""
 
-    def __init__(self, settings, threads: int = 1, start_timeout_s: float = 120.0):
+    def __init__(self, settings, threads: int = 1):
         settings = type(settings)(**{**asdict(settings), "checkpoint": str(Path(settings.checkpoint).resolve())})
         env = {**os.environ, "OMP_NUM_THREADS": str(threads),
                "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         self._proc = subprocess.Popen([sys.executable, "-m", "deploy.inference_process", str(threads)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self._lock = threading.Lock()
-        self.start_timeout_s = start_timeout_s
         try:
             self._describe = self._request({"op": "start", "settings": asdict(settings)})[0].get("describe")
         except InferenceError:
@@ -133,9 +132,7 @@ class InferenceProcess:
             return reply
 
     def __call__(self, history: dict[str, np.ndarray], executed: int | None) -> np.ndarray:
-        header, arrays = self._request({"op": "decide", "executed": executed}, history)
-        self.last_ms = header.get("ms")
-        return arrays["actions"]
+        return self._request({"op": "decide", "executed": executed}, history)[1]["actions"]
 
     def reset(self, seed: int) -> None:
         self._request({"op": "reset", "seed": int(seed)})
