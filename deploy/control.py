@@ -119,11 +119,11 @@ def _eval_settings(settings: ControlSettings) -> EvalSettings:
 def run_control(settings: ControlSettings, progress: bool = True) -> dict:
     from tqdm import tqdm
 
-    from .evaluation import _load_for_eval
+    from .evaluation import load_env_for
 
     if settings.worker not in WORKERS:
         raise ValueError(f"worker must be one of {WORKERS}, got {settings.worker!r}")
-    _, run_cfg, task, env = _load_for_eval(_eval_settings(settings))
+    run_cfg, task, env = load_env_for(_eval_settings(settings))  # the weights are loaded by the decider alone
     try:
         if settings.worker == "process":
             from .inference_process import InferenceProcess

@@ -120,27 +120,47 @@ class TimedPolicy:
         return out["action"][0].numpy()
 
 
-def load_policy_for(settings: EvalSettings):
-    """(policy, run config, task) without building the environment: what an inference process needs."""
+def _with_task(settings: EvalSettings, run_cfg) -> str:
+    """The task the settings run, with the run config's discrete action dims filled in from it when missing."""
     from envs.tasks import discrete_action_dims
-    from policy.checkpoint import load_policy
 
-    policy, run_cfg = load_policy(settings.checkpoint)
     task = resolve_task(settings, run_cfg)
     if run_cfg.policy.discrete_action_dims is None:  # a checkpoint from before the field existed
         run_cfg.policy.discrete_action_dims = discrete_action_dims(task)
-    return policy, run_cfg, task
+    return task
 
 
-def _load_for_eval(settings: EvalSettings, max_episode_steps: int | None = None):
+def load_policy_for(settings: EvalSettings):
+    """(policy, run config, task) without building the environment: what an inference process needs."""
+    from policy.checkpoint import load_policy
+
+    policy, run_cfg = load_policy(settings.checkpoint)
+    return policy, run_cfg, _with_task(settings, run_cfg)
+
+
+def load_env_for(settings: EvalSettings, max_episode_steps: int | None = None):
+    """(run config, task, environment) without loading the weights: what a loop whose inference runs elsewhere
+    needs. The checkpoint's shapes are checked against the environment's."""
+    from policy.checkpoint import load_config_file
+
+    run_cfg = load_config_file(settings.checkpoint)
+    task = _with_task(settings, run_cfg)
+    return run_cfg, task, _make_env(settings, run_cfg, task, max_episode_steps)
+
+
+def _make_env(settings: EvalSettings, run_cfg, task: str, max_episode_steps: int | None):
     from envs.tasks import make_env
 
-    policy, run_cfg, task = load_policy_for(settings)
     image_size = run_cfg.policy.image_shape[0] if run_cfg.policy.image_shape else 96
     env = make_env(task, image=run_cfg.policy.image_shape is not None, image_size=image_size,
                    max_episode_steps=max_episode_steps or settings.max_episode_steps)
     check_compatible(run_cfg.policy, env, settings.checkpoint, task)
-    return policy, run_cfg, task, env
+    return env
+
+
+def _load_for_eval(settings: EvalSettings, max_episode_steps: int | None = None):
+    policy, run_cfg, task = load_policy_for(settings)
+    return policy, run_cfg, task, _make_env(settings, run_cfg, task, max_episode_steps)
 
 
 def run_episodes(settings: EvalSettings, emit) -> None:

@@ -41,11 +41,15 @@ class TensorRTBackend:
         self.max_batch, self.workspace_bytes = max_batch, workspace_bytes
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.stream = torch.cuda.Stream()
-        self.engines, self.contexts = {}, {}
+        self.engines, self.contexts, self.inputs, self.outputs = {}, {}, {}, {}
         for graph, spec in self.manifest["graphs"].items():
             engine = self._engine(graph, spec)
             self.engines[graph], self.contexts[graph] = engine, engine.create_execution_context()
+            names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+            self.inputs[graph] = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+            self.outputs[graph] = [n for n in names if n not in self.inputs[graph]]
         self._buffers: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._bound: dict[str, tuple] = {}  # graph -> the buffers' key its context's shapes and addresses are set to
 
     # -- building --
 
@@ -88,30 +92,33 @@ class TensorRTBackend:
     # -- running --
 
     def _run(self, graph: str, inputs: dict[str, torch.Tensor], out_name: str) -> torch.Tensor:
+        """One engine call. Buffers are made, and the context's shapes and addresses set, only when the input
+        shapes change; a call copies its inputs in and runs."""
         engine, context = self.engines[graph], self.contexts[graph]
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        key = (graph, *(tuple(inputs[n].shape) for n in names if n in inputs))
+        missing = [n for n in self.inputs[graph] if n not in inputs]
+        if missing:
+            raise ExportError(f"the {graph} engine wants inputs {missing}")
+        key = (graph, *(tuple(inputs[n].shape) for n in self.inputs[graph]))
         buffers = self._buffers.get(key)
         if buffers is None:
-            buffers = {}
-            for n in names:
-                if engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT:
-                    if n not in inputs:
-                        raise ExportError(f"the {graph} engine wants an input {n!r}")
-                    context.set_input_shape(n, tuple(inputs[n].shape))
-                    buffers[n] = torch.empty(tuple(inputs[n].shape), dtype=_torch_dtype(engine.get_tensor_dtype(n)),
-                                             device="cuda")
-            for n in names:
-                if engine.get_tensor_mode(n) == self.trt.TensorIOMode.OUTPUT:
-                    buffers[n] = torch.empty(tuple(context.get_tensor_shape(n)),
-                                             dtype=_torch_dtype(engine.get_tensor_dtype(n)), device="cuda")
+            buffers = {n: torch.empty(tuple(inputs[n].shape), dtype=_torch_dtype(engine.get_tensor_dtype(n)),
+                                      device="cuda") for n in self.inputs[graph]}
+            for n in self.inputs[graph]:
+                context.set_input_shape(n, tuple(buffers[n].shape))
+            for n in self.outputs[graph]:
+                buffers[n] = torch.empty(tuple(context.get_tensor_shape(n)),
+                                         dtype=_torch_dtype(engine.get_tensor_dtype(n)), device="cuda")
             self._buffers[key] = buffers
-        with torch.cuda.stream(self.stream):
+        if self._bound.get(graph) != key:
             for n, buf in buffers.items():
-                if n in inputs and engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT:
+                if n in self.inputs[graph]:
                     context.set_input_shape(n, tuple(buf.shape))
-                    buf.copy_(inputs[n], non_blocking=True)
                 context.set_tensor_address(n, buf.data_ptr())
+            self._bound[graph] = key
+        self.stream.wait_stream(torch.cuda.current_stream())  # the inputs are written on the caller's stream
+        with torch.cuda.stream(self.stream):
+            for n in self.inputs[graph]:
+                buffers[n].copy_(inputs[n], non_blocking=True)
             if not context.execute_async_v3(self.stream.cuda_stream):
                 raise RuntimeError(f"TensorRT failed to run the {graph} engine")
         torch.cuda.current_stream().wait_stream(self.stream)
