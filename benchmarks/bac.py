@@ -63,7 +63,7 @@ def train_task(name: str, run_dir: Path, steps: int, seed: int) -> dict:
 
 
 def make_schedules(run_dir: Path) -> dict:
-    from deploy.caching import CacheSettings, calibrate_cache, result_dict
+    from evaluation.calibration import CacheSettings, calibrate_cache, result_dict
 
     out = {}
     for label, sampler, steps, budgets, rti in (("ddpm-100", "ddpm", 100, [5, 10, 20], None),
@@ -77,7 +77,7 @@ def make_schedules(run_dir: Path) -> dict:
 
 
 def run_task(name: str, out: Path, episodes: int, train_steps: int, seed: int) -> None:
-    from deploy.evaluation import EvalSettings, evaluate
+    from evaluation.evaluate import EvalSettings, evaluate
 
     path = out / f"{name}.json"
     done = json.loads(path.read_text()) if path.is_file() else {}
@@ -107,11 +107,15 @@ def _histories(run_dir: Path, seeds: list[int]) -> dict:
     import numpy as np
     import torch
 
-    from deploy.evaluation import EvalSettings, TimedPolicy, _load_for_eval
+    from deploy.runtime import RuntimeSettings, build_policy
     from envs.rollout import run_episode
+    from evaluation.episodes import TimedPolicy
+    from evaluation.tasks import open_env, resolve_task
 
-    policy, run_cfg, _, env = _load_for_eval(EvalSettings(checkpoint=str(run_dir), max_episode_steps=150))
-    act = TimedPolicy(policy, "ddim", 10)
+    runtime = build_policy(RuntimeSettings(checkpoint=str(run_dir), sampler="ddim", steps=10))
+    run_cfg = runtime.run_cfg
+    env = open_env(str(run_dir), run_cfg, resolve_task(str(run_dir), run_cfg), max_episode_steps=150)
+    act = TimedPolicy(runtime.policy)
     histories = []
 
     def record(history):
@@ -145,11 +149,11 @@ def fidelity(name: str, out: Path) -> dict:
                                                   generator=torch.Generator().manual_seed(0)), ts, "ddpm",
                     torch.Generator().manual_seed(0))
     noise = torch.randn(policy.chunk_shape(test_cond.shape[0]), generator=torch.Generator().manual_seed(1))
-    ref = policy.sample_normalized(test_cond, noise, ts, "ddpm", torch.Generator().manual_seed(2))
+    ref = policy.sample_normalized(test_cond, noise, ts, "ddpm", torch.Generator().manual_seed(2)).x0
 
     def error(schedule) -> dict:
         cached = CachedDenoiser(policy, schedule)
-        x = policy.sample_normalized(test_cond, noise, ts, "ddpm", torch.Generator().manual_seed(2), cached)
+        x = policy.sample_normalized(test_cond, noise, ts, "ddpm", torch.Generator().manual_seed(2), cached).x0
         return {"rel_error": float((x - ref).norm() / ref.norm()), "block_evals": cached.block_evals}
 
     rows = {"observations": {"calibration": int(cal_cond.shape[0]), "test": int(test_cond.shape[0])},

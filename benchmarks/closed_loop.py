@@ -25,7 +25,7 @@ CONFIG = ROOT / "configs" / "policy" / "unet_lowdim.yaml"
 
 
 def run_task(name: str, out: Path, demos: int, steps: int, episodes: int, seed: int) -> dict:
-    from deploy.evaluation import EvalSettings, evaluate
+    from evaluation.evaluate import EvalSettings, evaluate
     from envs.collect import collect_demos
     from envs.datasets import PolicyDataset
     from policy.config import load_config

@@ -27,7 +27,7 @@ RUNS = {
 
 
 def main() -> None:
-    from deploy.control import ControlSettings, control_summary, run_control
+    from evaluation.control import ControlSettings, control_summary, run_control
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "control")

@@ -39,7 +39,7 @@ KEYS = ("success_rate", "success_ci95", "mean_return", "nfe_per_decision", "acti
 
 
 def run(name: str, method: str, episodes: int, seed: int) -> dict:
-    from deploy.evaluation import EvalSettings, evaluate
+    from evaluation.evaluate import EvalSettings, evaluate
 
     settings = EvalSettings(checkpoint=str(BASELINE / "runs" / name), episodes=episodes, seed=seed,
                             **METHODS[method])
@@ -87,9 +87,11 @@ def latency(name: str, decisions: int = 200, full: int = 30) -> dict:
     rti = RTIPolicy(policy, RTIConfig(k0=3))
     rti.reset()
     rti.predict_chunk(history[0], generator=g)
-    ddpm = timed(lambda o: policy.predict_chunk(o, sampler="ddpm", steps=100, generator=g), history[:full])
+    policy.configure_inference("ddpm", 100)
+    ddpm = timed(lambda o: policy.predict_chunk(o, generator=g), history[:full])
     warm = timed(lambda o: rti.predict_chunk(o, generator=g), history[1:])
-    ddim4 = timed(lambda o: policy.predict_chunk(o, sampler="ddim", steps=4, generator=g), history[1:])
+    policy.configure_inference("ddim", 4)
+    ddim4 = timed(lambda o: policy.predict_chunk(o, generator=g), history[1:])
 
     def pct(a):
         return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99))}

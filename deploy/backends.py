@@ -10,18 +10,24 @@ normalised torch tensors, so a backend is just another model_fn for the samplers
 Every backend takes a precision: fp32, or fp16 for the network alone (the torch backends cast a half copy's
 inputs and outputs; the engines read the fp16 export). The sampler's arithmetic stays fp32 either way.
 
-`BackendPolicy` wraps a DiffusionPolicy so that `predict_chunk` runs on a backend: validation and normalisation
-stay in torch, outside the graphs, exactly as in the policy itself.
+`BackendPolicy` wraps a denoising policy (policy.denoising) so that its encoder and denoiser run on a backend:
+validation and normalisation stay in torch, outside the graphs, exactly as in the policy itself. Nothing here
+knows the model kind: the torch backends call the model's `encode_obs` and `denoise`, the engines run the graphs
+the kind exported under those names.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .export import ExportError, export_dir, load_manifest, network_in
+from policy.denoising import Denoised, DenoisingWrapper
+
+from .artifacts import PRECISIONS, BackendUnavailable, ExportError, export_dir, load_manifest
+from .tensorrt_backend import TensorRTBackend
 
 BACKENDS = ("torch", "torch-compile", "torch-cuda", "torch-compile-cuda", "onnxruntime", "onnxruntime-cuda",
             "onnxruntime-tensorrt", "tensorrt")
@@ -32,26 +38,32 @@ _PROVIDERS = {
 }
 
 
-class BackendUnavailable(ValueError):
-    """The backend cannot run here (no such execution provider, no export): a setup problem the user fixes."""
+def network_in(model, precision: str):
+    """The model whose network computes in `precision` (a copy for fp16; its noise schedule, a plain object,
+    stays float32)."""
+    if precision == "fp32":
+        return model
+    if precision != "fp16":
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return copy.deepcopy(model).half()
 
 
 class TorchBackend:
-    def __init__(self, policy, compile: bool = False, device: str = "cpu", precision: str = "fp32"):
+    def __init__(self, model, compile: bool = False, device: str = "cpu", precision: str = "fp32"):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendUnavailable("torch here has no CUDA device")
-        self.policy = network_in(policy.eval(), precision).to(device)
-        self.dtype = next(self.policy.parameters()).dtype
+        self.model = network_in(model.eval(), precision).to(device)
+        self.dtype = next(self.model.parameters()).dtype
         self.name = ("torch-compile" if compile else "torch") + ("-cuda" if device.startswith("cuda") else "")
         self.device, self.precision = device, precision
         # On a GPU a batch-1 denoiser call is bound by kernel launches; "reduce-overhead" replays CUDA graphs.
         mode = "reduce-overhead" if device.startswith("cuda") else None
-        net = self.policy.denoise
+        net = self.model.denoise
         self._denoise = torch.compile(net, dynamic=False, mode=mode) if compile else net
 
     @torch.no_grad()
     def encode(self, nobs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.policy.encode_obs({k: v.to(self.device, self.dtype) for k, v in nobs.items()}).float()
+        return self.model.encode_obs({k: v.to(self.device, self.dtype) for k, v in nobs.items()}).float()
 
     @torch.no_grad()
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -118,10 +130,10 @@ class OnnxRuntimeBackend:
     def encode(self, nobs: dict[str, torch.Tensor]) -> torch.Tensor:
         spec = self.manifest["graphs"]["encoder"]
         inputs = {i["name"]: nobs[i["name"]].detach().float().numpy() for i in spec["inputs"]}
-        first = next(iter(inputs.values()))
-        p = self.manifest["policy"]
-        cond_dim = spec["outputs"][0]["shape"][-1]
-        return self._run("encoder", inputs, "cond", (first.shape[0], p["n_obs_steps"], cond_dim)).clone()
+        batch = next(iter(inputs.values())).shape[0]
+        out = spec["outputs"][0]
+        shape = tuple(batch if isinstance(d, str) else d for d in out["shape"])
+        return self._run("encoder", inputs, out["name"], shape).clone()
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self._run("denoiser", {"x": x.detach().float().numpy(), "t": t.detach().long().numpy(),
@@ -135,56 +147,38 @@ class OnnxRuntimeBackend:
                          tuple(x_init.shape)).clone()
 
 
-def make_backend(name: str, policy, checkpoint: str | Path, threads: int = 0, precision: str = "fp32"):
+def make_backend(name: str, model, checkpoint: str | Path, threads: int = 0, precision: str = "fp32",
+                 directory: str | Path | None = None):
+    """The backend `name` for a loaded model; the engine backends read the export in `directory` (default: the
+    checkpoint's, for this precision) and check it was made from the checkpoint's weights."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name.startswith("torch"):
-        return TorchBackend(policy, compile="compile" in name, device="cuda" if name.endswith("cuda") else "cpu",
+        return TorchBackend(model, compile="compile" in name, device="cuda" if name.endswith("cuda") else "cpu",
                             precision=precision)
-    directory = export_dir(checkpoint, precision)
+    directory = Path(directory) if directory is not None else export_dir(checkpoint, precision)
     if name == "tensorrt":
-        from .tensorrt_backend import TensorRTBackend
-
         backend = TensorRTBackend(directory, checkpoint)
     else:
         backend = OnnxRuntimeBackend(directory, _PROVIDERS[name], threads, name, checkpoint)
     exported = backend.manifest.get("precision", "fp32")
     if exported != precision:
         raise ExportError(f"{directory} holds an {exported} export, not {precision}: export it with --precision "
-                          f"{precision}")
+                          f"{precision}, or pass --precision {exported}")
     return backend
 
 
-class BackendPolicy:
-    """A DiffusionPolicy whose graph runs on `backend`; the same predict_chunk / reset contract. Wrappers that
-    call `policy.condition` and `policy.sample_normalized` (RTI, caching) pick the backend up through it."""
+class BackendPolicy(DenoisingWrapper):
+    """A denoising policy whose encoder and denoiser run on `backend`; the same contract. Wrappers put around it
+    (a block cache, RTI) call its `condition` and `sample_normalized`, and so run on the backend too."""
 
     def __init__(self, policy, backend):
-        self.policy, self.backend = policy, backend
-        self.cfg, self.schedule, self.normalizer = policy.cfg, policy.schedule, policy.normalizer
-        self.last_nfe = 0
-
-    def __getattr__(self, name):
-        return getattr(self.policy, name)
-
-    def reset(self) -> None:
-        self.policy.reset()
+        super().__init__(policy)
+        self.backend = backend
 
     def condition(self, obs):
-        return self.backend.encode(self.policy.normalize_obs(obs))
+        return self.backend.encode(self.model.normalize_obs(obs))
 
-    def sample_normalized(self, cond, x_init, timesteps, method, generator=None, denoiser=None):
-        x0 = self.policy.sample_normalized(cond, x_init, timesteps, method, generator,
-                                           denoiser=denoiser or self.backend.denoise)
-        self.last_nfe = self.policy.last_nfe
-        return x0
-
-    @torch.no_grad()
-    def predict_chunk(self, obs, noise=None, sampler=None, steps=None, generator=None):
-        cond = self.condition(obs)
-        if noise is None:
-            noise = torch.randn(self.policy.chunk_shape(cond.shape[0]), generator=generator, dtype=cond.dtype)
-        x0 = self.sample_normalized(cond, noise, self.policy.inference_timesteps(steps),
-                                    sampler or self.cfg.inference.sampler, generator)
-        return self.policy.to_actions(x0)
-
+    def sample_normalized(self, cond, x_init, timesteps, method, generator=None, denoiser=None) -> Denoised:
+        return self.inner.sample_normalized(cond, x_init, timesteps, method, generator,
+                                            denoiser=denoiser or self.backend.denoise)

@@ -5,13 +5,15 @@ with the loop; CPython hands it over only every switch interval, and the loop's 
 50 Hz on the 2-core benchmark machine). Here the policy runs in a child process; the loop's worker thread only
 waits on a pipe, which holds no GIL.
 
-`InferenceProcess(settings)` is a drop-in for `ChunkDecider`: `__call__(history, executed)`, `reset(seed)`,
-`describe()`, plus `close()`. It talks to the child over stdin / stdout in explicit messages, never pickle:
+`InferenceProcess(settings)` is a drop-in for `ChunkDecider` (deploy/decider.py): `__call__(history, executed)`,
+`reset(seed)`, `spec`, `config`, plus `close()`. It talks to the child over stdin / stdout in explicit messages,
+never pickle:
 
     message = one line of JSON (the header), then header["nbytes"] bytes of payload
     arrays  = header["arrays"]: [{"name", "dtype", "shape"}], their C-order bytes concatenated in the payload
 
-    -> {"op": "start", "settings": {...ControlSettings}}   <- {"ok": true, "describe": ...}
+    -> {"op": "start", "settings": {...RuntimeSettings}, "inference_delay_ms": float}
+                                                           <- {"ok": true, "spec": {...PolicySpec}, "config": {...}}
     -> {"op": "decide", "executed": int | null, arrays}    <- {"ok": true, "ms": float, arrays: [actions]}
     -> {"op": "reset", "seed": int}                        <- {"ok": true}
     -> {"op": "close"}                                     (the child exits)
@@ -26,10 +28,15 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+
+from policy.contract import PolicySpec
+
+from .decider import ChunkDecider
+from .runtime import RuntimeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = ("float32", "float64", "int64", "int32", "uint8", "bool")
@@ -104,15 +111,18 @@ class InferenceProcess:
     """A ChunkDecider in a child process. Calls are serialised: `reset` between episodes waits for a decision
     still in flight instead of interleaving with it."""
 
-    def __init__(self, settings, threads: int = 1):
-        settings = type(settings)(**{**asdict(settings), "checkpoint": str(Path(settings.checkpoint).resolve())})
+    def __init__(self, settings: RuntimeSettings, inference_delay_ms: float = 0.0, threads: int = 1):
+        settings = replace(settings, checkpoint=str(Path(settings.checkpoint).resolve()),
+                           export=str(Path(settings.export).resolve()) if settings.export else None)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads),
                "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         self._proc = subprocess.Popen([sys.executable, "-m", "deploy.inference_process", str(threads)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self._lock = threading.Lock()
         try:
-            self._describe = self._request({"op": "start", "settings": asdict(settings)})[0].get("describe")
+            started = self._request({"op": "start", "settings": asdict(settings),
+                                     "inference_delay_ms": float(inference_delay_ms)})[0]
+            self.spec, self.config = PolicySpec.from_dict(started["spec"]), started["config"]
         except InferenceError:
             self.close()
             raise
@@ -137,9 +147,6 @@ class InferenceProcess:
     def reset(self, seed: int) -> None:
         self._request({"op": "reset", "seed": int(seed)})
 
-    def describe(self) -> dict | None:
-        return self._describe
-
     def close(self) -> None:
         if self._proc.poll() is None:
             try:
@@ -152,8 +159,6 @@ class InferenceProcess:
 
 
 def serve(requests, replies, threads: int) -> None:
-    from .control import ChunkDecider, ControlSettings
-
     decider = None
     while True:
         try:
@@ -169,8 +174,9 @@ def serve(requests, replies, threads: int) -> None:
             if op == "close":
                 return
             if op == "start":
-                decider = ChunkDecider(ControlSettings(**header["settings"]), threads=threads)
-                write_message(replies, {"ok": True, "describe": decider.describe()})
+                decider = ChunkDecider(RuntimeSettings(**header["settings"]), header.get("inference_delay_ms", 0.0),
+                                       threads=threads)
+                write_message(replies, {"ok": True, "spec": decider.spec.to_dict(), "config": decider.config})
             elif decider is None:
                 raise ProtocolError(f"{op!r} before 'start'")
             elif op == "decide":

@@ -18,8 +18,8 @@ a pipe and the loop never waits for the GIL):
 - with RTI the warm start comes from the chunk actually being executed: the worker tells the policy how many
   ticks passed since the previous decision's observation.
 
-The robot is anything with `observe() -> dict` and `act(action) -> bool (done)`; `SimRobot` steps a gymnasium
-task at the control rate.
+The robot is anything with `observe() -> dict` and `act(action) -> bool (done)` (evaluation.control's SimRobot
+steps a simulated task at the control rate).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .evaluation import percentiles
+from .timing import percentiles
 
 SPIN_S = 0.0015  # the last stretch before a deadline is busy-waited: sleep() can overshoot by about a millisecond
 # An inference thread that runs the policy itself holds the GIL between torch kernels; with CPython's default 5 ms
@@ -196,6 +196,14 @@ class ControlLoop:
         self.worker = InferenceWorker(decide)
         self.stats = LoopStats()
 
+    @classmethod
+    def for_spec(cls, decide, settings: LoopSettings, spec) -> ControlLoop:
+        """A loop shaped by a policy's spec (policy.contract.PolicySpec): what it observes, how deep its history
+        is, its action, actions per decision and discrete dims."""
+        shapes = {f.name: f.step_shape for f in spec.observations}
+        return cls(decide, settings, shapes, spec.n_obs_steps, spec.action_dim, spec.n_action_steps,
+                   list(spec.discrete_action_dims))
+
     def safe_action(self, last: np.ndarray | None) -> np.ndarray:
         """No motion; discrete dims (a gripper) keep their last command."""
         action = np.zeros(self.action_dim, dtype=np.float32)
@@ -298,23 +306,4 @@ def _wait_until(deadline: float) -> None:
         time.sleep(remaining - SPIN_S)
     while time.monotonic() < deadline:
         pass
-
-
-class SimRobot:
-    """A gymnasium task as the robot: `act` steps the simulator once per tick."""
-
-    def __init__(self, env, seed: int):
-        self.env = env
-        self.obs, _ = env.reset(seed=seed)
-        self.success = False
-        self.steps = 0
-
-    def observe(self) -> dict:
-        return self.obs
-
-    def act(self, action: np.ndarray) -> bool:
-        self.obs, _, terminated, truncated, info = self.env.step(action)
-        self.steps += 1
-        self.success = self.success or bool(info.get("success", False))
-        return self.success or terminated or truncated
 

@@ -1,8 +1,10 @@
 """`rtdp profile`: decision latency and denoiser-call latency of a checkpoint on every backend available here,
 in one run: warm-up, then N timed decisions each, percentiles, a histogram PNG and a comparison table.
 
-A decision is what the control loop pays per chunk: validation and normalisation, the encoder, and the sampler's
-denoiser calls (or one fused-graph call). Inputs are raw observations drawn inside the normaliser's range.
+A decision is what the control loop pays per chunk: the runtime's policy (deploy/runtime.py) called through the
+decision contract, so validation and normalisation, the encoder, the sampler's denoiser calls and the actions'
+post-processing; with --rti, RTI's warm decision. The fused graph, where exported, is timed as one engine call
+per decision. Inputs are raw observations drawn inside the normaliser's range.
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backends import BACKENDS, BackendUnavailable, OnnxRuntimeBackend, make_backend
-from .evaluation import percentiles
+from policy.denoising import Denoised
+
+from .artifacts import BackendUnavailable, ExportError
+from .backends import BACKENDS, OnnxRuntimeBackend
+from .runtime import RuntimeSettings, build_policy, load_model
+from .timing import percentiles
 
 
 @dataclass
@@ -31,19 +37,33 @@ class ProfileSettings:
     rti_k0: int | None = None  # profile RTI's warm decision ([k0 .. 0]) instead of a full denoise
     threads: int = 1
     precision: str = "fp32"  # the network's: fp32 | fp16
+    export: str | None = None  # the export folder the engine backends read; None: the checkpoint's
     fused: bool = True  # also time the exported fused graph (one engine call per decision), when present
     plot: str | None = None
 
+    def runtime(self, backend: str) -> RuntimeSettings:
+        rti = None
+        if self.rti_k0 is not None:
+            rti = {"k0": self.rti_k0, **({"sampler": self.sampler} if self.sampler else {})}
+        return RuntimeSettings(checkpoint=self.checkpoint, sampler=self.sampler, steps=self.steps, rti=rti,
+                               backend=backend, precision=self.precision,
+                               export=self.export if not backend.startswith("torch") else None,
+                               threads=self.threads)
 
-def _raw_obs(policy, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    cfg = policy.cfg
-    norm = policy.normalizer["state"]
-    lo = torch.tensor(norm.stats.get("min", [-1.0] * cfg.state_dim), dtype=torch.float32)
-    hi = torch.tensor(norm.stats.get("max", [1.0] * cfg.state_dim), dtype=torch.float32)
-    obs = {"state": lo + (hi - lo) * torch.rand(1, cfg.n_obs_steps, cfg.state_dim, generator=generator)}
-    if cfg.image_shape is not None:
-        obs["image"] = torch.randint(0, 256, (1, cfg.n_obs_steps, *cfg.image_shape, 3), generator=generator,
-                                     dtype=torch.uint8)
+
+def raw_observation(spec, normalizer, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """One raw observation history per the spec: floats uniform inside the normaliser's training range, frames
+    uniform bytes."""
+    obs = {}
+    for f in spec.observations:
+        if f.dtype == "uint8":
+            obs[f.name] = torch.randint(0, 256, (1, *f.shape), generator=generator, dtype=torch.uint8)
+            continue
+        dim = f.shape[-1]
+        stats = normalizer[f.name].stats
+        lo = torch.tensor(stats.get("min", [-1.0] * dim), dtype=torch.float32)
+        hi = torch.tensor(stats.get("max", [1.0] * dim), dtype=torch.float32)
+        obs[f.name] = lo + (hi - lo) * torch.rand(1, *f.shape, generator=generator)
     return obs
 
 
@@ -56,49 +76,44 @@ def _time(fn, n: int) -> np.ndarray:
     return out
 
 
-def profile_backend(policy, backend, settings: ProfileSettings, fused: bool = False) -> dict:
-    from policy.rti import rti_tail
-
-    from .backends import BackendPolicy
-
+def profile_backend(runtime, settings: ProfileSettings, fused: bool = False) -> dict:
+    policy, model, backend = runtime.policy, runtime.model, runtime.backend
     g = torch.Generator().manual_seed(0)
-    wrapped = BackendPolicy(policy, backend)
-    obs = _raw_obs(policy, g)
-    method = settings.sampler or policy.cfg.inference.sampler
-    if settings.rti_k0 is not None:
-        timesteps = rti_tail(settings.rti_k0, policy.schedule)
-    else:
-        timesteps = policy.inference_timesteps(settings.steps).tolist()
-    shape = policy.chunk_shape(1)
-    x_init = torch.randn(shape, generator=g)
-    cond = wrapped.condition(obs)
-    step_noise = torch.randn(len(timesteps), *shape, generator=g)
-
+    obs = raw_observation(policy.spec, model.normalizer, g)
+    shape = model.chunk_shape(1)
+    cond = policy.condition(obs)
+    on_cuda = str(cond.device).startswith("cuda")
+    # A timed step ends when the device has finished its work, not when the host has queued it.
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     if fused:
         spec = backend.manifest["graphs"]["fused"]
-        if (spec["method"], spec["timesteps"]) != (method, timesteps):
+        if (spec["method"], spec["timesteps"]) != (policy.method, policy.timesteps):
             raise BackendUnavailable(f"the fused graph runs {spec['method']} over {spec['timesteps'][:3]}..., "
-                                     f"not the profiled {method} over {timesteps[:3]}...; export it for these")
+                                     f"not the profiled {policy.method} over {policy.timesteps[:3]}...; export it "
+                                     f"for these")
+        x_init = torch.randn(shape, generator=g)
+        step_noise = torch.randn(len(policy.timesteps), *shape, generator=g)
 
-        def chunk():
-            return backend.fused(wrapped.condition(obs), x_init, step_noise)
+        def decide():
+            x0 = backend.fused(policy.condition(obs), x_init, step_noise)
+            model.to_chunk(Denoised(x0, 1)).action.cpu()
+            sync()
         nfe = 1
     else:
-        def chunk():
-            return wrapped.sample_normalized(wrapped.condition(obs), x_init, timesteps, method, g)
-        nfe = len(timesteps)
+        policy.reset()
+        policy.predict_chunk(obs, generator=g)  # RTI: the episode's full denoise; every timed decision is warm
 
-    t = torch.tensor([timesteps[0]], device=cond.device)
-    x_dev = x_init.to(cond.device)
-    # A timed step ends when the device has finished its work, not when the host has queued it.
-    sync = torch.cuda.synchronize if str(cond.device).startswith("cuda") else (lambda: None)
+        def decide():
+            policy.predict_chunk(obs, generator=g).action.cpu()
+            sync()
+        nfe = len(policy.timesteps)
 
-    def decide():
-        policy.to_actions(chunk()).get("action").cpu()
-        sync()
+    denoise = backend.denoise if backend is not None else model.denoise
+    t = torch.tensor([policy.timesteps[0]], device=cond.device)
+    x_dev = torch.randn(shape, generator=g).to(cond.device)
 
     def forward():
-        backend.denoise(x_dev, t, cond)
+        denoise(x_dev, t, cond)
         sync()
 
     with torch.no_grad():
@@ -106,7 +121,8 @@ def profile_backend(policy, backend, settings: ProfileSettings, fused: bool = Fa
         decision = _time(decide, settings.iters)
         _time(forward, settings.warmup)
         call = _time(forward, max(settings.iters, 50))
-    return {"backend": backend.name + ("-fused" if fused else ""), "device": _device(backend),
+    name = backend.name if backend is not None else "torch"
+    return {"backend": name + ("-fused" if fused else ""), "device": _device(backend),
             "nfe_per_decision": nfe, "engine_calls_per_decision": 1 if fused else nfe,
             "latency_ms": percentiles(decision), "forward_ms": percentiles(call, ("p50", "p99")),
             "p99_over_p50": float(np.percentile(decision, 99) / np.percentile(decision, 50)),
@@ -114,7 +130,7 @@ def profile_backend(policy, backend, settings: ProfileSettings, fused: bool = Fa
 
 
 def _device(backend) -> str:
-    if str(backend.device).startswith("cuda"):
+    if backend is not None and str(backend.device).startswith("cuda"):
         return torch.cuda.get_device_name(0)
     if getattr(backend, "providers", ["CPUExecutionProvider"])[0] != "CPUExecutionProvider":
         return f"{backend.providers[0]} (host I/O)"
@@ -122,34 +138,34 @@ def _device(backend) -> str:
 
 
 def profile(settings: ProfileSettings, progress: bool = True) -> dict:
-    from policy.checkpoint import load_policy
-
+    if settings.iters < 1 or settings.warmup < 0:
+        raise ValueError(f"profile needs iters >= 1 and warmup >= 0, got {settings.iters}, {settings.warmup}")
     torch.set_num_threads(settings.threads)
-    policy, _ = load_policy(settings.checkpoint)
-    policy.eval()
+    model, run_cfg = load_model(settings.runtime("torch"))
     names = settings.backends or [b for b in BACKENDS if "compile" not in b]
     results, skipped = [], {}
     for name in names:
         try:
-            backend = make_backend(name, policy, settings.checkpoint, settings.threads, settings.precision)
-        except (BackendUnavailable, FileNotFoundError, ValueError) as e:
+            runtime = build_policy(settings.runtime(name), model, run_cfg)
+        except (BackendUnavailable, ExportError, FileNotFoundError) as e:
             if settings.backends:  # asked for by name: its absence is an error
                 raise
             skipped[name] = str(e)
             continue
         if progress:
             print(f"profiling {name} ...", flush=True)
-        results.append(profile_backend(policy, backend, settings))
+        results.append(profile_backend(runtime, settings))
+        backend = runtime.backend
         if settings.fused and isinstance(backend, OnnxRuntimeBackend) and "fused" in backend.sessions:
             try:
-                results.append(profile_backend(policy, backend, settings, fused=True))
+                results.append(profile_backend(runtime, settings, fused=True))
             except BackendUnavailable as e:
                 skipped[name + "-fused"] = str(e)
     if not results:
         raise BackendUnavailable(f"no backend could run: {skipped}")
     report = {k: v for k, v in results[0].items() if k != "samples_ms"}
     report.update(checkpoint=str(settings.checkpoint), iters=settings.iters, threads=settings.threads,
-                  sampler=settings.sampler or policy.cfg.inference.sampler, rti_k0=settings.rti_k0,
+                  sampler=model.method, rti_k0=settings.rti_k0,
                   date=datetime.date.today().isoformat(), machine=platform.node(),
                   backends=[{k: v for k, v in r.items() if k != "samples_ms"} for r in results], skipped=skipped)
     if settings.plot:

@@ -20,14 +20,12 @@ from pathlib import Path
 
 import torch
 
-from .export import ExportError, load_manifest
+from .artifacts import BackendUnavailable, ExportError, load_manifest
 
 
 class TensorRTBackend:
     def __init__(self, directory: str | Path, checkpoint: str | Path | None = None, max_batch: int = 8,
                  workspace_bytes: int = 1 << 30):
-        from .backends import BackendUnavailable
-
         try:
             import tensorrt as trt
         except ImportError:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .denoising import Denoised, DenoisingWrapper
 from .nets.transformer import BRANCH_KINDS, TransformerForDiffusion
 
 SCHEDULE_FILE = "cache_schedule.json"
@@ -85,7 +86,8 @@ def calibrate(policy, cond: torch.Tensor, x_init: torch.Tensor, timesteps, metho
 
 
 def transformer_of(policy) -> TransformerForDiffusion:
-    model = getattr(policy, "denoiser", None)
+    """The transformer denoiser of a denoising policy (or of one wrapped), or a CacheScheduleError."""
+    model = getattr(policy.model, "denoiser", None)
     if not isinstance(model, TransformerForDiffusion):
         raise CacheScheduleError(f"block caching needs a transformer denoiser; this policy's is "
                                  f"{type(model).__name__}")
@@ -323,32 +325,29 @@ class CachedDenoiser:
         return m.head(m.ln_f(x))
 
 
-class CachedPolicy:
-    """A transformer DiffusionPolicy whose every decision runs the schedule's step list through a
-    CachedDenoiser; the same `predict_chunk` / `reset` contract. The schedule fixes the sampler and steps."""
-
-    owns_sampler = True
+class CachedPolicy(DenoisingWrapper):
+    """A transformer denoising policy whose denoises over the schedule's step list run through a CachedDenoiser;
+    the same contract. The schedule fixes the sampler and steps of its decisions; a denoise over any other step
+    list (RTI's full denoise at an episode start, when the schedule is made for RTI's tail) runs uncached."""
 
     def __init__(self, policy, schedule: CacheSchedule):
-        self.policy = policy
-        self.schedule = schedule
-        self.denoiser = CachedDenoiser(policy, schedule)
-        self.last_nfe = 0
-        self.last_block_evals = 0
+        super().__init__(policy)
+        self.cache_schedule = schedule
+        self.denoiser = CachedDenoiser(policy.model, schedule)
 
-    def reset(self) -> None:
-        self.policy.reset()
+    @property
+    def method(self) -> str:
+        return self.cache_schedule.method
 
-    @torch.no_grad()
-    def predict_chunk(self, obs: dict[str, torch.Tensor], noise: torch.Tensor | None = None,
-                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        policy = self.policy
-        cond = policy.condition(obs)
-        if noise is None:
-            noise = torch.randn(policy.chunk_shape(cond.shape[0]), generator=generator, dtype=cond.dtype)
+    @property
+    def timesteps(self) -> list[int]:
+        return self.cache_schedule.timesteps
+
+    def sample_normalized(self, cond, x_init, timesteps, method, generator=None, denoiser=None) -> Denoised:
+        steps = timesteps.tolist() if torch.is_tensor(timesteps) else [int(t) for t in timesteps]
+        if denoiser is not None or (method, steps) != (self.cache_schedule.method, self.cache_schedule.timesteps):
+            return self.inner.sample_normalized(cond, x_init, timesteps, method, generator, denoiser)
         self.denoiser.reset()
-        x0 = policy.sample_normalized(cond, noise, self.schedule.timesteps, self.schedule.method, generator,
-                                      denoiser=self.denoiser)
-        self.last_nfe = policy.last_nfe
-        self.last_block_evals = self.denoiser.block_evals
-        return policy.to_actions(x0)
+        out = self.inner.sample_normalized(cond, x_init, timesteps, method, generator, denoiser=self.denoiser)
+        out.block_evals = self.denoiser.block_evals
+        return out

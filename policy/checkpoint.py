@@ -55,20 +55,48 @@ def save_checkpoint(directory: str | Path, cfg: RunConfig, policy: DiffusionPoli
     return directory
 
 
-def load_config_file(directory: str | Path) -> RunConfig:
-    path = Path(directory) / CONFIG
+DEFAULT_KIND = "diffusion_policy"  # what a config.yaml without `kind:` holds (every checkpoint made before it)
+
+
+def read_config_dict(directory: str | Path) -> dict:
+    """config.yaml as a mapping, whatever kind of model it describes."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint folder {directory} does not exist")
+    path = directory / CONFIG
     if not path.is_file():
         raise CheckpointError(f"checkpoint {directory} has no {CONFIG}")
     try:
         data = yaml.safe_load(path.read_text())
-        if not isinstance(data, dict):
-            raise ConfigError("expected a mapping at the top level")
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def checkpoint_kind(directory: str | Path) -> str:
+    kind = read_config_dict(directory).get("kind", DEFAULT_KIND)
+    if not isinstance(kind, str):
+        raise CheckpointError(f"{Path(directory) / CONFIG}: kind must be a name, got {kind!r}")
+    return kind
+
+
+def load_config_file(directory: str | Path) -> RunConfig:
+    """A Diffusion Policy checkpoint's run config."""
+    path = Path(directory) / CONFIG
+    data = read_config_dict(directory)
+    kind = data.get("kind", DEFAULT_KIND)
+    if kind != DEFAULT_KIND:
+        raise CheckpointError(f"{path} holds a {kind!r} model, not a {DEFAULT_KIND}")
+    try:
         return config_from_dict(data, str(path))
-    except (yaml.YAMLError, ConfigError) as e:
+    except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
 
 
 def load_policy(directory: str | Path) -> tuple[DiffusionPolicy, RunConfig]:
+    """A Diffusion Policy checkpoint, its sampler as its config gives it (configure_inference changes it)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint folder {directory} does not exist")

@@ -113,6 +113,9 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
+    # The model kind (deploy.kinds maps it to its config class and builder); a checkpoint written before the field
+    # existed has none, and is a Diffusion Policy.
+    kind: str = "diffusion_policy"
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

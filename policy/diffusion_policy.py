@@ -15,11 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PolicyConfig
-from .diffusion import CallCounter, NoiseSchedule, sample
+from .contract import Chunk, GraphSpec, ObservationField, PolicySpec
+from .denoising import Denoised, DenoisingPolicy
+from .diffusion import METHODS, CallCounter, NoiseSchedule, sample
 from .nets import ConditionalUnet1D, ImageEncoder, LowDimEncoder, ObservationEncoder, TransformerForDiffusion
 from .normalizer import Normalizer
 
 DENOISERS = ("unet", "transformer")
+KIND = "diffusion_policy"
 
 
 def _check_config(cfg: PolicyConfig) -> None:
@@ -41,7 +44,10 @@ def _check_config(cfg: PolicyConfig) -> None:
                              f"got {cfg.horizon}")
 
 
-class DiffusionPolicy(nn.Module):
+class DiffusionPolicy(nn.Module, DenoisingPolicy):
+    """The model and the denoising policy at once: `predict_chunk` runs the sampler fixed at build time
+    (`cfg.inference`, or `configure_inference`)."""
+
     def __init__(self, cfg: PolicyConfig, normalizer: Normalizer):
         super().__init__()
         _check_config(cfg)
@@ -68,7 +74,35 @@ class DiffusionPolicy(nn.Module):
         s = cfg.schedule
         self.schedule = NoiseSchedule(s.num_train_timesteps, s.beta_schedule, s.prediction_type,
                                       clip_sample=s.clip_sample)
-        self.last_nfe = 0
+        self.configure_inference()
+
+    def configure_inference(self, sampler: str | None = None, steps: int | None = None) -> DiffusionPolicy:
+        """Fix the sampler and step count every decision runs (build time: before any wrapper is put around)."""
+        inf = self.cfg.inference
+        if sampler is not None:
+            inf.sampler = sampler
+        if steps is not None:
+            if steps < 1:
+                raise ValueError(f"steps must be >= 1, got {steps}")
+            inf.steps = steps
+        if inf.sampler not in METHODS:
+            raise ValueError(f"sampler must be one of {METHODS}, got {inf.sampler!r}")
+        self.method = inf.sampler
+        self.timesteps = self.inference_timesteps().tolist()
+        return self
+
+    @property
+    def model(self) -> DiffusionPolicy:
+        return self
+
+    @property
+    def spec(self) -> PolicySpec:
+        cfg = self.cfg
+        fields = [ObservationField("state", (cfg.n_obs_steps, cfg.state_dim), "float32")]
+        if cfg.image_shape is not None:
+            fields.append(ObservationField("image", (cfg.n_obs_steps, *cfg.image_shape, 3), "uint8"))
+        return PolicySpec(KIND, tuple(fields), cfg.n_obs_steps, cfg.action_dim, cfg.horizon, cfg.n_obs_steps - 1,
+                          cfg.n_action_steps, tuple(cfg.discrete_action_dims or ()))
 
     # -- the graph: encoder and denoiser on normalised tensors --
 
@@ -84,10 +118,7 @@ class DiffusionPolicy(nn.Module):
     # -- outside the graph: validation and normalisation --
 
     def normalize_obs(self, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        cfg = self.cfg
-        expected = {"state": (cfg.n_obs_steps, cfg.state_dim)}
-        if cfg.image_shape is not None:
-            expected["image"] = (cfg.n_obs_steps, *cfg.image_shape, 3)
+        expected = {f.name: f.shape for f in self.spec.observations}
         out = {}
         batch = None
         for key, shape in expected.items():
@@ -139,47 +170,37 @@ class DiffusionPolicy(nn.Module):
 
     @torch.no_grad()
     def sample_normalized(self, cond: torch.Tensor, x_init: torch.Tensor, timesteps, method: str,
-                          generator: torch.Generator | None = None, denoiser=None) -> torch.Tensor:
-        """Denoise `x_init` (normalised, at noise level timesteps[0]) to a clean normalised chunk. `denoiser`
-        (x, t, cond) replaces `self.denoise` (a block cache, another backend). The number of denoiser calls is
-        left in `self.last_nfe`."""
+                          generator: torch.Generator | None = None, denoiser=None) -> Denoised:
+        """Denoise `x_init` (normalised, at noise level timesteps[0]) to a clean normalised chunk, counting the
+        denoiser calls. `denoiser` (x, t, cond) replaces `self.denoise` (a block cache, another backend)."""
         denoise = denoiser or self.denoise
         counter = CallCounter(lambda x, t: denoise(x, t, cond))
         x0 = sample(counter, x_init.to(cond), self.schedule, timesteps, method, generator=generator,
                     eta=self.cfg.inference.eta)
-        self.last_nfe = counter.calls
-        return x0
+        return Denoised(x0, counter.calls)
 
-    def to_actions(self, x0: torch.Tensor) -> dict[str, torch.Tensor]:
-        """A clean normalised chunk -> {"action": the n_action_steps to execute, "action_pred": all}, raw units."""
-        action_pred = self.normalizer["action"].unnormalize(x0)
-        start = self.cfg.n_obs_steps - 1
-        return {"action": action_pred[:, start : start + self.cfg.n_action_steps], "action_pred": action_pred}
+    def to_chunk(self, denoised: Denoised, kind: str = "full", extras: dict | None = None) -> Chunk:
+        """A clean normalised chunk -> raw actions: the whole chunk, and the n_action_steps to execute from the
+        current step (index n_obs_steps - 1) on."""
+        action_pred = self.normalizer["action"].unnormalize(denoised.x0)
+        ahead = action_pred[:, self.cfg.n_obs_steps - 1 :]
+        return Chunk(ahead[:, : self.cfg.n_action_steps], action_pred, ahead, denoised.nfe, kind,
+                     denoised.block_evals, extras or {})
 
-    @torch.no_grad()
-    def predict_chunk(
-        self,
-        obs: dict[str, torch.Tensor],
-        noise: torch.Tensor | None = None,
-        sampler: str | None = None,
-        steps: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Raw observations -> {"action": (B, n_action_steps, A), "action_pred": (B, horizon, A)}, unnormalised.
-
-        `noise` fixes the initial sample (deterministic tests, parity checks); `sampler` and `steps` override the
-        config's inference settings for this call. The number of denoiser calls is left in `self.last_nfe`.
-        """
-        cond = self.condition(obs)
-        shape = self.chunk_shape(cond.shape[0])
-        if noise is None:
-            noise = torch.randn(shape, generator=generator, dtype=cond.dtype)
-        elif tuple(noise.shape) != shape:
-            raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
-        x0 = self.sample_normalized(cond, noise, self.inference_timesteps(steps), sampler or self.cfg.inference.sampler,
-                                    generator)
-        return self.to_actions(x0)
+    def export_graphs(self, batch: int = 2, generator: torch.Generator | None = None) -> dict[str, GraphSpec]:
+        """The graphs this kind exports, on normalised tensors: the observation encoder (once per decision) and
+        one denoiser step (once per sampler step)."""
+        cfg = self.cfg
+        fields = {"state": (cfg.n_obs_steps, cfg.state_dim)}
+        if cfg.image_shape is not None:
+            fields["image"] = (cfg.n_obs_steps, 3, *cfg.image_shape)
+        keys = list(fields)
+        obs = {k: torch.randn(batch, *shape, generator=generator) for k, shape in fields.items()}
+        cond = torch.randn(batch, cfg.n_obs_steps, self.obs_encoder.feature_dim, generator=generator)
+        x = torch.randn(batch, cfg.horizon, cfg.action_dim, generator=generator)
+        t = torch.tensor([10] * batch)
+        return {"encoder": GraphSpec(lambda *f: self.encode_obs(dict(zip(keys, f, strict=True))), obs, ("cond",)),
+                "denoiser": GraphSpec(self.denoise, {"x": x, "t": t, "cond": cond}, ("pred",))}
 
     def reset(self) -> None:
         """Start of an episode. The plain policy keeps no state between decisions; warm-start wrappers do."""
-        self.last_nfe = 0

@@ -7,7 +7,7 @@ chosen by the first full denoise is kept, because the warm start already sits in
 
     rti = RTIPolicy(policy, RTIConfig(k0=3))
     rti.reset()                        # new episode: the next decision is a full denoise
-    out = rti.predict_chunk(obs)       # out["action"]: (B, n_exec, A), raw units
+    chunk = rti.predict_chunk(obs)     # chunk.action: (B, n_exec, A), raw units; chunk.kind: "full" | "warm"
 
 Entry modes: `direct` feeds the shifted clean chunk as x_k0 (what the released code does); `renoise` forward-
 noises it to k0 first. Discrete action dims (a gripper) are binarised in the stored guess to +-1/factor in
@@ -16,15 +16,17 @@ divided by the factor (`policy.discrete_action_scale`), `clip` sets the guess to
 without it. The executed discrete actions are snapped to the two levels the dim takes in the training data.
 
 A reset, a gap in observations longer than the chunk covers, or a NaN in the warm start falls back to a full
-denoise; `stats` counts each.
+denoise; the chunk's `extras["fallback"]` names the gap or NaN one, and `stats` counts each since the reset.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from .contract import Chunk, PolicySpec
+from .denoising import DenoisingWrapper
 from .diffusion import NoiseSchedule
 from .diffusion.samplers import METHODS, as_timesteps
 from .normalizer import RANGE_EPS
@@ -54,17 +56,17 @@ def rti_tail(k0: int, schedule: NoiseSchedule) -> list[int]:
     return list(range(k0, -1, -1))
 
 
-class RTIPolicy:
-    """A DiffusionPolicy with RTI warm-start state; the same `predict_chunk` / `reset` contract."""
+class RTIPolicy(DenoisingWrapper):
+    """A denoising policy with RTI warm-start state; the same contract. Its decisions are `full` (a full denoise:
+    the episode start, or a fallback named in the chunk's extras) or `warm` (the tail)."""
 
-    owns_sampler = True  # the tail and the full denoise come from RTIConfig, not from the caller
-
-    def __init__(self, policy, cfg: RTIConfig | None = None, record_pairs: bool = False, tail_denoiser=None):
-        """`tail_denoiser`: a model_fn (x, t, cond) with `reset()` for the warm tail, e.g. a block cache
-        (policy.cache.CachedDenoiser) whose schedule was made for this tail."""
-        self.policy = policy
+    def __init__(self, policy, cfg: RTIConfig | None = None, record_pairs: bool = False):
+        """`policy`: any denoising policy (policy.denoising), e.g. a block cache whose schedule was made for this
+        tail (policy.cache.CachedPolicy), which then caches the warm decisions."""
+        super().__init__(policy)
         self.cfg = cfg = cfg or RTIConfig()
-        p = policy.cfg
+        p = policy.spec
+        model_cfg = policy.model.cfg
         schedule = policy.schedule
         if cfg.tail is not None:
             tail = as_timesteps(cfg.tail, schedule).tolist()
@@ -83,34 +85,43 @@ class RTIPolicy:
         if not 1 <= cfg.n_exec <= self.max_shift:
             raise ValueError(f"RTI n_exec={cfg.n_exec}: a horizon of {p.horizon} with {p.n_obs_steps} observation "
                              f"steps covers 1 to {self.max_shift} executed actions per decision")
-        dims, self.discrete = self._discrete_handling(cfg, p)
+        dims, self.discrete = self._discrete_handling(cfg, p, model_cfg.discrete_action_scale)
         self.constant_dims, self.discrete_dims, self._levels = self._discrete_levels(dims, policy.normalizer["action"])
         if not self.discrete_dims:
             self.discrete = "none"
-        self.full_timesteps = schedule.timesteps(cfg.full_steps or schedule.num_train_timesteps,
-                                                 p.inference.spacing)
+        self.discrete_scale = model_cfg.discrete_action_scale
+        self.full_timesteps = policy.inference_timesteps(cfg.full_steps or schedule.num_train_timesteps).tolist()
         self.record_pairs = record_pairs
         self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (warm guess, full denoise), when recording
         self.stats = self._zero_stats()  # decisions of each kind since the last reset
-        self.tail_denoiser = tail_denoiser
-        self.last_nfe = 0
-        self.last_block_evals: int | None = None
-        self.last_kind = "full"
         self._chunk: torch.Tensor | None = None  # the previous clean chunk, normalised
 
+    @property
+    def spec(self) -> PolicySpec:
+        return replace(self.inner.spec, n_action_steps=self.cfg.n_exec)
+
+    @property
+    def method(self) -> str:
+        return self.cfg.sampler
+
+    @property
+    def timesteps(self) -> list[int]:
+        """The warm decision's step list (what a block cache for RTI is made for)."""
+        return self.tail
+
     @staticmethod
-    def _discrete_handling(cfg: RTIConfig, p) -> tuple[list[int], str]:
+    def _discrete_handling(cfg: RTIConfig, p: PolicySpec, trained_scale: float) -> tuple[list[int], str]:
         if cfg.discrete not in DISCRETE_HANDLING:
             raise ValueError(f"RTI discrete must be one of {DISCRETE_HANDLING}, got {cfg.discrete!r}")
-        dims = cfg.discrete_dims if cfg.discrete_dims is not None else (p.discrete_action_dims or [])
+        dims = cfg.discrete_dims if cfg.discrete_dims is not None else list(p.discrete_action_dims)
         bad = [d for d in dims if not -p.action_dim <= d < p.action_dim]
         if bad:
             raise ValueError(f"RTI discrete dims {bad} are outside the {p.action_dim}-d action")
         dims = sorted({d % p.action_dim for d in dims})
         mode = cfg.discrete
         if mode == "auto":
-            mode = "none" if not dims else "scale" if p.discrete_action_scale != 1.0 else "clip"
-        if mode == "scale" and p.discrete_action_scale == 1.0:
+            mode = "none" if not dims else "scale" if trained_scale != 1.0 else "clip"
+        if mode == "scale" and trained_scale == 1.0:
             raise ValueError("RTI discrete='scale' needs a policy trained with policy.discrete_action_scale > 1; "
                              "use 'clip' for this one")
         if mode in ("scale", "clip") and not dims:
@@ -145,7 +156,7 @@ class RTIPolicy:
 
     def describe(self) -> dict:
         """What the report's config records."""
-        factor = self.policy.cfg.discrete_action_scale if self.discrete == "scale" else self.cfg.factor
+        factor = self.discrete_scale if self.discrete == "scale" else self.cfg.factor
         return {**asdict(self.cfg), "k0": self.k0, "tail": self.tail, "nfe_warm": len(self.tail),
                 "discrete": self.discrete, "discrete_dims": self.discrete_dims,
                 "discrete_levels": [self._levels[0].tolist(), self._levels[1].tolist()],
@@ -161,7 +172,11 @@ class RTIPolicy:
         self._chunk = None
         self.pairs = []
         self.stats = self._zero_stats()
-        self.policy.reset()
+        self.inner.reset()
+
+    def warm_guess(self, executed: int) -> torch.Tensor | None:
+        """The warm start the next decision would enter the tail from (None right after a reset)."""
+        return None if self._chunk is None else self.shifted_guess(executed)
 
     def shifted_guess(self, executed: int) -> torch.Tensor:
         """The previous chunk advanced by `executed` actions, its last action repeated to fill the horizon."""
@@ -171,60 +186,55 @@ class RTIPolicy:
         return torch.cat([chunk[:, executed:], chunk[:, -1:].expand(-1, executed, -1)], dim=1)
 
     @torch.no_grad()
-    def predict_chunk(self, obs: dict[str, torch.Tensor], executed: int | None = None,
-                      generator: torch.Generator | None = None, noise: torch.Tensor | None = None
-                      ) -> dict[str, torch.Tensor]:
-        """Raw observations -> {"action": (B, n_exec, A), "action_pred": (B, horizon, A)}, raw units.
+    def predict_chunk(self, obs: dict[str, torch.Tensor], *, executed: int | None = None,
+                      generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> Chunk:
+        """Raw observations -> a Chunk of n_exec actions, raw units.
 
         `executed`: actions executed since the previous decision (default n_exec); more than the previous chunk
         covers is a gap and gets a full denoise. `noise` fixes the initial sample of a full denoise.
         """
-        policy = self.policy
+        policy = self.inner
         cond = policy.condition(obs)
         executed = self.cfg.n_exec if executed is None else int(executed)
         if executed < 0:
             raise ValueError(f"executed must be >= 0 actions, got {executed}")
-        guess = None
+        guess, extras = None, {}
         if self._chunk is not None:
             if self._chunk.shape[0] != cond.shape[0]:
                 raise ValueError(f"observation batch {cond.shape[0]} differs from the warm start's "
                                  f"{self._chunk.shape[0]}; call reset() first")
             if executed > self.max_shift:
-                self.stats["gap_fallbacks"] += 1
+                extras["fallback"] = "gap"
             else:
                 guess = self.shifted_guess(executed)
                 if not bool(torch.isfinite(guess).all()):
-                    self.stats["nan_fallbacks"] += 1
+                    extras["fallback"] = "nan"
                     guess = None
         if guess is None or self.record_pairs:
-            x_init = noise if noise is not None else torch.randn(policy.chunk_shape(cond.shape[0]),
-                                                                 generator=generator, dtype=cond.dtype)
-            x0 = policy.sample_normalized(cond, x_init, self.full_timesteps, self.cfg.full_sampler, generator)
-            self.last_block_evals = None
+            x_init = policy.initial_noise(cond, generator, noise)
+            denoised = policy.sample_normalized(cond, x_init, self.full_timesteps, self.cfg.full_sampler, generator)
             if guess is not None:
-                self.pairs.append((guess, x0.clone()))
-            self.last_kind = "full"
+                self.pairs.append((guess, denoised.x0.clone()))
+            kind = "full"
         else:
-            if self.tail_denoiser is not None:
-                self.tail_denoiser.reset()
-            x0 = policy.sample_normalized(cond, self._enter(guess, generator), self.tail, self.cfg.sampler,
-                                          generator, denoiser=self.tail_denoiser)
-            self.last_block_evals = getattr(self.tail_denoiser, "block_evals", None)
-            self.last_kind = "warm"
-        self.stats[self.last_kind] += 1
-        self.last_nfe = policy.last_nfe
-        self._chunk = self._binarize_guess(x0)
-        out = policy.to_actions(x0)
-        start = policy.cfg.n_obs_steps - 1
-        action = out["action_pred"][:, start : start + self.cfg.n_exec].clone()
+            denoised = policy.sample_normalized(cond, self._enter(guess, generator), self.tail, self.cfg.sampler,
+                                                generator)
+            kind = "warm"
+        self.stats[kind] += 1
+        if "fallback" in extras:
+            self.stats[f"{extras['fallback']}_fallbacks"] += 1
+        self._chunk = self._binarize_guess(denoised.x0)
+        out = policy.to_chunk(denoised, kind, extras)
+        ahead = out.action_ahead
         if self.cfg.binarize_executed and self.discrete_dims:
-            action = self.binarize(action)
-        return {"action": action, "action_pred": out["action_pred"]}
+            ahead = self.binarize(ahead)
+        out.action_ahead, out.action = ahead, ahead[:, : self.cfg.n_exec]
+        return out
 
     def _enter(self, guess: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         if self.cfg.mode == "direct":
             return guess
-        ab = self.policy.schedule.alphas_cumprod[self.k0]
+        ab = self.schedule.alphas_cumprod[self.k0]
         eps = torch.randn(guess.shape, generator=generator, dtype=guess.dtype)
         return (ab.sqrt() * guess + (1.0 - ab).sqrt() * eps).to(guess.dtype)
 
@@ -234,7 +244,7 @@ class RTIPolicy:
         chunk = x0.clone()
         if not self.discrete_dims:
             return chunk
-        norm = self.policy.normalizer["action"]
+        norm = self.normalizer["action"]
         d = self.discrete_dims
         target = norm.normalize(self.binarize(norm.unnormalize(x0)))[..., d]
         chunk[..., d] = target / self.cfg.factor if self.discrete == "clip" else target
@@ -282,3 +292,13 @@ def calibrate_k0(pairs: list[tuple[torch.Tensor, torch.Tensor]], schedule: Noise
     k0 = min(k_min + margin, k_max) if k_min is not None else k_max
     return K0Calibration(k0=k0, k_min=k_min, margin=margin, pairs=len(pairs), table=table)
 
+
+
+def rti_config(fields: dict) -> RTIConfig:
+    """RTIConfig from settings (the command line's, a report's), refusing unknown fields and an uncalibrated k0."""
+    if fields.get("k0") == "auto":
+        raise ValueError("RTI k0 is 'auto': calibrate it first (rtdp eval --rti auto does)")
+    try:
+        return RTIConfig(**fields)
+    except TypeError as e:
+        raise ValueError(f"bad RTI settings {fields}: {e}") from None

@@ -1,4 +1,4 @@
-"""`rtdp <verb>`: wires the packages together; the work itself lives in policy/, envs/ and deploy/."""
+"""`rtdp <verb>`: wires the packages together; the work itself lives in policy/, envs/, deploy/ and evaluation/."""
 
 from __future__ import annotations
 
@@ -80,13 +80,14 @@ def _rti_settings(args: argparse.Namespace) -> dict | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from deploy.evaluation import EvalSettings, evaluate, summary_line
+    from evaluation.evaluate import EvalSettings, evaluate
+    from evaluation.report import summary_line
 
     settings = EvalSettings(checkpoint=args.checkpoint, episodes=args.episodes, seed=args.seed, sampler=args.sampler,
                             steps=args.steps, task=args.task, workers=args.workers, video_dir=args.video,
                             video_episodes=args.video_episodes, plot=args.plot, rti=_rti_settings(args),
                             rti_calibration_episodes=args.rti_calibration_episodes, cache=args.cache,
-                            backend=args.backend, precision=args.precision)
+                            backend=args.backend, precision=args.precision, export=args.export)
     report = evaluate(settings, progress=not args.no_progress)
     print(summary_line(report))
     _write_report(args.report, report)
@@ -94,7 +95,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from deploy.caching import CacheSettings, calibrate_cache, result_dict
+    from evaluation.calibration import CacheSettings, calibrate_cache, result_dict
 
     try:
         budgets = [int(b) for b in args.budget.split(",")]
@@ -141,7 +142,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     settings = ProfileSettings(checkpoint=args.checkpoint, backends=args.backend or [], iters=args.iters,
                                warmup=args.warmup, sampler=args.sampler, steps=args.steps,
                                rti_k0=_rti_k0(args), threads=args.threads,
-                               plot=args.plot, precision=args.precision)
+                               plot=args.plot, precision=args.precision, export=args.export)
     report = profile(settings, progress=not args.no_progress)
     print(comparison_table(report))
     _write_report(args.report, report)
@@ -149,19 +150,25 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_control(args: argparse.Namespace) -> int:
-    from deploy.control import ControlSettings, control_summary, run_control
+    from evaluation.control import ControlSettings, control_summary, run_control
 
     _rti_k0(args)  # the loop needs a fixed entry step
 
     settings = ControlSettings(checkpoint=args.checkpoint, rate_hz=args.rate, episodes=args.episodes,
                                min_ticks=args.min_ticks, seed=args.seed, sampler=args.sampler, steps=args.steps,
-                               rti=_rti_settings(args), backend=args.backend, replan_every=args.replan_every,
-                               inference_delay_ms=args.inference_delay_ms, bad_obs_every=args.bad_obs_every,
-                               worker=args.worker, precision=args.precision)
+                               rti=_rti_settings(args), cache=args.cache, backend=args.backend,
+                               replan_every=args.replan_every, inference_delay_ms=args.inference_delay_ms,
+                               bad_obs_every=args.bad_obs_every, worker=args.worker, precision=args.precision,
+                               export=args.export)
     report = run_control(settings, progress=not args.no_progress)
     print(control_summary(report))
     _write_report(args.report, report)
     return 0
+
+
+def _add_export_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--export", metavar="DIR", help="the export folder an engine backend reads (what `rtdp export "
+                   "--out DIR` wrote); default: <checkpoint>/onnx, or onnx-fp16")
 
 
 def _add_sampler_arguments(p: argparse.ArgumentParser, what: str = "default: the checkpoint's config") -> None:
@@ -234,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rti-calibration-episodes", type=int, default=2)
     e.add_argument("--backend", default="torch", choices=BACKEND_CHOICES,
                    help="onnxruntime backends run the graphs `rtdp export` wrote to <checkpoint>/onnx")
+    _add_export_argument(e)
     _add_precision_argument(e, "the network's precision (fp16 engines read <checkpoint>/onnx-fp16)")
     e.add_argument("--cache", metavar="bac:S|uniform:S", help="transformer block caching with update budget S per "
                    "block; bac needs a schedule made by `rtdp cache` for the same step list")
@@ -277,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampler_arguments(f)
     f.add_argument("--rti", metavar="K0", help="profile the RTI warm decision (K0 + 1 calls)")
     f.add_argument("--threads", type=int, default=1)
+    _add_export_argument(f)
     _add_precision_argument(f, "the network's precision")
     f.add_argument("--report", help="write the JSON report here")
     f.add_argument("--plot", metavar="FILE.png", help="latency histograms, one per backend")
@@ -292,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampler_arguments(c)
     _add_rti_arguments(c)
     c.add_argument("--backend", default="torch", choices=BACKEND_CHOICES)
+    _add_export_argument(c)
     _add_precision_argument(c, "the network's precision")
+    c.add_argument("--cache", metavar="bac:S|uniform:S", help="transformer block caching (see rtdp eval --cache)")
     c.add_argument("--replan-every", type=int, help="ticks between decisions (default: n_action_steps; RTI: 1)")
     c.add_argument("--inference-delay-ms", type=float, default=0.0, help="add this to every decision (stress test)")
     c.add_argument("--bad-obs-every", type=int, default=0, help="corrupt every n-th observation with NaN")

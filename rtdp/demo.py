@@ -1,5 +1,5 @@
 """`rtdp demo`: collect expert demos on a metaworld task, train a small policy, and evaluate it closed-loop with
-DDPM-100 and DDIM-10 on the same checkpoint. Wiring only: the work is in envs/, policy/ and deploy/.
+DDPM-100 and DDIM-10 on the same checkpoint. Wiring only: the work is in envs/, policy/ and evaluation/.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ DEMOS = 50
 
 def run_demo(workdir: Path, task: str = "metaworld/drawer-open-v3", steps: int = 1000, episodes: int = 50,
              seed: int = 0) -> dict:
-    from deploy.evaluation import EvalSettings, evaluate
     from envs.collect import collect_demos
     from envs.datasets import PolicyDataset
+    from evaluation.evaluate import EvalSettings, evaluate
     from policy.config import load_config
     from policy.train import train
 

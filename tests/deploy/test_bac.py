@@ -109,11 +109,11 @@ def test_cached_chunk_approaches_the_uncached_one_as_the_budget_grows(transforme
     cal = calibrate(policy, cal_cond, torch.randn(policy.chunk_shape(cal_cond.shape[0])), ts, "ddpm",
                     torch.Generator().manual_seed(0))
     noise = torch.randn(policy.chunk_shape(test_cond.shape[0]), generator=torch.Generator().manual_seed(1))
-    ref = policy.sample_normalized(test_cond, noise, ts, "ddpm", torch.Generator().manual_seed(2))
+    ref = policy.sample_normalized(test_cond, noise, ts, "ddpm", torch.Generator().manual_seed(2)).x0
 
     def error(schedule):
         cached = CachedDenoiser(policy, schedule)
-        x = policy.sample_normalized(test_cond, noise, ts, "ddpm", torch.Generator().manual_seed(2), cached)
+        x = policy.sample_normalized(test_cond, noise, ts, "ddpm", torch.Generator().manual_seed(2), cached).x0
         return float((x - ref).norm() / ref.norm())
 
     errors = {s: error(make_schedule("bac", s, "ddpm", ts, blocks, "", cal)) for s in (5, 10, 20, 50, 100)}

@@ -113,6 +113,7 @@ def test_corrupt_missing_or_foreign_graphs_are_refused_before_running(unet_expor
     (broken / "onnx" / "manifest.json").write_text("{not json")
     with pytest.raises(ExportError, match="not a valid export manifest"):
         load_manifest(broken / "onnx")
+    torch.manual_seed(1)  # weights that differ from the export's, whatever the module fixture drew
     other = saved_policy(tmp_path / "other")
     with pytest.raises(ExportError, match="made from other weights"):
         load_manifest(unet_export / "onnx", other)
@@ -134,9 +135,10 @@ def test_backend_policy_predicts_what_the_torch_policy_predicts(unet_export):
     torch_backend = BackendPolicy(policy, TorchBackend(policy))
     obs = {"state": torch.rand(3, 2, 4) * 2 - 1}
     noise = torch.randn(3, 8, 2)
-    want = policy.predict_chunk(obs, noise=noise, sampler="ddim", steps=10)["action"]
+    policy.configure_inference("ddim", 10)
+    want = policy.predict_chunk(obs, noise=noise).action
     for wrapped in (onnx, torch_backend):
-        got = wrapped.predict_chunk(obs, noise=noise, sampler="ddim", steps=10)["action"]
+        got = wrapped.predict_chunk(obs, noise=noise).action
         np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4)
     with pytest.raises(BackendUnavailable, match="no CUDAExecutionProvider"):
         make_backend("onnxruntime-cuda", policy, unet_export)

@@ -60,12 +60,13 @@ def test_the_fused_graph_accumulates_in_float32(fp16_export):
 def test_a_torch_fp16_backend_samples_close_to_fp32(fp16_export):
     policy, _ = load_policy(fp16_export)
     backend = TorchBackend(policy, precision="fp16")
-    assert next(backend.policy.parameters()).dtype == torch.float16
+    assert next(backend.model.parameters()).dtype == torch.float16
     assert next(policy.parameters()).dtype == torch.float32  # the caller's policy is left as it was
     obs = {"state": torch.rand(3, 2, 4) * 2 - 1}
     noise = torch.randn(3, 8, 2)
-    want = policy.predict_chunk(obs, noise=noise, sampler="ddim", steps=10)["action_pred"]
-    got = BackendPolicy(policy, backend).predict_chunk(obs, noise=noise, sampler="ddim", steps=10)["action_pred"]
+    policy.configure_inference("ddim", 10)
+    want = policy.predict_chunk(obs, noise=noise).action_pred
+    got = BackendPolicy(policy, backend).predict_chunk(obs, noise=noise).action_pred
     assert got.dtype == torch.float32
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=TOLERANCE["fp16"])
 

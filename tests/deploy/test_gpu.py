@@ -24,10 +24,10 @@ def test_cuda_backend_samples_what_the_cpu_policy_samples(denoiser, sampler, ste
     wrapped = BackendPolicy(gpu, TorchBackend(gpu, device="cuda"))
     obs = {"state": torch.rand(4, 2, 4) * 2 - 1}
     noise = torch.randn(4, 8, 2)
-    want = cpu.predict_chunk(obs, noise=noise, sampler=sampler, steps=steps,
-                             generator=torch.Generator().manual_seed(0))["action_pred"]
-    got = wrapped.predict_chunk(obs, noise=noise, sampler=sampler, steps=steps,
-                                generator=torch.Generator().manual_seed(0))["action_pred"]
+    cpu.configure_inference(sampler, steps)
+    gpu.configure_inference(sampler, steps)
+    want = cpu.predict_chunk(obs, noise=noise, generator=torch.Generator().manual_seed(0)).action_pred
+    got = wrapped.predict_chunk(obs, noise=noise, generator=torch.Generator().manual_seed(0)).action_pred
     assert got.device.type == "cuda"
     np.testing.assert_allclose(got.cpu().numpy(), want.numpy(), atol=1e-4)
 
@@ -38,11 +38,11 @@ def test_an_fp16_network_on_cuda_samples_close_to_the_fp32_policy(denoiser):
     gpu = DiffusionPolicy(tiny_config(denoiser).policy, tiny_normalizer()).eval()
     gpu.load_state_dict(cpu.state_dict())
     backend = TorchBackend(gpu, device="cuda", precision="fp16")
-    assert next(backend.policy.parameters()).dtype == torch.float16
+    assert next(backend.model.parameters()).dtype == torch.float16
     obs = {"state": torch.rand(4, 2, 4) * 2 - 1}
     noise = torch.randn(4, 8, 2)
-    want = cpu.predict_chunk(obs, noise=noise, sampler="ddim", steps=10)["action_pred"]
-    got = BackendPolicy(gpu, backend).predict_chunk(obs, noise=noise, sampler="ddim", steps=10)["action_pred"]
+    want = cpu.configure_inference("ddim", 10).predict_chunk(obs, noise=noise).action_pred
+    got = BackendPolicy(gpu.configure_inference("ddim", 10), backend).predict_chunk(obs, noise=noise).action_pred
     assert got.dtype == torch.float32  # the sampler accumulates in fp32
     np.testing.assert_allclose(got.cpu().numpy(), want.numpy(), atol=2e-2)
     assert not np.array_equal(got.cpu().numpy(), want.numpy())  # the network really ran in fp16
@@ -62,6 +62,7 @@ def test_native_tensorrt_engines_match_torch(precision, atol, tmp_path):
     trt_policy = BackendPolicy(cpu, make_backend("tensorrt", cpu, ckpt, precision=precision))
     obs = {"state": torch.rand(4, 2, 4) * 2 - 1}
     noise = torch.randn(4, 8, 2)
-    want = cpu.predict_chunk(obs, noise=noise, sampler="ddim", steps=10)["action_pred"]
-    got = trt_policy.predict_chunk(obs, noise=noise, sampler="ddim", steps=10)["action_pred"]
+    cpu.configure_inference("ddim", 10)
+    want = cpu.predict_chunk(obs, noise=noise).action_pred
+    got = trt_policy.predict_chunk(obs, noise=noise).action_pred
     np.testing.assert_allclose(got.cpu().numpy(), want.numpy(), atol=atol)

@@ -6,8 +6,9 @@ import io
 import numpy as np
 import pytest
 
-from deploy.control import ChunkDecider, ControlSettings
+from deploy.decider import ChunkDecider
 from deploy.inference_process import InferenceError, InferenceProcess, ProtocolError, read_message, write_message
+from deploy.runtime import RuntimeSettings
 from tests.deploy.test_export import saved_policy
 
 
@@ -49,10 +50,10 @@ def history(step: int) -> dict:
 
 @pytest.mark.parametrize("extra", [dict(sampler="ddim", steps=5), dict(rti={"k0": 2})])
 def test_the_process_decides_exactly_as_the_in_process_decider(extra, tmp_path):
-    settings = ControlSettings(checkpoint=str(saved_policy(tmp_path / "policy")), **extra)
+    settings = RuntimeSettings(checkpoint=str(saved_policy(tmp_path / "policy")), **extra)
     local, remote = ChunkDecider(settings), InferenceProcess(settings)
     try:
-        assert remote.describe() == local.describe()
+        assert remote.config == local.config and remote.spec == local.spec
         for seed in (1, 2):
             local.reset(seed)
             remote.reset(seed)
@@ -65,7 +66,7 @@ def test_the_process_decides_exactly_as_the_in_process_decider(extra, tmp_path):
 
 
 def test_a_failed_request_is_an_error_and_the_process_serves_on(tmp_path):
-    process = InferenceProcess(ControlSettings(checkpoint=str(saved_policy(tmp_path / "policy")), sampler="ddim",
+    process = InferenceProcess(RuntimeSettings(checkpoint=str(saved_policy(tmp_path / "policy")), sampler="ddim",
                                                steps=3))
     try:
         with pytest.raises(InferenceError, match="state"):
@@ -81,4 +82,4 @@ def test_a_failed_request_is_an_error_and_the_process_serves_on(tmp_path):
 
 def test_a_checkpoint_that_cannot_load_fails_at_start(tmp_path):
     with pytest.raises(InferenceError, match="inference process"):
-        InferenceProcess(ControlSettings(checkpoint=str(tmp_path / "missing")))
+        InferenceProcess(RuntimeSettings(checkpoint=str(tmp_path / "missing")))

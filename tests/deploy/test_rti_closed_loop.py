@@ -56,8 +56,8 @@ def run(decide, seed: int) -> tuple[bool, int]:
         state = torch.from_numpy(np.stack([h["state"] for h in history]))[None]
         out = decide({"state": state}, generator)
         if obs["state"][1] < -0.15:
-            sides.append(route_side(obs["state"][:2], out["action_pred"][0, 1:].numpy()))
-        obs, _, _, truncated, info = env.step(out["action"][0, 0].numpy())
+            sides.append(route_side(obs["state"][:2], out.action_pred[0, 1:].numpy()))
+        obs, _, _, truncated, info = env.step(out.action[0, 0].numpy())
         history.append(obs)
         success = bool(info["success"])
         if success or truncated:
@@ -72,12 +72,13 @@ def test_rti_keeps_its_route_where_fresh_noise_at_the_same_cost_dithers(policy):
         return rti.predict_chunk(obs, generator=generator)
 
     def fresh(obs, generator):
-        return policy.predict_chunk(obs, sampler="ddim", steps=4, generator=generator)
+        return policy.predict_chunk(obs, generator=generator)
 
     rti_runs = []
     for i in range(EPISODES):
         rti.reset()
         rti_runs.append(run(warm, 1000 + i))
+    policy.configure_inference("ddim", 4)
     fresh_runs = [run(fresh, 1000 + i) for i in range(EPISODES)]
     rti_switches = np.mean([s for _, s in rti_runs])
     fresh_switches = np.mean([s for _, s in fresh_runs])
@@ -103,9 +104,9 @@ def test_warm_start_contracts_perturbations_and_more_so_with_larger_k0(policy):
                     delta = 0.1 * torch.randn(guess.shape, generator=noise)
                     cond = policy.condition(obs)
                     # The same sampler noise on both runs: only the start differs.
-                    a = policy.sample_normalized(cond, guess, rti.tail, "ddpm", torch.Generator().manual_seed(t))
+                    a = policy.sample_normalized(cond, guess, rti.tail, "ddpm", torch.Generator().manual_seed(t)).x0
                     b = policy.sample_normalized(cond, guess + delta, rti.tail, "ddpm",
-                                                 torch.Generator().manual_seed(t))
+                                                 torch.Generator().manual_seed(t)).x0
                     rs.append(float((a - b).norm() / delta.norm()))
                 rti.predict_chunk(obs, generator=noise)
         ratios[k0] = float(np.mean(rs))
@@ -124,7 +125,7 @@ def test_scaled_gripper_flips_within_one_step_of_the_demonstration(policy):
         grips = []
         for t in range(len(ep["action"])):
             obs = {"state": torch.from_numpy(ep["state"][[max(t - 1, 0), t]])[None]}
-            grips.append(float(rti.predict_chunk(obs, generator=generator)["action"][0, 0, 2]))
+            grips.append(float(rti.predict_chunk(obs, generator=generator).action[0, 0, 2]))
         assert set(grips) <= {-1.0, 1.0}
         rti_flip = int(np.argmax(np.array(grips) > 0)) if max(grips) > 0 else None
         assert rti_flip is not None and abs(rti_flip - flip) <= 1, (e, flip, rti_flip)

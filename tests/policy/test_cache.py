@@ -88,8 +88,8 @@ def test_a_schedule_updating_every_step_is_bit_exact_with_the_uncached_transform
     ts = policy.inference_timesteps(10).tolist()
     schedule = make_schedule("uniform", 10, "ddim", ts, blocks, "")
     noise = torch.randn(4, 8, 2, generator=torch.Generator().manual_seed(1))
-    want = policy.predict_chunk(obs(), noise=noise, sampler="ddim", steps=10)["action_pred"]
-    got = CachedPolicy(policy, schedule).predict_chunk(obs(), noise=noise)["action_pred"]
+    want = policy.configure_inference("ddim", 10).predict_chunk(obs(), noise=noise).action_pred
+    got = CachedPolicy(policy, schedule).predict_chunk(obs(), noise=noise).action_pred
     assert torch.equal(got, want)
 
 
@@ -105,10 +105,10 @@ def test_measured_branch_evaluations_equal_the_schedules_prediction(kind, budget
     cached = CachedPolicy(policy, schedule)
     calls = []
     hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in policy.denoiser.residual_branches().values()]
-    cached.predict_chunk(obs(), generator=torch.Generator().manual_seed(0))
+    chunk = cached.predict_chunk(obs(), generator=torch.Generator().manual_seed(0))
     for h in hooks:
         h.remove()
-    assert cached.last_block_evals == len(calls) == schedule.block_evals
+    assert chunk.block_evals == len(calls) == schedule.block_evals
     assert schedule.block_evals < len(blocks) * len(ts)
     assert all(s[0] == 0 and s[-1] == len(ts) - 1 for s in schedule.blocks.values())
 

@@ -20,7 +20,7 @@ def test_roundtrip_gives_identical_actions(ckpt):
     loaded, loaded_cfg = load_policy(folder)
     assert loaded_cfg == cfg
     o, noise = {"state": torch.rand(2, 2, 4)}, torch.randn(2, 8, 2)
-    assert torch.equal(policy.predict_chunk(o, noise=noise)["action"], loaded.predict_chunk(o, noise=noise)["action"])
+    assert torch.equal(policy.predict_chunk(o, noise=noise).action, loaded.predict_chunk(o, noise=noise).action)
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "model.safetensors", "normalizer.json"])

@@ -42,7 +42,7 @@ def test_image_batches_train_and_predict():
     assert torch.isfinite(loss)
     assert policy.obs_encoder.image.backbone[0][0].weight.grad.abs().sum() > 0
     out = policy.eval().predict_chunk({"state": batch["state"][:2], "image": batch["image"][:2]})
-    assert out["action"].shape == (2, 4, 2)
+    assert out.action.shape == (2, 4, 2)
 
 
 def test_image_changes_the_prediction():
@@ -53,7 +53,7 @@ def test_image_changes_the_prediction():
     a = policy.predict_chunk({"state": state, "image": torch.zeros(1, 2, H, W, 3, dtype=torch.uint8)}, noise=noise)
     b = policy.predict_chunk({"state": state, "image": torch.full((1, 2, H, W, 3), 255, dtype=torch.uint8)},
                              noise=noise)
-    assert (a["action"] - b["action"]).abs().max() > 1e-6
+    assert (a.action - b.action).abs().max() > 1e-6
 
 
 def test_image_must_be_uint8_frames_of_the_trained_size():

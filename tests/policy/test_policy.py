@@ -20,33 +20,35 @@ def obs(batch=3):
 def test_chunk_shapes_and_chi_step_convention(denoiser):
     p = make_policy(denoiser)
     out = p.predict_chunk(obs(), generator=torch.Generator().manual_seed(0))
-    assert out["action_pred"].shape == (3, 8, 2) and out["action"].shape == (3, 4, 2)
+    assert out.action_pred.shape == (3, 8, 2) and out.action.shape == (3, 4, 2)
     # Executed actions start at the current step: index n_obs_steps - 1 of the predicted chunk.
-    assert torch.equal(out["action"], out["action_pred"][:, 1:5])
+    assert torch.equal(out.action, out.action_pred[:, 1:5])
 
 
 def test_injected_noise_makes_prediction_deterministic():
     p = make_policy()
     noise = torch.randn(3, 8, 2)
     o = obs()
-    a = p.predict_chunk(o, noise=noise, sampler="ddim", steps=5)["action_pred"]
-    b = p.predict_chunk(o, noise=noise, sampler="ddim", steps=5)["action_pred"]
-    c = p.predict_chunk(o, noise=torch.randn(3, 8, 2), sampler="ddim", steps=5)["action_pred"]
+    p.configure_inference("ddim", 5)
+    a = p.predict_chunk(o, noise=noise).action_pred
+    b = p.predict_chunk(o, noise=noise).action_pred
+    c = p.predict_chunk(o, noise=torch.randn(3, 8, 2)).action_pred
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 @pytest.mark.parametrize("sampler,steps", [("ddpm", 100), ("ddim", 10), ("dpmpp_2m", 5), ("ddim", 1)])
 def test_denoiser_calls_per_decision(sampler, steps):
     p = make_policy()
-    p.predict_chunk(obs(), sampler=sampler, steps=steps)
-    assert p.last_nfe == steps
+    chunk = p.configure_inference(sampler, steps).predict_chunk(obs())
+    assert chunk.nfe == steps
 
 
 def test_config_sampler_is_the_default():
-    p = make_policy()
-    p.cfg.inference.sampler, p.cfg.inference.steps = "dpmpp_2m", 7
-    p.predict_chunk(obs())
-    assert p.last_nfe == 7
+    cfg = tiny_config().policy
+    cfg.inference.sampler, cfg.inference.steps = "dpmpp_2m", 7
+    p = DiffusionPolicy(cfg, tiny_normalizer()).eval()
+    chunk = p.predict_chunk(obs())
+    assert chunk.nfe == 7 and p.method == "dpmpp_2m"
 
 
 @pytest.mark.parametrize(

@@ -43,21 +43,21 @@ def test_calls_per_decision_are_k0_plus_one_after_a_full_denoise(k0):
     g = torch.Generator().manual_seed(0)
     calls, kinds = [], []
     for i in range(4):
-        rti.predict_chunk(obs(seed=i), generator=g)
-        calls.append(rti.last_nfe)
-        kinds.append(rti.last_kind)
+        chunk = rti.predict_chunk(obs(seed=i), generator=g)
+        calls.append(chunk.nfe)
+        kinds.append(chunk.kind)
     assert calls == [20, k0 + 1, k0 + 1, k0 + 1] and kinds == ["full", "warm", "warm", "warm"]
     rti.reset()
-    rti.predict_chunk(obs(), generator=g)
-    assert rti.last_nfe == 20 and rti.last_kind == "full"
+    chunk = rti.predict_chunk(obs(), generator=g)
+    assert chunk.nfe == 20 and chunk.kind == "full"
     assert rti.stats == {"full": 1, "warm": 0, "nan_fallbacks": 0, "gap_fallbacks": 0}
 
 
 def test_an_explicit_tail_runs_its_listed_steps():
     rti = RTIPolicy(make_policy(), full_cfg(tail=[7, 5, 3, 1, 0]))
     rti.predict_chunk(obs())
-    rti.predict_chunk(obs())
-    assert rti.k0 == 7 and rti.last_nfe == 5
+    chunk = rti.predict_chunk(obs())
+    assert rti.k0 == 7 and chunk.nfe == 5
 
 
 def test_shift_drops_executed_actions_and_repeats_the_last():
@@ -76,7 +76,7 @@ def test_direct_entry_feeds_the_shifted_chunk_to_the_tail(sampler):
     rti = RTIPolicy(policy, full_cfg(k0=3, sampler=sampler))
     rti.predict_chunk(obs(seed=0))
     guess = rti.shifted_guess(1)
-    got = rti.predict_chunk(obs(seed=1))["action_pred"]
+    got = rti.predict_chunk(obs(seed=1)).action_pred
     with torch.no_grad():
         cond = policy.condition(obs(seed=1))
         want = sample(lambda x, t: policy.denoise(x, t, cond), guess, policy.schedule, [3, 2, 1, 0], sampler)
@@ -88,7 +88,7 @@ def test_renoise_entry_forward_noises_the_guess_to_k0():
     rti = RTIPolicy(policy, full_cfg(k0=5, sampler="ddim", mode="renoise"))
     rti.predict_chunk(obs(seed=0))
     guess = rti.shifted_guess(1)
-    got = rti.predict_chunk(obs(seed=1), generator=torch.Generator().manual_seed(9))["action_pred"]
+    got = rti.predict_chunk(obs(seed=1), generator=torch.Generator().manual_seed(9)).action_pred
     ab = policy.schedule.alphas_cumprod[5]
     eps = torch.randn(guess.shape, generator=torch.Generator().manual_seed(9))
     x5 = (ab.sqrt() * guess + (1 - ab).sqrt() * eps).float()
@@ -105,9 +105,9 @@ def test_clip_sets_the_guess_gripper_to_plus_minus_one_over_factor_and_executes_
     out = rti.predict_chunk(obs(batch=4))
     grip = rti._chunk[..., 2]
     torch.testing.assert_close(grip.abs(), torch.full_like(grip, 0.1))
-    assert set(torch.unique(out["action"][..., 2]).tolist()) <= {-1.0, 1.0}
+    assert set(torch.unique(out.action[..., 2]).tolist()) <= {-1.0, 1.0}
     # The sign follows the raw prediction.
-    torch.testing.assert_close(torch.sign(grip), torch.where(out["action_pred"][..., 2] > 0, 1.0, -1.0))
+    torch.testing.assert_close(torch.sign(grip), torch.where(out.action_pred[..., 2] > 0, 1.0, -1.0))
 
 
 def test_scale_variant_keeps_the_trained_scale_and_maps_back_to_the_data_levels():
@@ -117,7 +117,7 @@ def test_scale_variant_keeps_the_trained_scale_and_maps_back_to_the_data_levels(
     out = rti.predict_chunk(obs(batch=4))
     grip = rti._chunk[..., 2]
     torch.testing.assert_close(grip.abs(), torch.full_like(grip, 0.1))
-    executed = out["action"][..., 2]
+    executed = out.action[..., 2]
     assert bool(((executed == 0.0) | (executed - 0.6).abs().lt(1e-6)).all())
 
 
@@ -132,11 +132,11 @@ def test_nan_in_the_warm_start_and_a_gap_fall_back_to_a_full_denoise():
     rti.predict_chunk(obs())
     rti._chunk[0, 4, 0] = float("nan")
     out = rti.predict_chunk(obs())
-    assert rti.last_kind == "full" and rti.last_nfe == 20 and torch.isfinite(out["action"]).all()
-    rti.predict_chunk(obs(), executed=H - TO + 1)  # the previous chunk no longer covers the current step
-    assert rti.last_kind == "full"
-    rti.predict_chunk(obs(), executed=H - TO)
-    assert rti.last_kind == "warm"
+    assert out.kind == "full" and out.nfe == 20 and torch.isfinite(out.action).all()
+    assert out.extras["fallback"] == "nan"
+    gap = rti.predict_chunk(obs(), executed=H - TO + 1)  # the previous chunk no longer covers the current step
+    assert gap.kind == "full" and gap.extras["fallback"] == "gap"
+    assert rti.predict_chunk(obs(), executed=H - TO).kind == "warm"
     assert rti.stats == {"full": 3, "warm": 1, "nan_fallbacks": 1, "gap_fallbacks": 1}
 
 
@@ -168,8 +168,7 @@ def test_calibration_records_guess_and_full_denoise_pairs_and_executes_the_full_
     rti = RTIPolicy(make_policy(), full_cfg(k0=0), record_pairs=True)
     counter = []
     for i in range(3):
-        rti.predict_chunk(obs(seed=i))
-        counter.append(rti.last_nfe)
+        counter.append(rti.predict_chunk(obs(seed=i)).nfe)
     assert counter == [20, 20, 20] and len(rti.pairs) == 2
     guess, full = rti.pairs[-1]
     assert guess.shape == full.shape == (1, H, A)
@@ -207,5 +206,4 @@ def test_counter_and_policy_agree_on_calls():
     rti.predict_chunk(obs())
     counter = CallCounter(lambda x, t: x)
     sample(counter, torch.zeros(1, H, A), policy.schedule, rti.tail, "ddpm")
-    rti.predict_chunk(obs())
-    assert rti.last_nfe == counter.calls == 5
+    assert rti.predict_chunk(obs()).nfe == counter.calls == 5

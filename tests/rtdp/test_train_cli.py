@@ -46,7 +46,7 @@ def test_train_makes_a_loadable_checkpoint_and_the_loss_falls(workspace):
     assert report["loss_last"] < 0.5 * report["loss_first"]
     policy, cfg = load_policy(out)
     assert cfg.policy.state_dim == 4 and cfg.policy.action_dim == 2
-    chunk = policy.predict_chunk({"state": torch.zeros(1, 2, 4)})["action"]
+    chunk = policy.predict_chunk({"state": torch.zeros(1, 2, 4)}).action
     assert chunk.shape == (1, 4, 2) and torch.isfinite(chunk).all()
 
 

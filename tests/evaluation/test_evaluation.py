@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-from deploy.evaluation import EvalSettings, evaluate, wilson_interval
 from envs.collect import collect_demos
 from envs.datasets import PolicyDataset
+from evaluation.evaluate import EvalSettings, evaluate
+from evaluation.report import wilson_interval
 from policy.config import load_config
 from policy.train import train
 from rtdp.cli import main

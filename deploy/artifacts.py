@@ -1,0 +1,66 @@
+"""What an export leaves on disk and how it is found and trusted: the export folder, its manifest, and the errors
+every backend and the runtime raise about them.
+
+    <dir>/encoder.onnx, denoiser.onnx, fused.onnx   the graphs (deploy/export.py writes them)
+    <dir>/manifest.json                             names, shapes, opset, precision, the policy's spec, schedule
+                                                    tables, normaliser, sampler settings, every graph's sha256
+
+The default folder is the checkpoint's `onnx/` (`onnx-fp16/` for fp16); any other is named with --export.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from policy.checkpoint import file_sha256, weights_sha256
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+PRECISIONS = ("fp32", "fp16")
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}  # max abs error against the float32 torch policy
+
+
+class ExportError(ValueError):
+    pass
+
+
+class BackendUnavailable(ValueError):
+    """The backend cannot run here (no such execution provider, no export): a setup problem the user fixes."""
+
+
+def export_dir(checkpoint: str | Path, precision: str = "fp32") -> Path:
+    """Where `rtdp export` writes, and the onnxruntime / TensorRT backends read, a checkpoint's graphs by default."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return Path(checkpoint) / ("onnx" if precision == "fp32" else f"onnx-{precision}")
+
+
+def load_manifest(directory: str | Path, checkpoint: str | Path | None = None) -> dict:
+    """Read manifest.json and verify every graph file against its hash (and the checkpoint's weights, when
+    given): a missing, truncated or foreign file is refused before anything runs."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ExportError(f"{directory} has no {MANIFEST}: run `rtdp export` first")
+    try:
+        manifest = json.loads(path.read_text())
+        graphs = manifest["graphs"]
+        if manifest.get("format") != FORMAT:
+            raise ExportError(f"{path}: format {manifest.get('format')}, this rtdp reads {FORMAT}")
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ExportError(f"{path}: not a valid export manifest: {e}") from None
+    for name, spec in graphs.items():
+        f = directory / spec["file"]
+        if not f.is_file():
+            raise ExportError(f"{name} graph {f} is missing")
+        if file_sha256(f) != spec["sha256"]:
+            raise ExportError(f"{name} graph {f} does not match its manifest hash: corrupt or replaced; export again")
+    if checkpoint is not None:
+        weights = weights_sha256(checkpoint)
+        if weights != manifest["checkpoint"]["model_sha256"]:
+            raise ExportError(f"the export in {directory} was made from other weights than {checkpoint}: "
+                              f"export again")
+    return manifest
+
+

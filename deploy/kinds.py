@@ -1,0 +1,50 @@
+"""The model kinds rtdp runs, as one explicit table: a checkpoint's `kind:` (none: a Diffusion Policy) names its
+config class, how its config is read, how the model is built from that config, and how a checkpoint is loaded.
+
+Every kind's model is a denoising policy (policy/denoising.py) that keeps the decision contract
+(policy/contract.py) and names the graphs it exports, so the runtime, export, the backends, evaluation and the
+control loop need no path of their own per kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from policy.checkpoint import CheckpointError, checkpoint_kind, load_config_file, load_policy
+from policy.config import RunConfig
+from policy.diffusion_policy import KIND as DIFFUSION_POLICY
+from policy.diffusion_policy import DiffusionPolicy
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    name: str
+    config_class: type  # the run config's dataclass
+    read_config: Callable[[Path], object]  # checkpoint folder -> its run config
+    build: Callable  # (the config's model section, normaliser) -> the model
+    load: Callable[[Path], tuple]  # checkpoint folder -> (model in eval mode, run config)
+
+
+KINDS: dict[str, ModelKind] = {
+    DIFFUSION_POLICY: ModelKind(DIFFUSION_POLICY, RunConfig, load_config_file, DiffusionPolicy, load_policy),
+}
+
+
+def kind_of(checkpoint: str | Path) -> ModelKind:
+    name = checkpoint_kind(checkpoint)
+    if name not in KINDS:
+        raise CheckpointError(f"checkpoint {checkpoint} holds a model of kind {name!r}; this rtdp knows "
+                              f"{', '.join(sorted(KINDS))}")
+    return KINDS[name]
+
+
+def read_config(checkpoint: str | Path):
+    """A checkpoint's run config, parsed by its kind's config class, without loading the weights."""
+    return kind_of(checkpoint).read_config(Path(checkpoint))
+
+
+def load_checkpoint(checkpoint: str | Path) -> tuple:
+    """(model, run config) of any kind."""
+    return kind_of(checkpoint).load(Path(checkpoint))

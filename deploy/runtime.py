@@ -1,0 +1,161 @@
+"""A runnable policy from a checkpoint and settings: the one place that puts wrappers around a model.
+
+    runtime = build_policy(RuntimeSettings(checkpoint="runs/push", sampler="ddim", steps=10, rti={"k0": 3},
+                                           backend="onnxruntime"))
+    runtime.policy.predict_chunk(obs)      # the decision contract (policy/contract.py), whatever is on
+    runtime.config                         # what a report records: sampler, steps, RTI, cache, backend, ...
+
+The order is fixed: the model (its sampler and steps set at build time), then the backend its encoder and
+denoiser run on, then a block cache over the decision's step list, then RTI's warm start. The combination is
+validated once, here: evaluation, calibration, export, profile, control and the node all build through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from policy.cache import (
+    CACHE_KINDS,
+    CachedPolicy,
+    CacheSchedule,
+    CacheScheduleError,
+    find_schedule,
+    make_schedule,
+    transformer_of,
+)
+from policy.checkpoint import weights_sha256
+from policy.rti import RTIPolicy, rti_config
+
+from .artifacts import PRECISIONS
+from .backends import BACKENDS, BackendPolicy, make_backend
+from .kinds import load_checkpoint
+
+
+@dataclass
+class RuntimeSettings:
+    checkpoint: str
+    sampler: str | None = None  # None: the checkpoint's inference config
+    steps: int | None = None
+    rti: dict | None = None  # policy.rti.RTIConfig fields, k0 an integer
+    cache: str | None = None  # bac:S | uniform:S (transformer denoisers)
+    backend: str = "torch"  # deploy.backends.BACKENDS; the engine ones read an export
+    precision: str = "fp32"  # the network's: fp32 | fp16
+    export: str | None = None  # the export folder the engine backends read; None: the checkpoint's
+    threads: int = 1  # intra-op threads of an engine backend
+    # The action dims that are binary commands, for a checkpoint written before its config recorded them (the
+    # caller knows the task; the runtime does not import the tasks).
+    discrete_action_dims: list[int] | None = None
+
+
+@dataclass
+class Runtime:
+    policy: object  # the decision contract, wrapped as the settings ask
+    model: object  # the loaded model underneath
+    run_cfg: object
+    settings: RuntimeSettings
+    rti: dict | None = None  # what RTI was built with (RTIPolicy.describe)
+    cache: dict | None = None  # the cache schedule's summary
+    config: dict = field(default_factory=dict)  # what a report's `config` records
+    branches_per_call: int | None = None  # residual branches in one uncached call, for a transformer denoiser
+    backend: object = None  # the engine or torch backend the policy runs on; None: the model's own torch modules
+
+
+def parse_cache(spec: str) -> tuple[str, int]:
+    kind, _, budget = spec.partition(":")
+    if kind not in CACHE_KINDS or not budget.isdigit() or int(budget) < 1:
+        raise ValueError(f"--cache takes bac:S or uniform:S with S >= 1 the update budget per block, got {spec!r}")
+    return kind, int(budget)
+
+
+def load_model(settings: RuntimeSettings):
+    """(model, run config): the checkpoint's model in eval mode, its sampler and steps set from the settings."""
+    model, run_cfg = load_checkpoint(settings.checkpoint)
+    if model.cfg.discrete_action_dims is None:  # a checkpoint from before the field existed
+        model.cfg.discrete_action_dims = list(settings.discrete_action_dims or [])
+    model.configure_inference(settings.sampler, settings.steps)
+    return model.eval(), run_cfg
+
+
+def cache_schedule_for(model, checkpoint: str, spec: str, method: str, timesteps) -> CacheSchedule:
+    """The cache schedule `spec` (bac:S | uniform:S) for a decision over `method` and `timesteps`, checked against
+    the checkpoint's weights. Uniform schedules need no calibration and are made here; BAC ones come from
+    `rtdp cache`."""
+    kind, budget = parse_cache(spec)
+    blocks = list(transformer_of(model).residual_branches())
+    timesteps = [int(t) for t in timesteps]
+    sha = weights_sha256(checkpoint)
+    if kind == "uniform":
+        return make_schedule("uniform", budget, method, timesteps, blocks, sha)
+    schedule = find_schedule(checkpoint, kind, budget, method, timesteps)
+    schedule.check(blocks, method, timesteps, sha)
+    return schedule
+
+
+def describe_cache(schedule: CacheSchedule) -> dict:
+    return {"kind": schedule.kind, "budget": schedule.budget, "method": schedule.method,
+            "steps": len(schedule.timesteps), "block_evals_per_denoise": schedule.block_evals,
+            "uncached_block_evals": len(schedule.blocks) * len(schedule.timesteps), "selected": schedule.selected}
+
+
+def validate(settings: RuntimeSettings) -> None:
+    """What can be refused without loading anything."""
+    if settings.backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {settings.backend!r}")
+    if settings.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {settings.precision!r}")
+    if settings.steps is not None and settings.steps < 1:
+        raise ValueError(f"steps must be >= 1, got {settings.steps}")
+    if settings.threads < 0:
+        raise ValueError(f"threads must be >= 0, got {settings.threads}")
+    if settings.cache is not None:
+        parse_cache(settings.cache)
+        if settings.backend != "torch":
+            raise ValueError("--cache runs the transformer's branches in torch; to cache on an engine, export a "
+                             "fused graph with the schedule (rtdp export --cache ...)")
+    if settings.rti is not None:
+        rti_config(settings.rti)
+    if settings.export is not None and not settings.backend.startswith(("onnxruntime", "tensorrt")):
+        raise ValueError(f"--export names the folder an engine backend reads; backend {settings.backend!r} runs "
+                         f"the checkpoint's torch weights")
+
+
+def build_policy(settings: RuntimeSettings, model=None, run_cfg=None, record_pairs: bool = False) -> Runtime:
+    """The runnable policy the settings describe. `model` and `run_cfg` reuse a model already loaded from the same
+    checkpoint with the same sampler settings; `record_pairs` makes RTI log (warm guess, full denoise) pairs for
+    k0 calibration."""
+    validate(settings)
+    if model is None:
+        model, run_cfg = load_model(settings)
+    policy, backend = model, None
+    if settings.backend != "torch":
+        backend = make_backend(settings.backend, model, settings.checkpoint, settings.threads, settings.precision,
+                               settings.export)
+        policy = BackendPolicy(policy, backend)
+    rti_cfg = rti_config(settings.rti) if settings.rti is not None else None
+    # The step list a decision runs (RTI: the warm tail) is what a cache schedule is made for.
+    decision = RTIPolicy(policy, rti_cfg) if rti_cfg is not None else policy
+    cache = None
+    if settings.cache is not None:
+        schedule = cache_schedule_for(model, settings.checkpoint, settings.cache, decision.method,
+                                      decision.timesteps)
+        policy = CachedPolicy(policy, schedule)
+        cache = describe_cache(schedule)
+    rti = None
+    if rti_cfg is not None:
+        policy = RTIPolicy(policy, rti_cfg, record_pairs=record_pairs)
+        rti = policy.describe()
+    config = {"sampler": policy.method, "steps": len(policy.timesteps), "spacing": model.cfg.inference.spacing,
+              "eta": model.cfg.inference.eta, "kind": model.spec.kind, "denoiser": model.cfg.denoiser,
+              "backend": settings.backend, "precision": settings.precision, "export": settings.export}
+    if rti is not None:
+        config["rti"] = rti
+    if cache is not None:
+        config["cache"] = cache
+    return Runtime(policy, model, run_cfg, settings, rti, cache, config, residual_branches(model), backend)
+
+
+def residual_branches(model) -> int | None:
+    try:
+        return len(transformer_of(model).residual_branches())
+    except CacheScheduleError:
+        return None

@@ -1,0 +1,150 @@
+"""`rtdp control`: a checkpoint driving a simulated robot under the fixed-rate loop (deploy/loop.py), with the
+simulator stepped once per tick, and the loop's timing report. The policy is built by deploy.runtime (any kind,
+any sampler, RTI, block cache, backend), in its own process by default."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from deploy.decider import ChunkDecider
+from deploy.inference_process import InferenceProcess
+from deploy.kinds import read_config
+from deploy.loop import ControlLoop, LoopSettings
+from deploy.runtime import RuntimeSettings, validate
+from envs.tasks import discrete_action_dims
+
+from .report import wilson_interval
+from .tasks import open_env, resolve_task
+
+WORKERS = ("process", "thread")
+CONTROL_SEED_OFFSET = 300_000  # control episodes use their own seeds, apart from demos, evaluation, calibration
+
+
+@dataclass
+class ControlSettings:
+    checkpoint: str
+    rate_hz: float = 50.0
+    episodes: int = 5
+    min_ticks: int = 0  # keep starting episodes until this many ticks ran (the 10,000-tick benchmark)
+    seed: int = 0
+    sampler: str | None = None
+    steps: int | None = None
+    rti: dict | None = None
+    cache: str | None = None
+    backend: str = "torch"
+    precision: str = "fp32"
+    export: str | None = None
+    replan_every: int | None = None  # ticks between decisions; None: the policy's actions per decision
+    inference_delay_ms: float = 0.0  # added to every decision: how the loop copes with a slow policy
+    bad_obs_every: int = 0  # corrupt every n-th observation with NaN (tests the hold-and-report path)
+    max_episode_steps: int | None = None
+    task: str | None = None
+    # "process": inference in its own process, so the loop never waits for the GIL; "thread": in this one.
+    worker: str = "process"
+
+    def runtime(self, task: str) -> RuntimeSettings:
+        return RuntimeSettings(checkpoint=self.checkpoint, sampler=self.sampler, steps=self.steps, rti=self.rti,
+                               cache=self.cache, backend=self.backend, precision=self.precision, export=self.export,
+                               discrete_action_dims=discrete_action_dims(task))
+
+
+class SimRobot:
+    """A gymnasium task as the robot: `act` steps the simulator once per tick."""
+
+    def __init__(self, env, seed: int):
+        self.env = env
+        self.obs, _ = env.reset(seed=seed)
+        self.success = False
+        self.steps = 0
+
+    def observe(self) -> dict:
+        return self.obs
+
+    def act(self, action: np.ndarray) -> bool:
+        self.obs, _, terminated, truncated, info = self.env.step(action)
+        self.steps += 1
+        self.success = self.success or bool(info.get("success", False))
+        return self.success or terminated or truncated
+
+
+class CorruptingRobot(SimRobot):
+    """A SimRobot whose every n-th observation is NaN: the loop must hold and count it, never pass it on."""
+
+    def __init__(self, env, seed: int, every: int):
+        super().__init__(env, seed)
+        self.every, self.calls = every, 0
+
+    def observe(self) -> dict:
+        self.calls += 1
+        if self.every and self.calls % self.every == 0:
+            return {k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v for k, v in self.obs.items()}
+        return self.obs
+
+
+def run_control(settings: ControlSettings, progress: bool = True) -> dict:
+    if settings.worker not in WORKERS:
+        raise ValueError(f"worker must be one of {WORKERS}, got {settings.worker!r}")
+    run_cfg = read_config(settings.checkpoint)  # the weights are loaded by the decider alone
+    task = resolve_task(settings.checkpoint, run_cfg, settings.task)
+    runtime = settings.runtime(task)
+    validate(runtime)
+    env = open_env(settings.checkpoint, run_cfg, task, settings.max_episode_steps)
+    try:
+        if settings.worker == "process":
+            decider = InferenceProcess(runtime, settings.inference_delay_ms)
+        else:
+            decider = ChunkDecider(runtime, settings.inference_delay_ms)
+    except Exception:
+        env.close()
+        raise
+    spec = decider.spec
+    loop = ControlLoop.for_spec(decider, LoopSettings(rate_hz=settings.rate_hz, replan_every=settings.replan_every),
+                                spec)
+    episodes = []
+    bar = tqdm(desc=f"control {task} @ {settings.rate_hz:g} Hz", unit="tick", disable=not progress,
+               dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        i = 0
+        while i < settings.episodes or loop.stats.ticks < settings.min_ticks:
+            seed = CONTROL_SEED_OFFSET + settings.seed + i
+            decider.reset(seed)
+            robot = CorruptingRobot(env, seed, settings.bad_obs_every)
+            before = loop.stats.ticks
+            loop.settings.max_ticks = env.max_episode_steps
+            loop.run(robot)
+            bar.update(loop.stats.ticks - before)
+            episodes.append({"seed": seed, "success": robot.success, "ticks": loop.stats.ticks - before})
+            i += 1
+    finally:
+        loop.close()
+        if settings.worker == "process":
+            decider.close()
+        bar.close()
+        env.close()
+    wins = sum(e["success"] for e in episodes)
+    return {
+        "task": task, "checkpoint": settings.checkpoint, "rate_hz": settings.rate_hz,
+        **loop.stats.summary(),
+        "success_rate": wins / len(episodes), "success_ci95": list(wilson_interval(wins, len(episodes))),
+        "episodes": len(episodes),
+        "config": {**decider.config, "rti": decider.config.get("rti"), "worker": settings.worker,
+                   "replan_every": loop.replan_every, "inference_delay_ms": settings.inference_delay_ms,
+                   "bad_obs_every": settings.bad_obs_every, "miss_tolerance_ms": loop.tolerance * 1e3},
+        "per_episode": episodes, "seconds": time.perf_counter() - t0,
+        "date": datetime.date.today().isoformat(), "machine": platform.node(),
+    }
+
+
+def control_summary(r: dict) -> str:
+    pe, inf = r["period_error_ms"], r["inference_ms"]
+    return (f"{r['task']} @ {r['rate_hz']:g} Hz: {r['ticks']} ticks, {r['deadline_misses']} deadline misses, "
+            f"period error p50 {pe['p50']:.3f} p99 {pe['p99']:.3f} max {pe['max']:.3f} ms, inference p50 "
+            f"{inf['p50']:.1f} p99 {inf['p99']:.1f} ms, held {r['held_ticks']}, stale skipped {r['stale_skipped']},"
+            f" bad observations {r['bad_observations']}, success {r['success_rate']:.2f} ({r['episodes']} episodes)")

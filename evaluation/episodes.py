@@ -1,0 +1,84 @@
+"""One worker's episodes: a built policy behind a timing adapter, on the task's seeds, one JSON record each.
+
+Episode i of an evaluation always runs on seed EVAL_SEED_OFFSET + seed + i, with sampler noise seeded from the
+same number: results do not depend on how episodes were split among workers.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from envs.rollout import run_episode
+
+EVAL_SEED_OFFSET = 100_000  # evaluation never reuses a demonstration seed (demos start at 0)
+CALIBRATION_SEED_OFFSET = 200_000  # RTI's k0 and BAC calibration run on episodes neither demos nor evaluation use
+
+
+def episode_seeds(seed: int, episodes: int) -> list[int]:
+    return [EVAL_SEED_OFFSET + seed + i for i in range(episodes)]
+
+
+class TimedPolicy:
+    """Observation history (numpy) -> action chunk (numpy) for envs.rollout, recording each decision's inference
+    time, denoiser calls, kind and branch evaluations from the returned chunk. Sampler noise is reseeded per
+    episode, so an episode's rollout depends on its seed alone."""
+
+    def __init__(self, policy):
+        import torch
+
+        self.policy = policy
+        self.generator = torch.Generator()
+        self.reset(0)
+
+    def reset(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+        self.latencies_ms: list[float] = []
+        self.nfes: list[int] = []
+        self.kinds: list[str] = []  # "full" or "warm" per decision
+        self.block_evals: list[int | None] = []  # residual-branch evaluations, where a block cache counts them
+        self.fallbacks = {"nan_fallbacks": 0, "gap_fallbacks": 0}  # RTI's full denoises forced by its warm start
+        self.policy.reset()
+
+    def __call__(self, history: dict[str, np.ndarray]) -> np.ndarray:
+        import torch
+
+        obs = {k: torch.from_numpy(np.ascontiguousarray(v))[None] for k, v in history.items()}
+        t0 = time.perf_counter()
+        chunk = self.policy.predict_chunk(obs, generator=self.generator)
+        self.latencies_ms.append((time.perf_counter() - t0) * 1e3)
+        self.nfes.append(chunk.nfe)
+        self.kinds.append(chunk.kind)
+        self.block_evals.append(chunk.block_evals)
+        if "fallback" in chunk.extras:
+            self.fallbacks[f"{chunk.extras['fallback']}_fallbacks"] += 1
+        return chunk.action[0].numpy()
+
+
+def run_episodes(policy, env, n_obs_steps: int, seeds: list[int], task: str, emit, video_dir: str | None = None,
+                 video_seeds: set[int] = frozenset()) -> None:
+    """Run `policy` (the decision contract) on each seed and `emit` one record per episode."""
+    act = TimedPolicy(policy)
+    for seed in seeds:
+        act.reset(seed)
+        result = run_episode(env, act, n_obs_steps, seed, record_frames=seed in video_seeds)
+        video = write_video(result.frames, Path(video_dir), task, seed) if result.frames else None
+        emit({"seed": seed, "success": result.success, "return": result.total_return, "steps": result.steps,
+              "decisions": result.decisions, "latency_ms": act.latencies_ms, "nfe": act.nfes, "kind": act.kinds,
+              "block_evals": act.block_evals, "fallbacks": dict(act.fallbacks), "video": video})
+
+
+def write_video(frames: list[np.ndarray], directory: Path, task: str, seed: int, fps: int = 30) -> str:
+    import imageio.v2 as imageio
+
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = f"{task.replace('/', '_')}_seed{seed}"
+    try:
+        path = directory / f"{stem}.mp4"
+        imageio.mimwrite(path, frames, fps=fps, macro_block_size=1)
+    except (ImportError, ValueError, RuntimeError):  # no ffmpeg backend: fall back to a GIF
+        path = directory / f"{stem}.gif"
+        imageio.mimwrite(path, frames, duration=1.0 / fps)
+    return str(path)

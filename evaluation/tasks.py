@@ -1,0 +1,34 @@
+"""A checkpoint's task: which one it runs on, the environment for it, checked against the checkpoint's shapes."""
+
+from __future__ import annotations
+
+from envs.tasks import make_env
+
+
+def resolve_task(checkpoint: str, run_cfg, task: str | None = None) -> str:
+    task = task or run_cfg.data.task
+    if not task:
+        raise ValueError(f"checkpoint {checkpoint} does not record its task: pass --task")
+    return task
+
+
+def check_compatible(policy_cfg, env, checkpoint: str, task: str) -> None:
+    state_dim = env.observation_space["state"].shape[0]
+    action_dim = env.action_space.shape[0]
+    want_image = policy_cfg.image_shape is not None
+    has_image = "image" in env.observation_space.spaces
+    if (policy_cfg.state_dim, policy_cfg.action_dim, want_image) != (state_dim, action_dim, has_image):
+        raise ValueError(
+            f"checkpoint {checkpoint} expects a {policy_cfg.state_dim}-d state, a {policy_cfg.action_dim}-d action"
+            f"{' and images' if want_image else ''}; task {task} gives a {state_dim}-d state, a {action_dim}-d "
+            f"action{' and images' if has_image else ''}"
+        )
+
+
+def open_env(checkpoint: str, run_cfg, task: str, max_episode_steps: int | None = None):
+    """The task's environment, rendering images at the checkpoint's size when it observes them."""
+    p = run_cfg.policy
+    image_size = p.image_shape[0] if p.image_shape else 96
+    env = make_env(task, image=p.image_shape is not None, image_size=image_size, max_episode_steps=max_episode_steps)
+    check_compatible(p, env, checkpoint, task)
+    return env

@@ -1,0 +1,100 @@
+"""What a diffusion model kind offers the wrappers around it (RTI, the block cache, a backend), and the one
+decision that turns it into the contract's `predict_chunk`: condition -> initial noise -> sample -> chunk.
+
+A denoising policy has a `spec`, a `schedule`, a `normalizer`, the sampler it was built with (`method`,
+`timesteps`), a `model` (the torch module: what a block cache hooks and what export traces), and
+
+    condition(obs) -> cond                                   raw observations, validated, normalised, encoded
+    sample_normalized(cond, x_init, timesteps, method, generator=None, denoiser=None) -> Denoised
+    to_chunk(denoised, kind="full", extras=None) -> Chunk    clean normalised chunk -> raw actions
+    chunk_shape(batch), inference_timesteps(steps), reset()
+
+A wrapper (`DenoisingWrapper`) forwards all of it to the policy it wraps and replaces only what it changes: a
+backend the encoder and the denoiser, a block cache the denoiser on its schedule's step list, RTI the decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .contract import Chunk, PolicySpec
+
+
+@dataclass
+class Denoised:
+    x0: torch.Tensor  # the clean chunk, normalised
+    nfe: int  # denoiser calls, counted
+    block_evals: int | None = None  # residual-branch evaluations, where a block cache counted them
+
+
+class DenoisingPolicy:
+    """The contract's `predict_chunk` for any denoising policy: a full denoise with the build-time sampler."""
+
+    @torch.no_grad()
+    def predict_chunk(self, obs: dict[str, torch.Tensor], *, executed: int | None = None,
+                      generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> Chunk:
+        """Raw observations -> a Chunk in raw units. `noise` fixes the initial sample (parity checks); `executed`
+        is ignored: a full denoise keeps no state between decisions."""
+        cond = self.condition(obs)
+        x_init = self.initial_noise(cond, generator, noise)
+        return self.to_chunk(self.sample_normalized(cond, x_init, self.timesteps, self.method, generator))
+
+    def initial_noise(self, cond: torch.Tensor, generator: torch.Generator | None,
+                      noise: torch.Tensor | None = None) -> torch.Tensor:
+        shape = self.chunk_shape(cond.shape[0])
+        if noise is None:
+            return torch.randn(shape, generator=generator, dtype=cond.dtype)
+        if tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+        return noise
+
+
+class DenoisingWrapper(DenoisingPolicy):
+    """Forwards the denoising surface to `inner`; subclasses override what they change."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @property
+    def spec(self) -> PolicySpec:
+        return self.inner.spec
+
+    @property
+    def model(self):
+        return self.inner.model
+
+    @property
+    def schedule(self):
+        return self.inner.schedule
+
+    @property
+    def normalizer(self):
+        return self.inner.normalizer
+
+    @property
+    def method(self) -> str:
+        return self.inner.method
+
+    @property
+    def timesteps(self) -> list[int]:
+        return self.inner.timesteps
+
+    def condition(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.inner.condition(obs)
+
+    def sample_normalized(self, cond, x_init, timesteps, method, generator=None, denoiser=None) -> Denoised:
+        return self.inner.sample_normalized(cond, x_init, timesteps, method, generator, denoiser)
+
+    def to_chunk(self, denoised: Denoised, kind: str = "full", extras: dict | None = None) -> Chunk:
+        return self.inner.to_chunk(denoised, kind, extras)
+
+    def chunk_shape(self, batch: int) -> tuple[int, ...]:
+        return self.inner.chunk_shape(batch)
+
+    def inference_timesteps(self, steps: int | None = None) -> torch.Tensor:
+        return self.inner.inference_timesteps(steps)
+
+    def reset(self) -> None:
+        self.inner.reset()
