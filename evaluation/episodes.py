@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from envs.rollout import run_episode
+from policy.contract import PolicyFault
 
 EVAL_SEED_OFFSET = 100_000  # evaluation never reuses a demonstration seed (demos start at 0)
 CALIBRATION_SEED_OFFSET = 200_000  # RTI's k0 and BAC calibration run on episodes neither demos nor evaluation use
@@ -39,7 +40,8 @@ class TimedPolicy:
         self.nfes: list[int] = []
         self.kinds: list[str] = []  # "full" or "warm" per decision
         self.block_evals: list[int | None] = []  # residual-branch evaluations, where a block cache counts them
-        self.fallbacks = {"nan_fallbacks": 0, "gap_fallbacks": 0}  # RTI's full denoises forced by its warm start
+        # decisions of each kind, and RTI's full denoises forced by its warm start (NaN, an observation gap)
+        self.fallbacks = {"full": 0, "warm": 0, "nan_fallbacks": 0, "gap_fallbacks": 0}
         self.policy.reset()
 
     def __call__(self, history: dict[str, np.ndarray]) -> np.ndarray:
@@ -52,6 +54,7 @@ class TimedPolicy:
         self.nfes.append(chunk.nfe)
         self.kinds.append(chunk.kind)
         self.block_evals.append(chunk.block_evals)
+        self.fallbacks[chunk.kind] = self.fallbacks.get(chunk.kind, 0) + 1
         if "fallback" in chunk.extras:
             self.fallbacks[f"{chunk.extras['fallback']}_fallbacks"] += 1
         return chunk.action[0].numpy()
@@ -63,7 +66,10 @@ def run_episodes(policy, env, n_obs_steps: int, seeds: list[int], task: str, emi
     act = TimedPolicy(policy)
     for seed in seeds:
         act.reset(seed)
-        result = run_episode(env, act, n_obs_steps, seed, record_frames=seed in video_seeds)
+        try:
+            result = run_episode(env, act, n_obs_steps, seed, record_frames=seed in video_seeds)
+        except PolicyFault as e:
+            raise PolicyFault(f"{e} (episode seed {seed}, decision {len(act.nfes) + 1})") from None
         video = write_video(result.frames, Path(video_dir), task, seed) if result.frames else None
         emit({"seed": seed, "success": result.success, "return": result.total_return, "steps": result.steps,
               "decisions": result.decisions, "latency_ms": act.latencies_ms, "nfe": act.nfes, "kind": act.kinds,
