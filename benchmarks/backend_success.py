@@ -25,8 +25,8 @@ RUNS_DIR = ROOT / "benchmarks" / "results" / "closed_loop" / "runs"
 
 
 def run(tasks: list[str], episodes: int, path: Path) -> None:
-    from evaluation.evaluate import EvalSettings, evaluate
     from deploy.export import ExportSettings, check_export, export_dir, export_policy
+    from evaluation.evaluate import EvalSettings, evaluate
 
     done = json.loads(path.read_text()) if path.is_file() else {}
     for task in tasks:

@@ -25,9 +25,9 @@ CONFIG = ROOT / "configs" / "policy" / "unet_lowdim.yaml"
 
 
 def run_task(name: str, out: Path, demos: int, steps: int, episodes: int, seed: int) -> dict:
-    from evaluation.evaluate import EvalSettings, evaluate
     from envs.collect import collect_demos
     from envs.datasets import PolicyDataset
+    from evaluation.evaluate import EvalSettings, evaluate
     from policy.config import load_config
     from policy.train import train
 

@@ -17,7 +17,8 @@ never pickle:
     -> {"op": "decide", "executed": int | null, arrays}    <- {"ok": true, "ms": float, arrays: [actions]}
     -> {"op": "reset", "seed": int}                        <- {"ok": true}
     -> {"op": "close"}                                     (the child exits)
-    any failure                                            <- {"ok": false, "error": "Type: message"}
+    any failure                                            <- {"ok": false, "error": "Type: message",
+                                                               "fault": "policy" | "inference"}
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from policy.contract import PolicySpec
+from policy.contract import PolicyFault, PolicySpec
 
 from .decider import ChunkDecider
 from .runtime import RuntimeSettings
@@ -138,6 +139,8 @@ class InferenceProcess:
                 code = self._proc.poll()
                 raise InferenceError(f"the inference process exited (code {code}); its stderr is above")
             if not reply[0].get("ok"):
+                if reply[0].get("fault") == "policy":
+                    raise PolicyFault(str(reply[0].get("error")))
                 raise InferenceError(f"inference process: {reply[0].get('error')}")
             return reply
 
@@ -193,7 +196,8 @@ def serve(requests, replies, threads: int) -> None:
             else:
                 raise ProtocolError(f"unknown op {op!r}")
         except Exception as e:  # noqa: BLE001  a failed request is answered, and the process serves on
-            write_message(replies, {"ok": False, "error": f"{type(e).__name__}: {e}"})
+            write_message(replies, {"ok": False, "error": f"{type(e).__name__}: {e}",
+                                    "fault": "policy" if isinstance(e, PolicyFault) else "inference"})
 
 
 def main(argv: list[str]) -> int:

@@ -15,6 +15,8 @@ a pipe and the loop never waits for the GIL):
   for that tick, counts it and carries on;
 - a watchdog counts inferences that run longer than `watchdog_s` (the loop keeps ticking meanwhile), and a
   decision the policy raises on is counted and reported while the loop holds;
+- a chunk with a NaN or Inf action, or one the policy's own guard refused (policy.guard), is a policy fault: none
+  of it is executed, the loop holds and counts it apart from the other inference errors;
 - with RTI the warm start comes from the chunk actually being executed: the worker tells the policy how many
   ticks passed since the previous decision's observation.
 
@@ -31,6 +33,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from policy.contract import PolicyFault
 
 from .timing import percentiles
 
@@ -59,6 +63,7 @@ class LoopStats:
     bad_observations: int = 0
     watchdog_trips: int = 0
     inference_errors: int = 0  # decisions the policy raised on: the loop held and carried on
+    policy_faults: int = 0  # chunks refused before execution: non-finite or out-of-bounds actions
     last_error: str | None = None
     decisions: int = 0
     period_error_ms: list[float] = field(default_factory=list)
@@ -66,11 +71,27 @@ class LoopStats:
 
     def summary(self) -> dict:
         out = {k: getattr(self, k) for k in ("ticks", "deadline_misses", "held_ticks", "stale_skipped",
-                                             "bad_observations", "watchdog_trips", "inference_errors", "last_error",
-                                             "decisions")}
+                                             "bad_observations", "watchdog_trips", "inference_errors",
+                                             "policy_faults", "last_error", "decisions")}
         out["period_error_ms"] = percentiles(self.period_error_ms or [0.0], ("p50", "p99"))
-        out["inference_ms"] = percentiles(self.inference_ms or [0.0], ("p50", "p99"))
+        # Decisions that never finished have no latency: no number is reported, rather than a 0 that looks fast.
+        out["inference_ms"] = percentiles(self.inference_ms, ("p50", "p99")) or {"p50": None, "p99": None,
+                                                                                 "max": None}
         return out
+
+    def record_error(self, error: BaseException) -> None:
+        if isinstance(error, PolicyFault):
+            self.policy_faults += 1
+        else:
+            self.inference_errors += 1
+        self.last_error = f"{type(error).__name__}: {error}"
+
+    def faults(self) -> dict[str, int]:
+        """Every fault class that occurred, with its count."""
+        names = {"policy_faults": "policy faults", "inference_errors": "inference errors",
+                 "watchdog_trips": "watchdog trips", "bad_observations": "bad observations",
+                 "deadline_misses": "deadline misses"}
+        return {label: getattr(self, k) for k, label in names.items() if getattr(self, k)}
 
 
 class _Chunk:
@@ -107,7 +128,7 @@ class InferenceWorker:
     def prime(self, history: dict[str, np.ndarray], tick: int):
         """A decision made synchronously before the clock starts (the episode's first, full denoise)."""
         t0 = time.perf_counter()
-        actions = self.decide(history, None)
+        actions = checked(self.decide(history, None))
         with self._cv:
             self._prev_tick = tick
         return _Chunk(actions, tick), (time.perf_counter() - t0) * 1e3
@@ -154,7 +175,7 @@ class InferenceWorker:
                 episode = self._episode
             t0 = time.perf_counter()
             try:
-                actions = self.decide(history, executed)
+                actions = checked(self.decide(history, executed))
             except Exception as e:  # noqa: BLE001  the loop must outlive a failing policy: it holds and reports
                 error, actions = e, None
             else:
@@ -166,6 +187,16 @@ class InferenceWorker:
                 if actions is not None and episode == self._episode:
                     self._result = (_Chunk(actions, tick), ms)
                     self._prev_tick = tick
+
+
+def checked(actions) -> np.ndarray:
+    """The decider's actions, or a PolicyFault: whatever decides, nothing non-finite is executed."""
+    actions = np.asarray(actions)
+    if actions.ndim != 2:
+        raise PolicyFault(f"policy fault: the decider returned actions of shape {actions.shape}, not (steps, dims)")
+    if not np.isfinite(actions).all():
+        raise PolicyFault("policy fault: the decider returned NaN or Inf actions; nothing of the chunk was executed")
+    return actions
 
 
 def valid_observation(obs: dict, shapes: dict[str, tuple]) -> bool:
@@ -236,8 +267,7 @@ class ControlLoop:
                 stats.decisions += 1
                 last_request = 0
             except Exception as e:  # noqa: BLE001  held and reported like any failed decision
-                stats.inference_errors += 1
-                stats.last_error = f"{type(e).__name__}: {e}"
+                stats.record_error(e)
             history.clear()
         watchdog_armed = True
         done = False
@@ -262,8 +292,7 @@ class ControlLoop:
                 watchdog_armed = True
             error = self.worker.take_error()
             if error is not None:
-                stats.inference_errors += 1
-                stats.last_error = f"{type(error).__name__}: {error}"
+                stats.record_error(error)
 
             obs = robot.observe()
             good = valid_observation(obs, self.obs_shapes)

@@ -78,24 +78,25 @@ def _time(fn, n: int) -> np.ndarray:
 
 def profile_backend(runtime, settings: ProfileSettings, fused: bool = False) -> dict:
     policy, model, backend = runtime.policy, runtime.model, runtime.backend
+    inner = policy.inner  # under the action guard: the denoising policy whose step list a decision runs
     g = torch.Generator().manual_seed(0)
     obs = raw_observation(policy.spec, model.normalizer, g)
     shape = model.chunk_shape(1)
-    cond = policy.condition(obs)
+    cond = inner.condition(obs)
     on_cuda = str(cond.device).startswith("cuda")
     # A timed step ends when the device has finished its work, not when the host has queued it.
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     if fused:
         spec = backend.manifest["graphs"]["fused"]
-        if (spec["method"], spec["timesteps"]) != (policy.method, policy.timesteps):
+        if (spec["method"], spec["timesteps"]) != (inner.method, inner.timesteps):
             raise BackendUnavailable(f"the fused graph runs {spec['method']} over {spec['timesteps'][:3]}..., "
-                                     f"not the profiled {policy.method} over {policy.timesteps[:3]}...; export it "
+                                     f"not the profiled {inner.method} over {inner.timesteps[:3]}...; export it "
                                      f"for these")
         x_init = torch.randn(shape, generator=g)
-        step_noise = torch.randn(len(policy.timesteps), *shape, generator=g)
+        step_noise = torch.randn(len(inner.timesteps), *shape, generator=g)
 
         def decide():
-            x0 = backend.fused(policy.condition(obs), x_init, step_noise)
+            x0 = backend.fused(inner.condition(obs), x_init, step_noise)
             model.to_chunk(Denoised(x0, 1)).action.cpu()
             sync()
         nfe = 1
@@ -106,10 +107,10 @@ def profile_backend(runtime, settings: ProfileSettings, fused: bool = False) -> 
         def decide():
             policy.predict_chunk(obs, generator=g).action.cpu()
             sync()
-        nfe = len(policy.timesteps)
+        nfe = len(inner.timesteps)
 
     denoise = backend.denoise if backend is not None else model.denoise
-    t = torch.tensor([policy.timesteps[0]], device=cond.device)
+    t = torch.tensor([inner.timesteps[0]], device=cond.device)
     x_dev = torch.randn(shape, generator=g).to(cond.device)
 
     def forward():

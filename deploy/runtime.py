@@ -24,6 +24,7 @@ from policy.cache import (
     transformer_of,
 )
 from policy.checkpoint import weights_sha256
+from policy.guard import ActionGuard
 from policy.rti import RTIPolicy, rti_config
 
 from .artifacts import PRECISIONS
@@ -49,7 +50,7 @@ class RuntimeSettings:
 
 @dataclass
 class Runtime:
-    policy: object  # the decision contract, wrapped as the settings ask
+    policy: object  # the decision contract, wrapped as the settings ask, every chunk checked (policy.guard)
     model: object  # the loaded model underneath
     run_cfg: object
     settings: RuntimeSettings
@@ -58,6 +59,7 @@ class Runtime:
     config: dict = field(default_factory=dict)  # what a report's `config` records
     branches_per_call: int | None = None  # residual branches in one uncached call, for a transformer denoiser
     backend: object = None  # the engine or torch backend the policy runs on; None: the model's own torch modules
+    rti_policy: object = None  # the RTI wrapper, when on (calibration reads its logged pairs and warm guesses)
 
 
 def parse_cache(spec: str) -> tuple[str, int]:
@@ -140,9 +142,9 @@ def build_policy(settings: RuntimeSettings, model=None, run_cfg=None, record_pai
                                       decision.timesteps)
         policy = CachedPolicy(policy, schedule)
         cache = describe_cache(schedule)
-    rti = None
+    rti = rti_policy = None
     if rti_cfg is not None:
-        policy = RTIPolicy(policy, rti_cfg, record_pairs=record_pairs)
+        policy = rti_policy = RTIPolicy(policy, rti_cfg, record_pairs=record_pairs)
         rti = policy.describe()
     config = {"sampler": policy.method, "steps": len(policy.timesteps), "spacing": model.cfg.inference.spacing,
               "eta": model.cfg.inference.eta, "kind": model.spec.kind, "denoiser": model.cfg.denoiser,
@@ -151,7 +153,11 @@ def build_policy(settings: RuntimeSettings, model=None, run_cfg=None, record_pai
         config["rti"] = rti
     if cache is not None:
         config["cache"] = cache
-    return Runtime(policy, model, run_cfg, settings, rti, cache, config, residual_branches(model), backend)
+    stats = model.normalizer["action"].stats
+    guard = ActionGuard(policy, stats.get("min"), stats.get("max")) if "min" in stats else ActionGuard(policy)
+    config["action_bounds"] = guard.bounds()
+    return Runtime(guard, model, run_cfg, settings, rti, cache, config, residual_branches(model), backend,
+                   rti_policy)
 
 
 def residual_branches(model) -> int | None:

@@ -38,7 +38,7 @@ def calibrate_rti(settings, progress: bool = True):
         checkpoint=settings.checkpoint, sampler=settings.sampler, steps=settings.steps,
         rti={**settings.rti, "k0": 0}, backend=settings.backend, precision=settings.precision,
         export=settings.export, discrete_action_dims=discrete_action_dims(task)), record_pairs=True)
-    rti = runtime.policy
+    rti = runtime.rti_policy
     env = open_env(settings.checkpoint, run_cfg, task, settings.rti_calibration_steps)
     act = TimedPolicy(rti)
     pairs = []
@@ -88,10 +88,10 @@ def calibrate_cache(settings: CacheSettings, progress: bool = True) -> CacheResu
     runtime = build_policy(RuntimeSettings(checkpoint=settings.checkpoint, sampler=settings.sampler,
                                            steps=settings.steps, rti=settings.rti,
                                            discrete_action_dims=discrete_action_dims(task)))
-    actor, model = runtime.policy, runtime.model
+    actor, model = runtime.rti_policy or runtime.policy.inner, runtime.model
     blocks = list(transformer_of(model).residual_branches())
     method, timesteps = actor.method, actor.timesteps  # the step list a decision runs (RTI: its warm tail)
-    act = TimedPolicy(actor)
+    act = TimedPolicy(runtime.policy)
     histories: list[dict[str, np.ndarray]] = []
     guesses: list[torch.Tensor] = []
 

@@ -131,7 +131,7 @@ def run_control(settings: ControlSettings, progress: bool = True) -> dict:
     wins = sum(e["success"] for e in episodes)
     return {
         "task": task, "checkpoint": settings.checkpoint, "rate_hz": settings.rate_hz,
-        **loop.stats.summary(),
+        **loop.stats.summary(), "faults": loop.stats.faults(),
         "success_rate": wins / len(episodes), "success_ci95": list(wilson_interval(wins, len(episodes))),
         "episodes": len(episodes),
         "config": {**decider.config, "rti": decider.config.get("rti"), "worker": settings.worker,
@@ -144,7 +144,11 @@ def run_control(settings: ControlSettings, progress: bool = True) -> dict:
 
 def control_summary(r: dict) -> str:
     pe, inf = r["period_error_ms"], r["inference_ms"]
+    latency = (f"inference p50 {inf['p50']:.1f} p99 {inf['p99']:.1f} ms" if inf["p50"] is not None
+               else "no decision finished")
+    faults = ", ".join(f"{label} {n}" for label, n in r["faults"].items()) or "none"
     return (f"{r['task']} @ {r['rate_hz']:g} Hz: {r['ticks']} ticks, {r['deadline_misses']} deadline misses, "
-            f"period error p50 {pe['p50']:.3f} p99 {pe['p99']:.3f} max {pe['max']:.3f} ms, inference p50 "
-            f"{inf['p50']:.1f} p99 {inf['p99']:.1f} ms, held {r['held_ticks']}, stale skipped {r['stale_skipped']},"
-            f" bad observations {r['bad_observations']}, success {r['success_rate']:.2f} ({r['episodes']} episodes)")
+            f"period error p50 {pe['p50']:.3f} p99 {pe['p99']:.3f} max {pe['max']:.3f} ms, {latency}, "
+            f"held {r['held_ticks']}, stale skipped {r['stale_skipped']}, bad observations {r['bad_observations']}"
+            f", success {r['success_rate']:.2f} ({r['episodes']} episodes); faults: {faults}"
+            + (f" (last: {r['last_error']})" if r["last_error"] else ""))

@@ -23,6 +23,7 @@ import numpy as np
 from deploy.kinds import read_config
 from deploy.runtime import RuntimeSettings, build_policy
 from envs.tasks import discrete_action_dims
+from policy.contract import PolicyFault
 
 from .episodes import episode_seeds, run_episodes
 from .report import build_report, plot_report
@@ -136,14 +137,23 @@ def _run_in_workers(settings: EvalSettings, seeds: list[int], workers: int, emit
         sel.register(p.stdout, selectors.EVENT_READ, p)
         procs.append(p)
     open_streams = len(procs)
-    while open_streams:
-        for key, _ in sel.select():
-            line = key.fileobj.readline()
-            if not line:
-                sel.unregister(key.fileobj)
-                open_streams -= 1
-            elif line.startswith("{"):
-                emit(json.loads(line))
+    try:
+        while open_streams:
+            for key, _ in sel.select():
+                line = key.fileobj.readline()
+                if not line:
+                    sel.unregister(key.fileobj)
+                    open_streams -= 1
+                elif line.startswith("{"):
+                    record = json.loads(line)
+                    if "policy_fault" in record:
+                        raise PolicyFault(record["policy_fault"])
+                    emit(record)
+    except BaseException:
+        for p in procs:
+            p.kill()
+            p.wait()
+        raise
     for p in procs:
         err = p.stderr.read()
         if p.wait() != 0:
@@ -157,7 +167,11 @@ def _worker_main(argv: list[str]) -> int:
         sys.stdout.write(json.dumps(record) + "\n")
         sys.stdout.flush()
 
-    worker_episodes(settings, emit)
+    try:
+        worker_episodes(settings, emit)
+    except PolicyFault as e:  # the orchestrator names it; a traceback would only say a worker died
+        emit({"policy_fault": str(e)})
+        return 3
     return 0
 
 

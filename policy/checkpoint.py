@@ -1,10 +1,13 @@
 """Checkpoint folders: `config.yaml` (the full resolved run config), `model.safetensors` (inference weights)
-and `normalizer.json`. Nothing is pickled. Loading names the file and the tensor that does not fit.
+and `normalizer.json`, with `checksums.json` recording the sha256 of each. Nothing is pickled. Loading verifies
+every recorded checksum (a flipped byte anywhere is refused, naming the file) and names the tensor that does not
+fit. Checkpoints written before checksums existed load unverified.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from .diffusion_policy import DiffusionPolicy
 from .normalizer import Normalizer
 
 CONFIG, WEIGHTS, NORMALIZER = "config.yaml", "model.safetensors", "normalizer.json"
+CHECKSUMS = "checksums.json"
 
 
 class CheckpointError(ValueError):
@@ -52,7 +56,36 @@ def save_checkpoint(directory: str | Path, cfg: RunConfig, policy: DiffusionPoli
     _atomic(directory / CONFIG, lambda p: p.write_text(config_to_yaml(cfg)))
     _atomic(directory / NORMALIZER, policy.normalizer.save)
     save_tensors(directory / WEIGHTS, policy.state_dict(), metadata={"format": "rtdp-policy-v1"})
+    record_checksums(directory, (CONFIG, WEIGHTS, NORMALIZER))
     return directory
+
+
+def record_checksums(directory: str | Path, names) -> None:
+    """Add (or refresh) the sha256 of the named files in the folder's checksums.json."""
+    directory = Path(directory)
+    path = directory / CHECKSUMS
+    sums = json.loads(path.read_text()) if path.is_file() else {}
+    sums.update({name: file_sha256(directory / name) for name in names})
+    _atomic(path, lambda p: p.write_text(json.dumps(sums, indent=1, sort_keys=True)))
+
+
+def verify_checksums(directory: str | Path, names=None) -> None:
+    """Check the named files (default: every one recorded) against checksums.json; a folder without one (made
+    before checksums existed) passes."""
+    directory = Path(directory)
+    path = directory / CHECKSUMS
+    if not path.is_file():
+        return
+    try:
+        sums = json.loads(path.read_text())
+        if not isinstance(sums, dict):
+            raise ValueError("not a mapping")
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not a valid checksum file: {e}") from None
+    for name in names if names is not None else sorted(sums):
+        if name in sums and (not (directory / name).is_file() or file_sha256(directory / name) != sums[name]):
+            raise CheckpointError(f"{directory / name} does not match the sha256 recorded in {path}: it is "
+                                  f"corrupt or was changed after it was saved")
 
 
 DEFAULT_KIND = "diffusion_policy"  # what a config.yaml without `kind:` holds (every checkpoint made before it)
@@ -104,6 +137,7 @@ def load_policy(directory: str | Path) -> tuple[DiffusionPolicy, RunConfig]:
         if not (directory / name).is_file():
             raise CheckpointError(f"checkpoint {directory} is missing {name} (expected {CONFIG}, {WEIGHTS}, "
                                   f"{NORMALIZER})")
+    verify_checksums(directory, (CONFIG, WEIGHTS, NORMALIZER))
     cfg = load_config_file(directory)
     try:
         normalizer = Normalizer.load(directory / NORMALIZER)

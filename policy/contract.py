@@ -96,3 +96,8 @@ class GraphSpec:
     fn: object  # Callable[..., torch.Tensor]
     inputs: dict[str, torch.Tensor]
     outputs: tuple[str, ...]
+
+
+class PolicyFault(ValueError):
+    """A chunk that must not reach the robot (a NaN or Inf action, an action outside the bounds the checkpoint
+    knows): the policy's fault, not the observation's. A control loop holds its safe action and counts it."""

@@ -20,7 +20,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import load_config_file, load_tensors, save_checkpoint, save_tensors
+from .checkpoint import (
+    load_config_file,
+    load_tensors,
+    record_checksums,
+    save_checkpoint,
+    save_tensors,
+    verify_checksums,
+)
 from .config import RunConfig, TrainConfig, config_to_yaml
 from .diffusion_policy import DiffusionPolicy
 from .ema import EMA
@@ -248,12 +255,14 @@ def _save(out_dir: Path, cfg: RunConfig, policy: DiffusionPolicy, ema: EMA | Non
     save_tensors(out_dir / TRAIN_STATE, tensors)
     meta = {"step": step, "ema_updates": ema.updates if ema is not None else 0, "optimizer": opt_meta}
     (out_dir / TRAIN_META).write_text(json.dumps(meta))
+    record_checksums(out_dir, (TRAIN_STATE, TRAIN_META))
 
 
 def _restore(out_dir: Path, cfg: RunConfig, policy: DiffusionPolicy, ema: EMA | None, opt) -> int:
     for name in (TRAIN_STATE, TRAIN_META):
         if not (out_dir / name).is_file():
             raise FileNotFoundError(f"cannot resume: {out_dir / name} is missing")
+    verify_checksums(out_dir)
     saved = load_config_file(out_dir)
     saved.train.steps = cfg.train.steps  # training on past the first plan is allowed
     if config_to_yaml(saved) != config_to_yaml(cfg):

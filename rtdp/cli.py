@@ -163,6 +163,9 @@ def cmd_control(args: argparse.Namespace) -> int:
     report = run_control(settings, progress=not args.no_progress)
     print(control_summary(report))
     _write_report(args.report, report)
+    if report["decisions"] == 0:
+        print("rtdp control: error: no decision succeeded; every tick held the safe action", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -23,7 +23,7 @@ def run_demo(workdir: Path, task: str = "metaworld/drawer-open-v3", steps: int =
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"1/3 collecting {DEMOS} expert demonstrations of {task}")
     buffer = collect_demos(task, DEMOS, seed=seed)
-    buffer.save(workdir / "demos.zarr")
+    buffer.save(workdir / "demos.zarr", overwrite=True)  # the demo's own folder, made by an earlier demo
     cfg = load_config(CONFIG, [f"train.steps={steps}", f"train.checkpoint_every={steps}", f"train.seed={seed}",
                                f"data.task={task}"])
     p = cfg.policy

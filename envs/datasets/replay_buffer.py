@@ -9,11 +9,15 @@ chunks is refused with the file and key named: zarr would otherwise fill a lost 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import zarr
+from numcodecs import Zstd
+from zarr.codecs import ZstdCodec
 
 
 class DatasetError(ValueError):
@@ -102,18 +106,40 @@ class ReplayBuffer:
 
     # -- zarr I/O --
 
-    def save(self, path: str | Path, zarr_format: int = 3, chunk_steps: int = 4096) -> Path:
+    def save(self, path: str | Path, zarr_format: int = 3, chunk_steps: int = 4096, overwrite: bool = False) -> Path:
+        """Write the store into a temporary sibling and rename it into place when complete, so an interrupted
+        save never leaves a half-written dataset that looks whole. An existing `path` is refused unless
+        `overwrite`; then it is replaced only once the new store is complete."""
         path = Path(path)
-        root = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
-        cfg = {"write_empty_chunks": True}  # every chunk on disk, so a lost chunk can be told from a zero one
+        if path.exists() and not overwrite:
+            raise DatasetError(f"{path} already exists; nothing was written (choose another --out, or pass "
+                               f"--overwrite to replace it)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=zarr_format)
+        # Every chunk on disk, so a lost chunk can be told from a zero one; zstd with its content checksum, so a
+        # flipped byte in a chunk is an error on reading, not a silently wrong value.
+        cfg = {"write_empty_chunks": True}
+        compressors = (ZstdCodec(level=3, checksum=True),) if zarr_format == 3 else (Zstd(level=3, checksum=True),)
         for key, arr in self.data.items():
             chunks = (min(chunk_steps, max(len(arr), 1)),) + arr.shape[1:]
-            z = root.create_array(f"data/{key}", shape=arr.shape, chunks=chunks, dtype=arr.dtype, config=cfg)
+            z = root.create_array(f"data/{key}", shape=arr.shape, chunks=chunks, dtype=arr.dtype, config=cfg,
+                                  compressors=compressors)
             z[...] = arr
         ends = root.create_array("meta/episode_ends", shape=self.episode_ends.shape,
-                                 chunks=(max(len(self.episode_ends), 1),), dtype=np.int64, config=cfg)
+                                 chunks=(max(len(self.episode_ends), 1),), dtype=np.int64, config=cfg,
+                                 compressors=compressors)
         ends[...] = self.episode_ends
         root.attrs.update(json.loads(json.dumps(self.attrs)))
+        if path.exists():
+            old = path.with_name(f".{path.name}.replaced-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, path)
         return path
 
     @classmethod
