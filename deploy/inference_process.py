@@ -42,7 +42,8 @@ from .runtime import RuntimeSettings
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = ("float32", "float64", "int64", "int32", "uint8", "bool")
 MAX_HEADER_BYTES = 1 << 16
-MAX_PAYLOAD_BYTES = 1 << 30
+MAX_PAYLOAD_BYTES = 1 << 28  # 256 MiB: far above any observation history or chunk
+MAX_DIMS = 8
 
 
 class ProtocolError(ValueError):
@@ -68,7 +69,9 @@ def write_message(stream, header: dict, arrays: dict[str, np.ndarray] | None = N
 
 
 def read_message(stream) -> tuple[dict, dict[str, np.ndarray]] | None:
-    """(header, arrays), or None at the end of the stream."""
+    """(header, arrays), or None at the end of the stream. Everything a header claims is checked before anything
+    is allocated or read: its size and nesting, every array spec (dtype, shape, size without overflow) and the
+    payload length against the arrays it declares. A bad message is a ProtocolError, never a crash."""
     line = stream.readline(MAX_HEADER_BYTES + 1)
     if not line:
         return None
@@ -76,14 +79,24 @@ def read_message(stream) -> tuple[dict, dict[str, np.ndarray]] | None:
         raise ProtocolError(f"header longer than {MAX_HEADER_BYTES} bytes or cut short")
     try:
         header = json.loads(line)
-    except json.JSONDecodeError as e:
+    except RecursionError:
+        raise ProtocolError("header nests too deeply") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ProtocolError(f"header is not JSON: {e}") from None
-    if not isinstance(header, dict) or not isinstance(header.get("nbytes"), int) or not isinstance(
+    if not isinstance(header, dict) or type(header.get("nbytes")) is not int or not isinstance(
             header.get("arrays", []), list):
         raise ProtocolError(f"header needs an integer 'nbytes' and an 'arrays' list, got {str(header)[:200]}")
     nbytes = header["nbytes"]
     if not 0 <= nbytes <= MAX_PAYLOAD_BYTES:
-        raise ProtocolError(f"payload of {nbytes} bytes is out of range")
+        raise ProtocolError(f"payload of {nbytes} bytes is out of range [0, {MAX_PAYLOAD_BYTES}]")
+    specs, declared = [], 0
+    for spec in header.get("arrays", []):
+        specs.append(_array_spec(spec))
+        declared += specs[-1][3]
+        if declared > nbytes:
+            raise ProtocolError(f"array {specs[-1][0]!r} runs past the {nbytes}-byte payload")
+    if declared != nbytes:  # refused before a byte of the payload is awaited or allocated
+        raise ProtocolError(f"arrays take {declared} bytes of a {nbytes}-byte payload")
     payload, got = bytearray(nbytes), 0  # a bytearray, so the arrays that view it are writable
     while got < nbytes:
         n = stream.readinto(memoryview(payload)[got:])
@@ -91,21 +104,27 @@ def read_message(stream) -> tuple[dict, dict[str, np.ndarray]] | None:
             raise ProtocolError(f"payload cut short: {got} of {nbytes} bytes")
         got += n
     arrays, offset = {}, 0
-    for spec in header.get("arrays", []):
-        try:
-            name, dtype, shape = spec["name"], np.dtype(spec["dtype"]), tuple(int(d) for d in spec["shape"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ProtocolError(f"bad array spec {spec}: {e}") from None
-        if dtype.name not in DTYPES or any(d < 0 for d in shape):
-            raise ProtocolError(f"bad array spec {spec}")
-        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if offset + size > nbytes:
-            raise ProtocolError(f"array {name!r} {shape} {dtype} runs past the {nbytes}-byte payload")
+    for name, dtype, shape, size in specs:
         arrays[name] = np.frombuffer(payload, dtype, count=size // dtype.itemsize, offset=offset).reshape(shape)
         offset += size
-    if offset != nbytes:
-        raise ProtocolError(f"arrays take {offset} bytes of a {nbytes}-byte payload")
     return header, arrays
+
+
+def _array_spec(spec) -> tuple[str, np.dtype, tuple[int, ...], int]:
+    """(name, dtype, shape, bytes) of one array spec, or a ProtocolError naming what is wrong."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or spec.get("dtype") not in DTYPES \
+            or not isinstance(spec.get("shape"), list) or len(spec["shape"]) > MAX_DIMS \
+            or not all(type(d) is int and d >= 0 for d in spec["shape"]):
+        raise ProtocolError(f"bad array spec {str(spec)[:200]}: needs a name, a dtype among {', '.join(DTYPES)} and "
+                            f"a shape of at most {MAX_DIMS} non-negative integers")
+    dtype, shape = np.dtype(spec["dtype"]), tuple(spec["shape"])
+    size = dtype.itemsize
+    for d in shape:  # Python integers: no overflow, however large the claim
+        size *= d
+    if size > MAX_PAYLOAD_BYTES:
+        raise ProtocolError(f"array {spec['name']!r} of shape {list(shape)} would take {size} bytes, more than "
+                            f"{MAX_PAYLOAD_BYTES}")
+    return spec["name"], dtype, shape, size
 
 
 class InferenceProcess:

@@ -157,7 +157,8 @@ def _run_in_workers(settings: EvalSettings, seeds: list[int], workers: int, emit
     for p in procs:
         err = p.stderr.read()
         if p.wait() != 0:
-            raise RuntimeError(f"evaluation worker failed (exit {p.returncode}):\n{err[-3000:]}")
+            last = err.strip().splitlines()[-1] if err.strip() else "no message"
+            raise RuntimeError(f"evaluation worker failed (exit {p.returncode}): {last}\n{err[-3000:]}")
 
 
 def _worker_main(argv: list[str]) -> int:

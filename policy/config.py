@@ -146,8 +146,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.steps=500)")
         try:
             dot = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"override {item!r}: {e}") from None
+        except Exception as e:  # OmegaConf's own errors, and YAML's for a value like [1,2
+            reason = " ".join(str(e).split())[:160]
+            raise ConfigError(f"override {item!r}: not a valid value: {reason}") from None
         cfg = _merge(cfg, dot, f"override {item!r}")
     return OmegaConf.to_object(cfg)
 

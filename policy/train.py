@@ -151,8 +151,13 @@ def _distributed() -> tuple[int, int]:
 
 
 def train(cfg: RunConfig, data: TrainingData, out_dir: str | Path, resume: bool = False,
-          progress: bool = True) -> TrainSummary:
+          progress: bool = True, overwrite: bool = False) -> TrainSummary:
+    """Train into `out_dir`. A folder that already holds files is refused unless `resume` (continue its run) or
+    `overwrite` (replace it); everything is checked before any file is written."""
     out_dir = Path(out_dir)
+    if not resume and not overwrite and out_dir.exists() and any(out_dir.iterdir()):
+        raise ValueError(f"{out_dir} already holds files; nothing was written (pass --resume to continue its run, "
+                         f"--overwrite to replace it, or choose another --out)")
     rank, world = _distributed()
     tc = cfg.train
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -170,6 +175,9 @@ def train(cfg: RunConfig, data: TrainingData, out_dir: str | Path, resume: bool 
     start = 0
     if resume:
         start = _restore(out_dir, cfg, policy, ema, opt)
+        if start >= tc.steps:
+            raise ValueError(f"cannot resume: the run in {out_dir} is already at step {start}, and train.steps is "
+                             f"{tc.steps}; pass a larger train.steps to train on")
     model = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
 
     summary = TrainSummary(steps=tc.steps, start_step=start, world_size=world, seconds=0.0)

@@ -19,6 +19,24 @@ BACKEND_CHOICES = ["torch", "torch-compile", "torch-cuda", "torch-compile-cuda",
                    "onnxruntime-tensorrt", "tensorrt"]  # deploy.backends.BACKENDS, without importing torch to parse
 
 
+def _at_least(low: float, kind=int):
+    """An argparse type: a number >= `low` (> 0 when low is 0.0 for floats), refused with a one-line error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a{'n integer' if kind is int else ' number'}, got {text!r}") \
+                from None
+        if (kind is float and low == 0.0 and not value > 0) or value < low or value != value:
+            raise argparse.ArgumentTypeError(f"must be {'> 0' if kind is float and low == 0.0 else f'>= {low}'}, "
+                                             f"got {text}")
+        return value
+    return parse
+
+
+POSITIVE, NON_NEGATIVE, RATE = _at_least(1), _at_least(0), _at_least(0.0, float)
+
+
 def _add_precision_argument(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
                         help=f"{what}; the sampler's arithmetic stays fp32")
@@ -40,7 +58,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         p.discrete_action_dims = discrete_action_dims(d.task)
     data = PolicyDataset(buffer, p.horizon, p.n_obs_steps, p.n_action_steps, d.state_keys, d.action_key,
                          d.image_key, d.val_ratio, cfg.train.seed)
-    summary = train(cfg, data, args.out, resume=args.resume, progress=not args.no_progress)
+    try:
+        summary = train(cfg, data, args.out, resume=args.resume, progress=not args.no_progress,
+                        overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        raise ValueError(f"interrupted; {_last_checkpoint(Path(args.out))}") from None
     report = {"data": str(args.data), "episodes": buffer.n_episodes, "windows": len(data), **summary.to_dict()}
     _write_report(args.report, report)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -50,12 +72,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _last_checkpoint(out: Path) -> str:
+    meta = out / "train_state.json"
+    try:
+        return f"the last checkpoint saved is step {json.loads(meta.read_text())['step']} in {out}"
+    except (OSError, ValueError, KeyError):
+        return f"no checkpoint was saved in {out}"
+
+
 def cmd_collect(args: argparse.Namespace) -> int:
     from envs.collect import collect_demos
 
+    if Path(args.out).exists() and not args.overwrite:  # refused before the episodes are collected, not after
+        raise ValueError(f"{args.out} already exists; nothing was written (choose another --out, or pass "
+                         f"--overwrite to replace it)")
     buffer = collect_demos(args.task, args.episodes, seed=args.seed, image=args.image, image_size=args.image_size,
                            progress=not args.no_progress)
-    buffer.save(args.out)
+    buffer.save(args.out, overwrite=args.overwrite)
     a = buffer.attrs
     print(f"{args.task}: {a['episodes']} expert episodes ({buffer.n_steps} steps) in {args.out}; "
           f"expert success {a['expert_success_rate']:.2f}")
@@ -176,7 +209,7 @@ def _add_export_argument(p: argparse.ArgumentParser) -> None:
 
 def _add_sampler_arguments(p: argparse.ArgumentParser, what: str = "default: the checkpoint's config") -> None:
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m"], help=what)
-    p.add_argument("--steps", type=int, help=f"denoising steps; {what}")
+    p.add_argument("--steps", type=POSITIVE, help=f"denoising steps; {what}")
 
 
 def _rti_k0(args: argparse.Namespace) -> int | None:
@@ -192,7 +225,7 @@ def _add_rti_arguments(p: argparse.ArgumentParser) -> None:
                    "decision after a full denoise at the episode start); auto calibrates K0 from rollouts first")
     p.add_argument("--rti-mode", choices=["direct", "renoise"], default="direct")
     p.add_argument("--rti-sampler", choices=["ddpm", "ddim", "dpmpp_2m"], default="ddpm", help="the tail's sampler")
-    p.add_argument("--rti-exec", type=int, default=1, help="actions executed per RTI decision")
+    p.add_argument("--rti-exec", type=POSITIVE, default=1, help="actions executed per RTI decision")
     p.add_argument("--rti-discrete", choices=["auto", "scale", "clip", "none"], default="auto",
                    help="gripper handling in the warm start; auto: scale if trained scaled, else clip")
     p.add_argument("--rti-factor", type=float, default=10.0, help="clip: the guess's gripper is +-1/factor")
@@ -215,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="zarr store in diffusion_policy's layout")
     t.add_argument("--out", required=True, help="checkpoint folder")
     t.add_argument("--resume", action="store_true", help="continue from the training state in --out")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.add_argument("--report", help="write a JSON summary here")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.steps=500")
@@ -222,26 +256,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("collect", help="record scripted-expert demonstrations into a zarr dataset")
     c.add_argument("--task", required=True, help="e.g. metaworld/push-v3 or point_mass/reach")
-    c.add_argument("--episodes", type=int, default=50, help="successful episodes to keep")
+    c.add_argument("--episodes", type=POSITIVE, default=50, help="successful episodes to keep")
     c.add_argument("--out", required=True, help="zarr store to write")
     c.add_argument("--seed", type=int, default=0, help="first episode seed (tasks vary with the seed)")
     c.add_argument("--image", action="store_true", help="also record rendered RGB frames")
-    c.add_argument("--image-size", type=int, default=96)
+    c.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
+    c.add_argument("--image-size", type=POSITIVE, default=96)
     c.add_argument("--report", help="write a JSON summary here")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_collect)
 
     e = sub.add_parser("eval", help="closed-loop success and decision latency of a checkpoint on its task")
     e.add_argument("--checkpoint", required=True)
-    e.add_argument("--episodes", type=int, default=50)
+    e.add_argument("--episodes", type=POSITIVE, default=50)
     e.add_argument("--seed", type=int, default=0, help="episodes use held-out seeds 100000 + seed + i")
     _add_sampler_arguments(e)
     e.add_argument("--task", help="default: the task the checkpoint was trained on")
-    e.add_argument("--workers", type=int, default=0, help="worker processes; 0: one per core")
+    e.add_argument("--workers", type=NON_NEGATIVE, default=0, help="worker processes; 0: one per core")
     e.add_argument("--video", metavar="DIR", help="write the first --video-episodes rollouts as mp4 here")
-    e.add_argument("--video-episodes", type=int, default=3)
+    e.add_argument("--video-episodes", type=NON_NEGATIVE, default=3)
     _add_rti_arguments(e)
-    e.add_argument("--rti-calibration-episodes", type=int, default=2)
+    e.add_argument("--rti-calibration-episodes", type=POSITIVE, default=2)
     e.add_argument("--backend", default="torch", choices=BACKEND_CHOICES,
                    help="onnxruntime backends run the graphs `rtdp export` wrote to <checkpoint>/onnx")
     _add_export_argument(e)
@@ -258,9 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--budget", required=True, help="update budget per block, or several: 5,10,20")
     _add_sampler_arguments(k)
     _add_rti_arguments(k)
-    k.add_argument("--episodes", type=int, default=2, help="calibration rollouts (on calibration seeds)")
-    k.add_argument("--samples", type=int, default=64, help="calibration observations taken from the rollouts")
-    k.add_argument("--bubble", type=int, default=3, help="blocks the bubbling union extends")
+    k.add_argument("--episodes", type=POSITIVE, default=2, help="calibration rollouts (on calibration seeds)")
+    k.add_argument("--samples", type=POSITIVE, default=64, help="calibration observations taken from the rollouts")
+    k.add_argument("--bubble", type=NON_NEGATIVE, default=3, help="blocks the bubbling union extends")
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--report", help="write a JSON summary here")
     k.add_argument("--no-progress", action="store_true")
@@ -271,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", help="default: <checkpoint>/onnx, or onnx-fp16")
     _add_precision_argument(x, "the network's precision in the graphs (their inputs and outputs are fp32)")
     x.add_argument("--check", action="store_true", help="parity against torch on seeded inputs; fails loudly")
-    x.add_argument("--opset", type=int, default=17)
+    x.add_argument("--opset", type=POSITIVE, default=17)
     x.add_argument("--no-fused", action="store_true", help="skip the fused graph")
     _add_sampler_arguments(x, "for the fused graph; default: the checkpoint's config")
     x.add_argument("--rti", metavar="K0", help="fuse the RTI tail [K0 .. 0], entered from a warm start")
@@ -283,11 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--checkpoint", required=True)
     f.add_argument("--backend", action="append", choices=BACKEND_CHOICES,
                    help="repeat to compare several; default: every backend that runs here")
-    f.add_argument("--iters", type=int, default=200, help="timed decisions per backend")
-    f.add_argument("--warmup", type=int, default=20)
+    f.add_argument("--iters", type=POSITIVE, default=200, help="timed decisions per backend")
+    f.add_argument("--warmup", type=NON_NEGATIVE, default=20)
     _add_sampler_arguments(f)
     f.add_argument("--rti", metavar="K0", help="profile the RTI warm decision (K0 + 1 calls)")
-    f.add_argument("--threads", type=int, default=1)
+    f.add_argument("--threads", type=POSITIVE, default=1)
     _add_export_argument(f)
     _add_precision_argument(f, "the network's precision")
     f.add_argument("--report", help="write the JSON report here")
@@ -297,9 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("control", help="run a checkpoint on its simulated task under the fixed-rate control loop")
     c.add_argument("--checkpoint", required=True)
-    c.add_argument("--rate", type=float, default=50.0, help="control rate in Hz")
-    c.add_argument("--episodes", type=int, default=5)
-    c.add_argument("--min-ticks", type=int, default=0, help="keep running episodes until this many ticks")
+    c.add_argument("--rate", type=RATE, default=50.0, help="control rate in Hz")
+    c.add_argument("--episodes", type=POSITIVE, default=5)
+    c.add_argument("--min-ticks", type=NON_NEGATIVE, default=0, help="keep running episodes until this many ticks")
     c.add_argument("--seed", type=int, default=0)
     _add_sampler_arguments(c)
     _add_rti_arguments(c)
@@ -307,9 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_argument(c)
     _add_precision_argument(c, "the network's precision")
     c.add_argument("--cache", metavar="bac:S|uniform:S", help="transformer block caching (see rtdp eval --cache)")
-    c.add_argument("--replan-every", type=int, help="ticks between decisions (default: n_action_steps; RTI: 1)")
+    c.add_argument("--replan-every", type=POSITIVE, help="ticks between decisions (default: n_action_steps; RTI: 1)")
     c.add_argument("--inference-delay-ms", type=float, default=0.0, help="add this to every decision (stress test)")
-    c.add_argument("--bad-obs-every", type=int, default=0, help="corrupt every n-th observation with NaN")
+    c.add_argument("--bad-obs-every", type=NON_NEGATIVE, default=0, help="corrupt every n-th observation with NaN")
     c.add_argument("--worker", choices=("process", "thread"), default="process",
                    help="run inference in its own process (default: the loop never waits for the GIL) or on a "
                         "thread of this one")
@@ -320,8 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="collect, train and evaluate closed-loop on a metaworld task, end to end")
     d.add_argument("--workdir", default="runs/demo")
     d.add_argument("--task", default="metaworld/drawer-open-v3")
-    d.add_argument("--steps", type=int, default=1000, help="training steps")
-    d.add_argument("--episodes", type=int, default=50, help="evaluation episodes per sampler")
+    d.add_argument("--steps", type=POSITIVE, default=1000, help="training steps")
+    d.add_argument("--episodes", type=POSITIVE, default=50, help="evaluation episodes per sampler")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--report", help="write a JSON summary here")
     d.set_defaults(func=cmd_demo)
@@ -332,9 +367,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError) as e:  # bad input: config, dataset, checkpoint
-        print(f"rtdp {args.verb}: error: {e}", file=sys.stderr)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:  # bad input, a failed run: one line
+        print(f"rtdp {args.verb}: error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
+              file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"rtdp {args.verb}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

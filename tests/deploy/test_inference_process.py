@@ -27,7 +27,13 @@ def test_messages_round_trip_arrays_exactly():
 @pytest.mark.parametrize("raw, complaint", [
     (b"not json\n", "not JSON"),
     (b'{"arrays": []}\n', "integer 'nbytes'"),
-    (b'{"nbytes": 16, "arrays": []}\n' + b"x" * 5, "cut short: 5 of 16"),
+    (b'{"nbytes": 16, "arrays": [{"name": "a", "dtype": "float64", "shape": [2]}]}\n' + b"x" * 5,
+     "cut short: 5 of 16"),
+    (b'{"nbytes": 16, "arrays": []}\n', "take 0 bytes of a 16-byte"),  # refused before waiting for a payload
+    (b'{"nbytes": 1073741824, "arrays": []}\n', "out of range"),
+    (b'{"nbytes": 8, "arrays": [{"name": "a", "dtype": "uint8", "shape": [4294967296, 4294967296]}]}\n',
+     "would take 18446744073709551616 bytes"),
+    (b"[" * 30000 + b"]" * 30000 + b"\n", "nests too deeply|longer than"),
     (b'{"nbytes": 8, "arrays": [{"name": "a", "dtype": "float64", "shape": [2]}]}\n' + b"x" * 8, "runs past"),
     (b'{"nbytes": 8, "arrays": [{"name": "a", "dtype": "object", "shape": [1]}]}\n' + b"x" * 8, "bad array spec"),
     (b'{"nbytes": 8, "arrays": []}\n' + b"x" * 8, "take 0 bytes of a 8-byte"),

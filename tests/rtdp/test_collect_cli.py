@@ -20,3 +20,38 @@ def test_collect_unknown_task_lists_known_tasks(tmp_path, capsys):
     assert main(["collect", "--task", "metaworld/fly-v3", "--out", str(tmp_path / "x.zarr"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "unknown task 'metaworld/fly-v3'" in err and "metaworld/drawer-open-v3" in err
+
+
+def test_collect_never_overwrites_what_it_did_not_make(tmp_path, capsys):
+    notes = tmp_path / "run"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("a week of results")
+    assert main(["collect", "--task", "point_mass/reach", "--episodes", "2", "--out", str(notes),
+                 "--no-progress"]) == 2
+    assert "already exists; nothing was written" in capsys.readouterr().err
+    assert [p.name for p in notes.iterdir()] == ["notes.txt"]
+    assert (notes / "notes.txt").read_text() == "a week of results"
+    out = tmp_path / "pm.zarr"
+    assert main(["collect", "--task", "point_mass/reach", "--episodes", "3", "--out", str(out), "--no-progress"]) == 0
+    assert main(["collect", "--task", "point_mass/reach", "--episodes", "2", "--out", str(out), "--no-progress"]) == 2
+    assert ReplayBuffer.load(out).n_episodes == 3
+    assert main(["collect", "--task", "point_mass/reach", "--episodes", "2", "--out", str(out), "--overwrite",
+                 "--no-progress"]) == 0
+    assert ReplayBuffer.load(out).n_episodes == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pm.zarr", "run"]  # no temporary sibling left
+
+
+def test_a_flipped_byte_in_a_dataset_chunk_is_an_error_not_wrong_values(tmp_path):
+    import pytest
+
+    from envs.datasets.replay_buffer import DatasetError
+
+    out = tmp_path / "pm.zarr"
+    assert main(["collect", "--task", "point_mass/reach", "--episodes", "2", "--out", str(out), "--no-progress"]) == 0
+    chunk = next(p for p in (out / "data" / "state").rglob("*") if p.is_file() and p.name != "zarr.json")
+    data = bytearray(chunk.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 40):
+        data[i] ^= 0x5A
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match="data/state cannot be read"):
+        ReplayBuffer.load(out)

@@ -129,3 +129,27 @@ def test_torchrun_two_process_data_parallel(workspace):
     assert c0 == c1
     assert report["loss_last"] < report["loss_first"]
     load_policy(out)
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_train_into_a_run_already_there_is_refused_and_nothing_changes(workspace, capsys):
+    out = workspace / "refused"
+    assert train(workspace, out, "train.steps=30", "train.checkpoint_every=30") == 0
+    before = snapshot(out)
+    assert train(workspace, out, "train.steps=30", "train.checkpoint_every=30") == 2
+    assert "already holds files; nothing was written" in capsys.readouterr().err
+    # --resume on a run already past the asked steps: refused before any file is touched
+    assert train(workspace, out, "--resume", "train.steps=10", "train.checkpoint_every=30") == 2
+    assert "already at step 30, and train.steps is 10" in capsys.readouterr().err
+    assert snapshot(out) == before
+    assert train(workspace, out, "--overwrite", "train.steps=30", "train.checkpoint_every=30") == 0
+
+
+def test_a_bad_override_is_one_line_not_a_traceback(workspace, capsys):
+    assert train(workspace, workspace / "never", "train.steps=[1,2") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rtdp train: error: override 'train.steps=[1,2'") and len(err.splitlines()) == 1
+    assert not (workspace / "never").exists()
