@@ -42,16 +42,22 @@ def calibrate_rti(settings, progress: bool = True):
     env = open_env(settings.checkpoint, run_cfg, task, settings.rti_calibration_steps)
     act = TimedPolicy(rti)
     pairs = []
+    for _ in _rollouts(env, act, act, settings.rti_calibration_episodes, settings.seed, rti.spec.n_obs_steps,
+                       f"calibrate k0 {task}", progress):
+        pairs += rti.pairs
+    return calibrate_k0(pairs, runtime.model.schedule, margin=settings.rti_margin)
+
+
+def _rollouts(env, act, timed: TimedPolicy, episodes: int, seed: int, n_obs_steps: int, desc: str, progress: bool):
+    """Run `episodes` episodes of `act` on calibration seeds, yielding after each; the env is closed at the end."""
     try:
-        for i in tqdm(range(settings.rti_calibration_episodes), desc=f"calibrate k0 {task}", disable=not progress,
-                      dynamic_ncols=True):
-            seed = CALIBRATION_SEED_OFFSET + settings.seed + i
-            act.reset(seed)
-            run_episode(env, act, rti.spec.n_obs_steps, seed)
-            pairs += rti.pairs
+        for i in tqdm(range(episodes), desc=desc, disable=not progress, dynamic_ncols=True):
+            episode_seed = CALIBRATION_SEED_OFFSET + seed + i
+            timed.reset(episode_seed)
+            run_episode(env, act, n_obs_steps, episode_seed)
+            yield episode_seed
     finally:
         env.close()
-    return calibrate_k0(pairs, runtime.model.schedule, margin=settings.rti_margin)
 
 
 @dataclass
@@ -104,14 +110,9 @@ def calibrate_cache(settings: CacheSettings, progress: bool = True) -> CacheResu
         return act(history)
 
     env = open_env(settings.checkpoint, run_cfg, task, settings.max_episode_steps)
-    try:
-        for i in tqdm(range(settings.episodes), desc=f"cache calibration rollouts {task}", disable=not progress,
-                      dynamic_ncols=True):
-            seed = CALIBRATION_SEED_OFFSET + settings.seed + i
-            act.reset(seed)
-            run_episode(env, recording, actor.spec.n_obs_steps, seed)
-    finally:
-        env.close()
+    for _ in _rollouts(env, recording, act, settings.episodes, settings.seed, actor.spec.n_obs_steps,
+                       f"cache calibration rollouts {task}", progress):
+        pass
     if not histories:
         raise ValueError("the calibration episodes made no decision to calibrate on")
     pick = np.unique(np.linspace(0, len(histories) - 1, min(settings.samples, len(histories))).round().astype(int))

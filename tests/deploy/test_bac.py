@@ -12,7 +12,7 @@ import torch
 
 from envs.collect import collect_demos
 from policy.cache import CachedDenoiser, calibrate, find_schedule, make_schedule
-from policy.checkpoint import load_policy, save_tensors
+from policy.checkpoint import load_policy, record_checksums, save_tensors
 from rtdp.cli import main
 from tests.conftest import train_small_policy
 
@@ -75,6 +75,7 @@ def test_a_schedule_for_another_step_list_or_other_weights_is_refused(transforme
     shutil.copytree(transformer_checkpoint, other)
     policy, _ = load_policy(other)
     save_tensors(other / "model.safetensors", {k: v + 1e-3 for k, v in policy.state_dict().items()})
+    record_checksums(other, ["model.safetensors"])  # as retraining leaves it: new weights, their own checksum
     code, _ = eval_cli(other, tmp_path / "r2.json", "--sampler", "ddim", "--steps", "10", "--cache", "bac:4")
     assert code == 2
     assert "calibrated on other weights" in capsys.readouterr().err
