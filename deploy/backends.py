@@ -19,6 +19,7 @@ the kind exported under those names.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch
 
 from policy.denoising import Denoised, DenoisingWrapper
 
-from .artifacts import PRECISIONS, BackendUnavailable, ExportError, export_dir, load_manifest
+from .artifacts import PRECISIONS, BackendUnavailable, ExportError, check_graph_io, export_dir, load_manifest
 from .tensorrt_backend import TensorRTBackend
 
 BACKENDS = ("torch", "torch-compile", "torch-cuda", "torch-compile-cuda", "onnxruntime", "onnxruntime-cuda",
@@ -104,6 +105,10 @@ class OnnxRuntimeBackend:
                                                             providers=providers)
             except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
                 raise ExportError(f"{graph} graph {self.directory / spec['file']} cannot be loaded: {e}") from None
+            session = self.sessions[graph]
+            for declared, actual in ((spec["inputs"], session.get_inputs()), (spec["outputs"], session.get_outputs())):
+                check_graph_io(graph, self.directory / spec["file"], declared,
+                               {a.name: tuple(d if isinstance(d, int) else -1 for d in a.shape) for a in actual})
         # A deterministic sampler's fused graph has no use for step_noise, and the exporter drops unused inputs.
         self._input_names = {g: {i.name for i in sess.get_inputs()} for g, sess in self.sessions.items()}
         self._outputs: dict[tuple, tuple] = {}  # (graph, output shape) -> (binding, OrtValue, tensor view)
@@ -161,11 +166,23 @@ def make_backend(name: str, model, checkpoint: str | Path, threads: int = 0, pre
         backend = TensorRTBackend(directory, checkpoint)
     else:
         backend = OnnxRuntimeBackend(directory, _PROVIDERS[name], threads, name, checkpoint)
+    _check_manifest_matches(backend.manifest, model, directory)
     exported = backend.manifest.get("precision", "fp32")
     if exported != precision:
         raise ExportError(f"{directory} holds an {exported} export, not {precision}: export it with --precision "
                           f"{precision}, or pass --precision {exported}")
     return backend
+
+
+def _check_manifest_matches(manifest: dict, model, directory: Path) -> None:
+    """The export's record of the policy (spec, normaliser) against the checkpoint's: the graphs run with the
+    checkpoint's normaliser, so an export that records another one was made for another policy."""
+    ours = {"policy": model.spec.to_dict(),
+            "normalizer": {k: v.to_dict() for k, v in model.normalizer.fields.items()}}
+    for key, value in ours.items():
+        if json.loads(json.dumps(value)) != manifest.get(key):
+            raise ExportError(f"{directory}/manifest.json records another {key} than the checkpoint it is "
+                              f"used with: export again")
 
 
 class BackendPolicy(DenoisingWrapper):

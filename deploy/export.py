@@ -18,7 +18,6 @@ the float32 torch model on seeded inputs and raises if any differs by more than 
 from __future__ import annotations
 
 import datetime
-import json
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from policy.checkpoint import file_sha256, weights_sha256
 from policy.diffusion import sample
 from policy.rti import RTIPolicy, rti_config
 
-from .artifacts import FORMAT, MANIFEST, TOLERANCE, ExportError, export_dir, load_manifest
+from .artifacts import FORMAT, TOLERANCE, ExportError, export_dir, load_manifest, write_manifest
 from .backends import OnnxRuntimeBackend, network_in
 from .runtime import RuntimeSettings, cache_schedule_for, load_model
 
@@ -149,8 +148,7 @@ def export_policy(settings: ExportSettings) -> dict:
         "graphs": graphs,
         "settings": asdict(settings),
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return manifest
+    return write_manifest(out, manifest)
 
 
 def fused_spec(model, settings: ExportSettings) -> dict:

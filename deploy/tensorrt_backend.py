@@ -5,7 +5,8 @@ package (an extra: `pip install rtdp[tensorrt]` on a machine with an NVIDIA GPU)
   (`rtdp export --precision fp16`) runs its network in fp16 while the sampler's arithmetic around it, inside the
   fused graph, stays fp32 exactly as exported; TensorRT is not free to lower it.
 - Engines are cached beside the graphs as `<graph>.engine`, with `<graph>.engine.json` naming the graph's
-  sha256, the TensorRT version and the GPU; a cache that names anything else is rebuilt, never reused.
+  sha256, the TensorRT version, the GPU and the engine's own sha256; a cache that names anything else, or whose
+  bytes do not match their hash, is rebuilt, never reused.
 - Batch is dynamic from 1 to `max_batch`; inputs are copied into, and outputs written to, CUDA buffers made once
   per shape, so a call allocates nothing.
 
@@ -20,7 +21,31 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import BackendUnavailable, ExportError, load_manifest
+from policy.checkpoint import file_sha256
+
+from .artifacts import BackendUnavailable, ExportError, check_graph_io, load_manifest
+
+
+def cached_engine(path: Path, meta: dict) -> bytes | None:
+    """A cached engine's bytes, if its record names exactly `meta` (graph hash, TensorRT version, GPU, batch) and
+    the bytes match the hash recorded beside them; None means build it again."""
+    record = path.with_suffix(".engine.json")
+    if not (path.is_file() and record.is_file()):
+        return None
+    try:
+        stored = json.loads(record.read_text())
+    except ValueError:
+        return None
+    if not isinstance(stored, dict) or {k: v for k, v in stored.items() if k != "engine_sha256"} != meta:
+        return None
+    if stored.get("engine_sha256") != file_sha256(path):
+        return None
+    return path.read_bytes()
+
+
+def write_engine(path: Path, meta: dict, engine: bytes) -> None:
+    path.write_bytes(engine)
+    path.with_suffix(".engine.json").write_text(json.dumps({**meta, "engine_sha256": file_sha256(path)}))
 
 
 class TensorRTBackend:
@@ -46,6 +71,9 @@ class TensorRTBackend:
             names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
             self.inputs[graph] = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
             self.outputs[graph] = [n for n in names if n not in self.inputs[graph]]
+            for declared, tensors in ((spec["inputs"], self.inputs[graph]), (spec["outputs"], self.outputs[graph])):
+                check_graph_io(graph, self.directory / spec["file"], declared,
+                               {n: tuple(engine.get_tensor_shape(n)) for n in tensors})
         self._buffers: dict[tuple, dict[str, torch.Tensor]] = {}
         self._bound: dict[str, tuple] = {}  # graph -> the buffers' key its context's shapes and addresses are set to
 
@@ -54,12 +82,12 @@ class TensorRTBackend:
     def _engine(self, graph: str, spec: dict):
         trt = self.trt
         path = self.directory / f"{graph}.engine"
-        meta_path = path.with_suffix(".engine.json")
         meta = {"graph_sha256": spec["sha256"], "tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(),
                 "max_batch": self.max_batch}
         runtime = trt.Runtime(self.logger)
-        if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
-            engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        cached = cached_engine(path, meta)
+        if cached is not None:
+            engine = runtime.deserialize_cuda_engine(cached)
             if engine is not None:
                 return engine
         builder = trt.Builder(self.logger)
@@ -83,8 +111,7 @@ class TensorRTBackend:
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             raise ExportError(f"TensorRT could not build an engine for the {graph} graph (its log is above)")
-        path.write_bytes(bytes(serialized))
-        meta_path.write_text(json.dumps(meta))
+        write_engine(path, meta, bytes(serialized))
         return runtime.deserialize_cuda_engine(bytes(serialized))
 
     # -- running --

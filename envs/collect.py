@@ -7,7 +7,7 @@ import datetime
 import numpy as np
 from tqdm import tqdm
 
-from .datasets import ReplayBuffer
+from .datasets import DatasetError, ReplayBuffer
 from .tasks import make_env
 
 # Steps recorded after the expert first succeeds, so the policy also learns to hold the goal.
@@ -66,3 +66,43 @@ def collect_demos(task: str, episodes: int, seed: int = 0, image: bool = False, 
         "steps_after_success": STEPS_AFTER_SUCCESS, "created": datetime.datetime.now().isoformat(timespec="seconds"),
     })
     return buffer
+
+
+def next_seed(dataset: ReplayBuffer) -> int:
+    """The first seed after every one a dataset has tried, so appended episodes are new ones."""
+    tried = [*dataset.attrs.get("seeds", []), *dataset.attrs.get("failed_seeds", [])]
+    return max(tried) + 1 if tried else 0
+
+
+def check_appendable(dataset: ReplayBuffer, task: str, image: bool, image_size: int | None) -> None:
+    """Refuse, before anything is collected, episodes of another task or observation layout than the dataset's."""
+    for key, value in (("task", task), ("image", image), ("image_size", image_size if image else None)):
+        if dataset.attrs.get(key) != value:
+            raise DatasetError(f"{dataset.source} holds {key} {dataset.attrs.get(key)!r}, the new episodes "
+                               f"{value!r}: append only to a dataset of the same task and layout")
+
+
+def append_demos(dataset: ReplayBuffer, new: ReplayBuffer) -> ReplayBuffer:
+    """`dataset` with `new`'s episodes after its own, refused unless both hold the same task, observation layout
+    and image settings, and no seed twice (the same seed is the same episode: duplicated data, not more)."""
+    old_a, new_a = dataset.attrs, new.attrs
+    check_appendable(dataset, new_a.get("task"), new_a.get("image"), new_a.get("image_size"))
+    if dataset.keys != new.keys:
+        raise DatasetError(f"{dataset.source} has keys {dataset.keys}, the new episodes {new.keys}")
+    repeated = sorted(set(old_a.get("seeds", [])) & set(new_a["seeds"]))
+    if repeated:
+        raise DatasetError(f"{dataset.source} already holds the episodes of seeds {repeated[:5]}: start --seed "
+                           f"at {next_seed(dataset)} or later")
+    merged = ReplayBuffer(dataset.data, dataset.episode_ends, dict(old_a), source=dataset.source)
+    for i in range(new.n_episodes):
+        merged.add_episode(new.episode(i))
+    tried = len(old_a.get("seeds", [])) + len(old_a.get("failed_seeds", [])) + len(new_a["seeds"]) \
+        + len(new_a["failed_seeds"])
+    seeds = [*old_a.get("seeds", []), *new_a["seeds"]]
+    merged.attrs.update({
+        "episodes": len(seeds), "seeds": seeds, "failed_seeds": [*old_a.get("failed_seeds", []),
+                                                                 *new_a["failed_seeds"]],
+        "expert_success_rate": len(seeds) / tried if tried else None,
+        "appended": [*old_a.get("appended", []), new_a["created"]],
+    })
+    return merged

@@ -81,18 +81,31 @@ def _last_checkpoint(out: Path) -> str:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from envs.collect import collect_demos
+    from envs.collect import append_demos, check_appendable, collect_demos, next_seed
+    from envs.datasets import ReplayBuffer
 
-    if Path(args.out).exists() and not args.overwrite:  # refused before the episodes are collected, not after
-        raise ValueError(f"{args.out} already exists; nothing was written (choose another --out, or pass "
-                         f"--overwrite to replace it)")
-    buffer = collect_demos(args.task, args.episodes, seed=args.seed, image=args.image, image_size=args.image_size,
+    if args.append and args.overwrite:
+        raise ValueError("--append adds to the dataset at --out and --overwrite replaces it: pass one")
+    existing = None
+    if args.append:
+        existing = ReplayBuffer.load(args.out)  # read, and its layout checked, before any episode is collected
+        check_appendable(existing, args.task, args.image, args.image_size)
+    elif Path(args.out).exists() and not args.overwrite:  # refused before the episodes are collected, not after
+        raise ValueError(f"{args.out} already exists; nothing was written (choose another --out, pass --append "
+                         f"to add episodes to it, or --overwrite to replace it)")
+    seed = args.seed if args.seed is not None else (next_seed(existing) if existing is not None else 0)
+    buffer = collect_demos(args.task, args.episodes, seed=seed, image=args.image, image_size=args.image_size,
                            progress=not args.no_progress)
-    buffer.save(args.out, overwrite=args.overwrite)
+    added = buffer.n_episodes
+    if existing is not None:
+        buffer = append_demos(existing, buffer)
+    buffer.save(args.out, overwrite=args.overwrite or existing is not None)
     a = buffer.attrs
-    print(f"{args.task}: {a['episodes']} expert episodes ({buffer.n_steps} steps) in {args.out}; "
-          f"expert success {a['expert_success_rate']:.2f}")
-    _write_report(args.report, {"out": str(args.out), "steps": buffer.n_steps, **a})
+    what = f"{added} expert episodes added, {a['episodes']} in all" if existing is not None else \
+        f"{a['episodes']} expert episodes"
+    print(f"{args.task}: {what} ({buffer.n_steps} steps) in {args.out}; expert success "
+          f"{a['expert_success_rate']:.2f}")
+    _write_report(args.report, {"out": str(args.out), "steps": buffer.n_steps, "added": added, **a})
     return 0
 
 
@@ -258,9 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--task", required=True, help="e.g. metaworld/push-v3 or point_mass/reach")
     c.add_argument("--episodes", type=POSITIVE, default=50, help="successful episodes to keep")
     c.add_argument("--out", required=True, help="zarr store to write")
-    c.add_argument("--seed", type=int, default=0, help="first episode seed (tasks vary with the seed)")
+    c.add_argument("--seed", type=int, help="first episode seed (tasks vary with the seed); default 0, or with "
+                   "--append the seed after the dataset's last")
     c.add_argument("--image", action="store_true", help="also record rendered RGB frames")
     c.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
+    c.add_argument("--append", action="store_true", help="add episodes to the dataset at --out (same task and "
+                   "layout; written to a temporary copy and swapped in when complete)")
     c.add_argument("--image-size", type=POSITIVE, default=96)
     c.add_argument("--report", help="write a JSON summary here")
     c.add_argument("--no-progress", action="store_true")

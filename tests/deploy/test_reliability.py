@@ -112,3 +112,101 @@ def test_the_override_parser_answers_any_text_with_a_config_or_a_config_error(te
     else:
         assert isinstance(cfg, RunConfig)
     assert config_to_yaml(RunConfig()) == before  # the defaults are never changed by a parse
+
+
+def _rewrite_manifest(directory, edit, seal: bool):
+    import json
+
+    from deploy.artifacts import write_manifest
+
+    path = directory / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    if seal:  # a consistent manifest that disagrees with the graph (what a buggy exporter would write)
+        manifest.pop("manifest_sha256")
+        write_manifest(directory, manifest)
+    else:  # a hand edit
+        path.write_text(json.dumps(manifest))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from deploy.export import ExportSettings, export_policy
+
+    ckpt = saved_policy(tmp_path_factory.mktemp("reliability") / "policy")
+    export_policy(ExportSettings(checkpoint=str(ckpt), sampler="ddim", steps=4))
+    return ckpt
+
+
+@pytest.mark.parametrize("field", ["horizon", "normalizer", "steps", "output shape"])
+def test_an_edited_export_manifest_is_refused_naming_the_file(exported, tmp_path, field):
+    import shutil
+
+    from deploy.artifacts import ExportError
+    from deploy.backends import OnnxRuntimeBackend
+
+    ckpt = tmp_path / "policy"
+    shutil.copytree(exported, ckpt)
+    edits = {"horizon": lambda m: m["policy"].update(horizon=m["policy"]["horizon"] + 8),
+             "normalizer": lambda m: m["normalizer"]["action"]["scale"].__setitem__(0, 7.0),
+             "steps": lambda m: m["sampler"].update(steps=50),
+             "output shape": lambda m: m["graphs"]["denoiser"]["outputs"][0]["shape"].__setitem__(2, 5)}
+    onnx = ckpt / "onnx"
+    before = (onnx / "manifest.json").read_bytes()
+    _rewrite_manifest(onnx, edits[field], seal=False)
+    with pytest.raises(ExportError, match=r"manifest.json was edited after export"):
+        OnnxRuntimeBackend(onnx)
+    (onnx / "manifest.json").write_bytes(before)
+    _rewrite_manifest(onnx, edits[field], seal=True)
+    if field == "output shape":
+        with pytest.raises(ExportError, match=r"denoiser graph .*denoiser.onnx: 'pred' has shape \[-1, 8, 2\], its "
+                                              r"manifest says \['batch', 8, 5\]"):
+            OnnxRuntimeBackend(onnx)
+    elif field == "steps":  # the sampler settings are the runtime's; a sealed edit changes no decision
+        OnnxRuntimeBackend(onnx)
+    else:
+        from deploy.runtime import RuntimeSettings, build_policy
+
+        with pytest.raises(ExportError, match=f"records another {'policy' if field == 'horizon' else field} than "
+                                              "the checkpoint"):
+            build_policy(RuntimeSettings(str(ckpt), backend="onnxruntime"))
+
+
+def test_control_with_a_corrupt_export_or_an_impossible_rti_entry_is_one_line_and_nothing_runs(exported, tmp_path,
+                                                                                                capsys):
+    import shutil
+
+    ckpt = tmp_path / "policy"
+    shutil.copytree(exported, ckpt)
+    graph = ckpt / "onnx" / "encoder.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 3] ^= 0x55
+    graph.write_bytes(bytes(data))
+    run = ["control", "--checkpoint", str(ckpt), "--episodes", "1", "--rate", "50", "--no-progress"]
+    assert main([*run, "--backend", "onnxruntime"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rtdp control: error: inference process: ExportError: encoder graph")
+    assert "encoder.onnx does not match its manifest hash" in err
+    assert len(err.splitlines()) == 1
+    assert main([*run, "--rti", "500"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("rtdp control: error: inference process: ValueError: RTI k0=500 is outside the schedule's "
+                   "steps [0, 99]")
+
+
+def test_a_tensorrt_engine_cache_is_used_only_when_its_bytes_match_their_hash(tmp_path):
+    from deploy.tensorrt_backend import cached_engine, write_engine
+
+    path = tmp_path / "denoiser.engine"
+    meta = {"graph_sha256": "ab" * 32, "tensorrt": "10.9", "gpu": "NVIDIA H200", "max_batch": 8}
+    engine = bytes(range(256)) * 64
+    assert cached_engine(path, meta) is None
+    write_engine(path, meta, engine)
+    assert cached_engine(path, meta) == engine
+    assert cached_engine(path, {**meta, "gpu": "NVIDIA GeForce RTX 4090"}) is None  # another GPU: rebuilt
+    flipped = bytearray(engine)
+    flipped[1000] ^= 0x01
+    path.write_bytes(bytes(flipped))
+    assert cached_engine(path, meta) is None  # a flipped byte: rebuilt, not deserialised
+    path.with_suffix(".engine.json").write_text("{truncated")
+    assert cached_engine(path, meta) is None

@@ -55,3 +55,35 @@ def test_a_flipped_byte_in_a_dataset_chunk_is_an_error_not_wrong_values(tmp_path
     chunk.write_bytes(bytes(data))
     with pytest.raises(DatasetError, match="data/state cannot be read"):
         ReplayBuffer.load(out)
+
+
+def _tree_bytes(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_collect_append_adds_new_episodes_and_refuses_another_layout(tmp_path, capsys):
+    out = tmp_path / "pm.zarr"
+    assert main(["collect", "--task", "point_mass/reach", "--episodes", "3", "--out", str(out), "--no-progress"]) == 0
+    first = ReplayBuffer.load(out)
+    assert main(["collect", "--task", "point_mass/reach", "--episodes", "2", "--out", str(out), "--append",
+                 "--no-progress"]) == 0
+    assert "2 expert episodes added, 5 in all" in capsys.readouterr().out
+    buf = ReplayBuffer.load(out)
+    assert buf.n_episodes == 5 and buf.attrs["episodes"] == 5
+    assert buf.attrs["seeds"] == [0, 1, 2, 3, 4]  # the appended run starts after the stored seeds
+    for i in range(3):  # the stored episodes are untouched, in order
+        for k in buf.keys:
+            assert (buf.episode(i)[k] == first.episode(i)[k]).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pm.zarr"]
+
+    before = _tree_bytes(out)
+    for extra, why in ((["--seed", "1"], "already holds the episodes of seeds [1, 2]"),
+                       (["--task", "point_mass/obstacle"], "holds task 'point_mass/reach'"),
+                       (["--overwrite"], "pass one")):
+        assert main(["collect", "--task", "point_mass/reach", "--episodes", "2", "--out", str(out), "--append",
+                     "--no-progress", *extra]) == 2, extra
+        assert why in capsys.readouterr().err
+        assert _tree_bytes(out) == before
+    assert main(["collect", "--task", "point_mass/reach", "--episodes", "1", "--out", str(tmp_path / "none.zarr"),
+                 "--append", "--no-progress"]) == 2
+    assert "does not exist" in capsys.readouterr().err
