@@ -40,7 +40,8 @@ class TimedPolicy:
         self.nfes: list[int] = []
         self.kinds: list[str] = []  # "full" or "warm" per decision
         self.block_evals: list[int | None] = []  # residual-branch evaluations, where a block cache counts them
-        # decisions of each kind, and RTI's full denoises forced by its warm start (NaN, an observation gap)
+        # decisions of each kind; RTI's full denoises forced by its warm start (NaN, an observation gap) and the
+        # refreshes its staleness signals asked for
         self.fallbacks = {"full": 0, "warm": 0, "nan_fallbacks": 0, "gap_fallbacks": 0}
         self.policy.reset()
 
@@ -57,6 +58,9 @@ class TimedPolicy:
         self.fallbacks[chunk.kind] = self.fallbacks.get(chunk.kind, 0) + 1
         if "fallback" in chunk.extras:
             self.fallbacks[f"{chunk.extras['fallback']}_fallbacks"] += 1
+        if "refresh" in chunk.extras:
+            key = f"{chunk.extras['refresh']}_refreshes"
+            self.fallbacks[key] = self.fallbacks.get(key, 0) + 1
         return chunk.action[0].numpy()
 
 

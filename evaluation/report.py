@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from deploy.timing import percentiles
+from policy.rti import REFRESH_SIGNALS
 
 from .episodes import EVAL_SEED_OFFSET
 
@@ -54,11 +55,14 @@ def build_report(settings, task: str, results: list[dict], workers: int, seconds
         kind = np.concatenate([r["kind"] for r in results]) if results else np.array([], dtype=str)
         warm = kind == "warm"
         report["rti"] = {
-            "warm_decisions": int(warm.sum()), "full_decisions": int((~warm).sum()),
+            "warm_decisions": int(warm.sum()), "full_decisions": int((kind == "full").sum()),
             "nfe_per_warm_decision": float(nfe[warm].mean()) if warm.any() else None,
             "latency_warm_ms": percentiles(lat[warm]), "latency_full_ms": percentiles(lat[~warm]),
             "nan_fallbacks": sum(r["fallbacks"].get("nan_fallbacks", 0) for r in results),
             "gap_fallbacks": sum(r["fallbacks"].get("gap_fallbacks", 0) for r in results),
+            "refreshes": int((kind == "refresh").sum()),
+            "refreshes_by_signal": {s: sum(r["fallbacks"].get(f"{s}_refreshes", 0) for r in results)
+                                    for s in REFRESH_SIGNALS},
         }
     if branches_per_call is not None:
         evals = [be if be is not None else calls * branches_per_call for r in results
@@ -115,6 +119,8 @@ def summary_line(report: dict) -> str:
               else "")
     warm = (f"  warm decisions: {rti['nfe_per_warm_decision']:.0f} calls, p50 {rti['latency_warm_ms']['p50']:.1f} ms"
             if rti and rti["warm_decisions"] else "")
+    if rti and rti.get("refreshes"):
+        warm += f"  refreshes {rti['refreshes']}"
     return (f"{report['task']}  {method_label(report)}  success {report['success_rate']:.2f} "
             f"[{lo:.2f}, {hi:.2f}]  return {report['mean_return']:.1f}  latency p50 {report['latency_ms']['p50']:.1f}"
             f" ms p99 {report['latency_ms']['p99']:.1f} ms  calls {report['nfe_per_decision']:.0f}  "

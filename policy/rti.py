@@ -17,6 +17,13 @@ without it. The executed discrete actions are snapped to the two levels the dim 
 
 A reset, a gap in observations longer than the chunk covers, or a NaN in the warm start falls back to a full
 denoise; the chunk's `extras["fallback"]` names the gap or NaN one, and `stats` counts each since the reset.
+
+Refreshes: a warm decision whose result says the warm start was stale is redone as a full denoise from fresh noise
+(`refresh_sampler`, `refresh_steps`), in the same decision. The signals (`refresh`): `discrete`, the executed
+discrete action (the gripper command) changes, which is where the task switches phase and a plan shifted from before
+the switch no longer fits; `drift`, the tail moved the continuous dims of its guess by more than `refresh_drift`
+(RMS, normalised units). A refreshed decision has kind `refresh`, `extras["refresh"]` names its signal, and its
+`nfe` counts both the tail and the full denoise.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from .normalizer import RANGE_EPS
 
 ENTRY_MODES = ("direct", "renoise")
 DISCRETE_HANDLING = ("auto", "scale", "clip", "none")
+REFRESH_SIGNALS = ("discrete", "drift")
+DEFAULT_REFRESH = ["discrete"]  # where the policy has a discrete dim that moves; no refresh otherwise
 
 
 @dataclass
@@ -48,6 +57,10 @@ class RTIConfig:
     binarize_executed: bool = True
     full_sampler: str = "ddpm"  # the full denoise at an episode start or a fallback
     full_steps: int | None = None  # None: every training timestep
+    refresh: list[str] | None = None  # signals that redo a warm decision as a full denoise; None: DEFAULT_REFRESH
+    refresh_drift: float | None = None  # drift: the tail's correction (RMS, normalised) above which to refresh
+    refresh_sampler: str | None = None  # None: full_sampler
+    refresh_steps: int | None = None  # None: full_steps
 
 
 def rti_tail(k0: int, schedule: NoiseSchedule) -> list[int]:
@@ -91,10 +104,34 @@ class RTIPolicy(DenoisingWrapper):
             self.discrete = "none"
         self.discrete_scale = model_cfg.discrete_action_scale
         self.full_timesteps = policy.inference_timesteps(cfg.full_steps or schedule.num_train_timesteps).tolist()
+        self.refresh = self._check_refresh(cfg)
+        self.refresh_method = cfg.refresh_sampler or cfg.full_sampler
+        self.refresh_timesteps = (policy.inference_timesteps(cfg.refresh_steps).tolist() if cfg.refresh_steps
+                                  else self.full_timesteps)
+        self.continuous_dims = [d for d in range(p.action_dim) if d not in self.discrete_dims]
         self.record_pairs = record_pairs
         self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (warm guess, full denoise), when recording
         self.stats = self._zero_stats()  # decisions of each kind since the last reset
         self._chunk: torch.Tensor | None = None  # the previous clean chunk, normalised
+        self._executed_discrete: torch.Tensor | None = None  # the last executed action's discrete dims, raw
+
+    def _check_refresh(self, cfg: RTIConfig) -> list[str]:
+        """The refresh signals in force (the default's `discrete` only where a discrete dim moves)."""
+        if cfg.refresh_sampler is not None and cfg.refresh_sampler not in METHODS:
+            raise ValueError(f"RTI refresh_sampler must be one of {METHODS}, got {cfg.refresh_sampler!r}")
+        if cfg.refresh_steps is not None and cfg.refresh_steps < 1:
+            raise ValueError(f"RTI refresh_steps must be >= 1, got {cfg.refresh_steps}")
+        if cfg.refresh is None:
+            return [r for r in DEFAULT_REFRESH if r != "discrete" or self.discrete_dims]
+        unknown = [r for r in cfg.refresh if r not in REFRESH_SIGNALS]
+        if unknown:
+            raise ValueError(f"RTI refresh signals must be among {REFRESH_SIGNALS}, got {unknown}")
+        if "discrete" in cfg.refresh and not self.discrete_dims:
+            raise ValueError("RTI refresh on 'discrete' needs a discrete action dim that moves in the training data; "
+                             "this policy has none")
+        if "drift" in cfg.refresh and not (cfg.refresh_drift is not None and cfg.refresh_drift > 0):
+            raise ValueError(f"RTI refresh on 'drift' needs refresh_drift > 0, got {cfg.refresh_drift}")
+        return list(cfg.refresh)
 
     @property
     def spec(self) -> PolicySpec:
@@ -162,14 +199,19 @@ class RTIPolicy(DenoisingWrapper):
                 "discrete_levels": [self._levels[0].tolist(), self._levels[1].tolist()],
                 "constant_dims": self.constant_dims,
                 "factor": factor if self.discrete != "none" else None,
-                "full_steps": len(self.full_timesteps)}
+                "full_steps": len(self.full_timesteps),
+                "refresh": self.refresh,
+                "refresh_sampler": self.refresh_method if self.refresh else None,
+                "refresh_steps": len(self.refresh_timesteps) if self.refresh else None}
 
     @staticmethod
     def _zero_stats() -> dict[str, int]:
-        return {"full": 0, "warm": 0, "nan_fallbacks": 0, "gap_fallbacks": 0}
+        return {"full": 0, "warm": 0, "refresh": 0, "nan_fallbacks": 0, "gap_fallbacks": 0,
+                **{f"{r}_refreshes": 0 for r in REFRESH_SIGNALS}}
 
     def reset(self) -> None:
         self._chunk = None
+        self._executed_discrete = None
         self.pairs = []
         self.stats = self._zero_stats()
         self.inner.reset()
@@ -220,16 +262,46 @@ class RTIPolicy(DenoisingWrapper):
             denoised = policy.sample_normalized(cond, self._enter(guess, generator), self.tail, self.cfg.sampler,
                                                 generator)
             kind = "warm"
+            signal = self._stale(guess, denoised)
+            if signal is not None:
+                tail = denoised
+                x_init = policy.initial_noise(cond, generator, None)
+                denoised = policy.sample_normalized(cond, x_init, self.refresh_timesteps, self.refresh_method,
+                                                    generator)
+                denoised.nfe += tail.nfe
+                if denoised.block_evals is not None and tail.block_evals is not None:
+                    denoised.block_evals += tail.block_evals
+                kind, extras["refresh"] = "refresh", signal
+                self.stats[f"{signal}_refreshes"] += 1
         self.stats[kind] += 1
         if "fallback" in extras:
             self.stats[f"{extras['fallback']}_fallbacks"] += 1
         self._chunk = self._binarize_guess(denoised.x0)
-        out = policy.to_chunk(denoised, kind, extras)
+        out = self._executable(denoised, kind, extras)
+        if self.discrete_dims:
+            self._executed_discrete = out.action[:, -1, self.discrete_dims].clone()
+        return out
+
+    def _executable(self, denoised, kind: str, extras: dict) -> Chunk:
+        out = self.inner.to_chunk(denoised, kind, extras)
         ahead = out.action_ahead
         if self.cfg.binarize_executed and self.discrete_dims:
             ahead = self.binarize(ahead)
         out.action_ahead, out.action = ahead, ahead[:, : self.cfg.n_exec]
         return out
+
+    def _stale(self, guess: torch.Tensor, denoised) -> str | None:
+        """The refresh signal a warm result raises, if any (see the module docstring)."""
+        refresh = self.refresh
+        if "discrete" in refresh and self._executed_discrete is not None:
+            first = self.binarize(self.inner.to_chunk(denoised, "warm", {}).action_ahead[:, :1])
+            if not torch.equal(first[:, 0, self.discrete_dims], self._executed_discrete):
+                return "discrete"
+        if "drift" in refresh:
+            d = self.continuous_dims
+            if float((denoised.x0[..., d] - guess[..., d]).pow(2).mean().sqrt()) > self.cfg.refresh_drift:
+                return "drift"
+        return None
 
     def _enter(self, guess: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         if self.cfg.mode == "direct":

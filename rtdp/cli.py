@@ -121,8 +121,14 @@ def _parse_k0(value: str) -> int | str:
 def _rti_settings(args: argparse.Namespace) -> dict | None:
     if args.rti is None:
         return None
-    return {"k0": _parse_k0(args.rti), "mode": args.rti_mode, "sampler": args.rti_sampler, "n_exec": args.rti_exec,
-            "discrete": args.rti_discrete, "factor": args.rti_factor}
+    fields = {"k0": _parse_k0(args.rti), "mode": args.rti_mode, "sampler": args.rti_sampler,
+              "n_exec": args.rti_exec, "discrete": args.rti_discrete, "factor": args.rti_factor}
+    if args.rti_refresh is not None:
+        fields["refresh"] = [] if args.rti_refresh == "none" else args.rti_refresh.split(",")
+    optional = {"refresh_drift": args.rti_refresh_drift, "refresh_sampler": args.rti_refresh_sampler,
+                "refresh_steps": args.rti_refresh_steps, "full_sampler": args.rti_full_sampler,
+                "full_steps": args.rti_full_steps}
+    return {**fields, **{k: v for k, v in optional.items() if v is not None}}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -242,6 +248,16 @@ def _add_rti_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rti-discrete", choices=["auto", "scale", "clip", "none"], default="auto",
                    help="gripper handling in the warm start; auto: scale if trained scaled, else clip")
     p.add_argument("--rti-factor", type=float, default=10.0, help="clip: the guess's gripper is +-1/factor")
+    p.add_argument("--rti-full-sampler", choices=["ddpm", "ddim", "dpmpp_2m"],
+                   help="the full denoise at an episode start, a fallback or a refresh (default ddpm)")
+    p.add_argument("--rti-full-steps", type=POSITIVE, help="its steps (default: every training timestep)")
+    p.add_argument("--rti-refresh", metavar="SIGNALS", help="redo a warm decision as a full denoise when it looks "
+                   "stale: discrete (the gripper command changes), drift (the tail moved its guess by more than "
+                   "--rti-refresh-drift), comma-separated, or none")
+    p.add_argument("--rti-refresh-drift", type=RATE, help="drift: RMS correction (normalised units) that refreshes")
+    p.add_argument("--rti-refresh-sampler", choices=["ddpm", "ddim", "dpmpp_2m"],
+                   help="a refresh's sampler (default: the full denoise's)")
+    p.add_argument("--rti-refresh-steps", type=POSITIVE, help="a refresh's steps (default: the full denoise's)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ def obs(batch=1, seed=0):
 
 
 def full_cfg(**kw):
+    kw.setdefault("refresh", [])  # the tail's mechanics; refreshes are tested on their own below
     return RTIConfig(full_steps=20, **kw)  # a cheaper full denoise keeps these tests fast
 
 
@@ -50,7 +51,8 @@ def test_calls_per_decision_are_k0_plus_one_after_a_full_denoise(k0):
     rti.reset()
     chunk = rti.predict_chunk(obs(), generator=g)
     assert chunk.nfe == 20 and chunk.kind == "full"
-    assert rti.stats == {"full": 1, "warm": 0, "nan_fallbacks": 0, "gap_fallbacks": 0}
+    assert rti.stats == {"full": 1, "warm": 0, "refresh": 0, "nan_fallbacks": 0, "gap_fallbacks": 0,
+                         "discrete_refreshes": 0, "drift_refreshes": 0}
 
 
 def test_an_explicit_tail_runs_its_listed_steps():
@@ -137,7 +139,8 @@ def test_nan_in_the_warm_start_and_a_gap_fall_back_to_a_full_denoise():
     gap = rti.predict_chunk(obs(), executed=H - TO + 1)  # the previous chunk no longer covers the current step
     assert gap.kind == "full" and gap.extras["fallback"] == "gap"
     assert rti.predict_chunk(obs(), executed=H - TO).kind == "warm"
-    assert rti.stats == {"full": 3, "warm": 1, "nan_fallbacks": 1, "gap_fallbacks": 1}
+    assert rti.stats == {"full": 3, "warm": 1, "refresh": 0, "nan_fallbacks": 1, "gap_fallbacks": 1,
+                         "discrete_refreshes": 0, "drift_refreshes": 0}
 
 
 @pytest.mark.parametrize("kw,message", [
@@ -207,3 +210,57 @@ def test_counter_and_policy_agree_on_calls():
     counter = CallCounter(lambda x, t: x)
     sample(counter, torch.zeros(1, H, A), policy.schedule, rti.tail, "ddpm")
     assert rti.predict_chunk(obs()).nfe == counter.calls == 5
+
+
+def test_a_changed_gripper_command_refreshes_the_decision_with_a_full_denoise_counted_in_its_calls():
+    import copy
+
+    policy = make_policy()
+    rti = RTIPolicy(policy, full_cfg(k0=3, refresh=["discrete"], refresh_sampler="ddim", refresh_steps=5))
+    rti.predict_chunk(obs(), generator=torch.Generator().manual_seed(0))
+    same, other = rti, copy.deepcopy(rti)
+    plain = copy.deepcopy(rti)
+    plain.refresh = []
+    warm = plain.predict_chunk(obs(seed=1), generator=torch.Generator().manual_seed(5))
+    command = warm.action[:, 0, plain.discrete_dims]
+    # The command the warm tail gives is the one executed last: a plain warm decision, the same chunk.
+    same._executed_discrete = command.clone()
+    out = same.predict_chunk(obs(seed=1), generator=torch.Generator().manual_seed(5))
+    assert out.kind == "warm" and out.nfe == 4 and same.stats["refresh"] == 0
+    torch.testing.assert_close(out.action_ahead, warm.action_ahead)
+    # The other command was executed last: the gripper changes, and the decision is redone from fresh noise.
+    other._executed_discrete = -command  # the levels are -1 and 1
+    calls = []
+    net = other.inner.model.denoiser.forward
+    other.inner.model.denoiser.forward = lambda *a, **k: calls.append(1) or net(*a, **k)
+    out = other.predict_chunk(obs(seed=1), generator=torch.Generator().manual_seed(5))
+    assert out.kind == "refresh" and out.extras["refresh"] == "discrete"
+    assert out.nfe == 4 + 5 == len(calls)
+    assert other.stats["refresh"] == 1 and other.stats["discrete_refreshes"] == 1
+
+
+def test_drift_refreshes_only_above_its_threshold():
+    far = RTIPolicy(make_policy(), full_cfg(k0=3, refresh=["drift"], refresh_drift=1e-9, refresh_steps=6,
+                                             refresh_sampler="ddim"))
+    near = RTIPolicy(make_policy(), full_cfg(k0=3, refresh=["drift"], refresh_drift=1e9))
+    for rti in (far, near):
+        rti.predict_chunk(obs())
+    assert far.predict_chunk(obs(seed=1)).kind == "refresh" and far.stats["drift_refreshes"] == 1
+    assert near.predict_chunk(obs(seed=1)).kind == "warm" and near.stats["drift_refreshes"] == 0
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(refresh=["gripper"]), "refresh signals must be among"),
+    (dict(refresh=["drift"]), "needs refresh_drift > 0"),
+    (dict(refresh=["discrete"], discrete="none"), "needs a discrete action dim"),
+    (dict(refresh_sampler="euler"), "refresh_sampler must be one of"),
+])
+def test_bad_refresh_settings_are_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        RTIPolicy(make_policy(), full_cfg(k0=3, **kw))
+
+
+def test_the_default_refreshes_on_the_gripper_only_where_one_moves():
+    assert RTIPolicy(make_policy(), RTIConfig(full_steps=20)).refresh == ["discrete"]
+    assert RTIPolicy(make_policy(grip_levels=(0.0,)), RTIConfig(full_steps=20)).refresh == []
+    assert RTIPolicy(make_policy(discrete_dims=()), RTIConfig(full_steps=20)).refresh == []
