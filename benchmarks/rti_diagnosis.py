@@ -27,12 +27,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def parse_rti(items: list[str]) -> dict:
-    from policy.config import parse_override_value
+    import yaml
 
     out = {}
     for item in items:
         key, _, value = item.partition("=")
-        out[key] = parse_override_value(value)
+        out[key] = yaml.safe_load(value)
     return out
 
 
@@ -152,7 +152,7 @@ def main() -> None:
     torch.set_num_threads(2)
     runtime = build_policy(RuntimeSettings(args.checkpoint, rti=parse_rti(args.rti)))
     runtime.model.configure_inference("ddpm", 100)
-    env = open_env(runtime.run_cfg.data.task)
+    env = open_env(args.checkpoint, runtime.run_cfg, runtime.run_cfg.data.task)
     episodes = []
     for seed in tqdm(episode_seeds(args.seed, args.episodes), desc="traces"):
         episodes.append(trace_episode(runtime, env, seed, args.shadow_every))

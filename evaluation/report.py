@@ -104,6 +104,8 @@ def method_label(report: dict) -> str:
     if "rti" in c:
         r = c["rti"]
         label = f"rti-{r['mode']}-k0={r['k0']}-{r['sampler']}"
+        if len(r["tail"]) != r["k0"] + 1:  # a strided tail
+            label += f"-{len(r['tail'])}steps"
     else:
         label = f"{c['sampler']}-{c['steps']}"
     if "cache" in c:

@@ -2,10 +2,18 @@
 
 The first decision of an episode is a full denoise from noise. Every later decision starts from the previous
 clean chunk, shifted by the actions executed since and padded by repeating its last action, enters the
-schedule at step k0 and runs the short tail [k0, k0-1, ..., 0]: k0 + 1 denoiser calls instead of 100. The mode
-chosen by the first full denoise is kept, because the warm start already sits in it.
+schedule at step k0 and runs a short tail down to 0: `steps` denoiser calls instead of 100, on k0 .. 0 evenly
+strided (the paper's [k0, k0-1, ..., 0], k0 + 1 calls, is `steps=None`). The mode chosen by the first full denoise
+is kept, because the warm start already sits in it.
 
-    rti = RTIPolicy(policy, RTIConfig(k0=3))
+The default enters at k0 = 27 through a forward-noised guess (`renoise`) and runs DDIM on [27, 18, 9, 0]: 4 calls.
+On metaworld the paper's DDPM tail [3, 2, 1, 0] from the clean guess falls 16 points below DDPM-100 on push,
+because consecutive full-denoise chunks there differ by more than noise at k = 3 covers: the k0 rule below finds
+the guess indistinguishable from a forward-noised chunk only from k = 26. A tail that short cannot follow a
+conditional distribution that moves that much between steps; entered where the rule says, a 4-step strided DDIM
+tail can (BENCHMARKS.md, "RTI that holds").
+
+    rti = RTIPolicy(policy, RTIConfig())           # or RTIConfig(k0=3, steps=None, sampler="ddpm", mode="direct")
     rti.reset()                        # new episode: the next decision is a full denoise
     chunk = rti.predict_chunk(obs)     # chunk.action: (B, n_exec, A), raw units; chunk.kind: "full" | "warm"
 
@@ -18,12 +26,18 @@ without it. The executed discrete actions are snapped to the two levels the dim 
 A reset, a gap in observations longer than the chunk covers, or a NaN in the warm start falls back to a full
 denoise; the chunk's `extras["fallback"]` names the gap or NaN one, and `stats` counts each since the reset.
 
-Refreshes: a warm decision whose result says the warm start was stale is redone as a full denoise from fresh noise
-(`refresh_sampler`, `refresh_steps`), in the same decision. The signals (`refresh`): `discrete`, the executed
-discrete action (the gripper command) changes, which is where the task switches phase and a plan shifted from before
-the switch no longer fits; `drift`, the tail moved the continuous dims of its guess by more than `refresh_drift`
-(RMS, normalised units). A refreshed decision has kind `refresh`, `extras["refresh"]` names its signal, and its
-`nfe` counts both the tail and the full denoise.
+Refreshes: a warm decision whose warm start looks stale is redone as a full denoise from fresh noise
+(`refresh_sampler`, `refresh_steps`), in the same decision. The signals (`refresh`):
+- `discrete`: the executed discrete action (the gripper command) changes. That is where the task switches phase,
+  and a plan shifted from before the switch no longer fits.
+- `drift`: the tail moved the continuous dims of its guess by more than `refresh_drift` times the noise level it
+  entered at (RMS, normalised units, against sqrt(1 - alpha_bar_k0)). A guess that is a plausible x_k0 moves by
+  about that noise level; one that has left the policy's distribution (a chain run away to saturated actions after
+  a lost contact) is pulled back harder, though never far enough by a short tail.
+- `age`: `refresh_every` warm decisions in a row have passed since the last full denoise. This bounds how long a
+  warm chain can sit in a plan it cannot leave.
+A refreshed decision has kind `refresh`, `extras["refresh"]` names its signal, and its `nfe` counts both the tail
+and the full denoise.
 """
 
 from __future__ import annotations
@@ -40,16 +54,19 @@ from .normalizer import RANGE_EPS
 
 ENTRY_MODES = ("direct", "renoise")
 DISCRETE_HANDLING = ("auto", "scale", "clip", "none")
-REFRESH_SIGNALS = ("discrete", "drift")
-DEFAULT_REFRESH = ["discrete"]  # where the policy has a discrete dim that moves; no refresh otherwise
+REFRESH_SIGNALS = ("discrete", "drift", "age")
+# No refresh by default: on push none of them closed the gap the k = 3 tail left (BENCHMARKS.md), and each costs a
+# full denoise. `discrete` is dropped where no discrete dim moves.
+DEFAULT_REFRESH: list[str] = []
 
 
 @dataclass
 class RTIConfig:
-    k0: int = 3
-    tail: list[int] | None = None  # an explicit descending step list ending at 0; default [k0, ..., 0]
-    sampler: str = "ddpm"  # the tail's sampler
-    mode: str = "direct"  # direct | renoise
+    k0: int = 27
+    steps: int | None = 4  # the tail's calls at most, k0 .. 0 evenly strided; None: every step k0, k0 - 1, ..., 0
+    tail: list[int] | None = None  # an explicit descending step list ending at 0 (overrides k0 and steps)
+    sampler: str = "ddim"  # the tail's sampler
+    mode: str = "renoise"  # direct | renoise
     n_exec: int = 1  # actions executed per decision
     discrete: str = "auto"  # auto | scale | clip | none; auto: scale if trained scaled, clip if dims exist
     factor: float = 10.0  # clip: the guess's discrete dims are set to +-1/factor
@@ -58,15 +75,21 @@ class RTIConfig:
     full_sampler: str = "ddpm"  # the full denoise at an episode start or a fallback
     full_steps: int | None = None  # None: every training timestep
     refresh: list[str] | None = None  # signals that redo a warm decision as a full denoise; None: DEFAULT_REFRESH
-    refresh_drift: float | None = None  # drift: the tail's correction (RMS, normalised) above which to refresh
+    refresh_drift: float = 1.5  # drift: the tail's correction, in units of the entry noise level, that refreshes
+    refresh_every: int | None = None  # age: warm decisions in a row after which to refresh
     refresh_sampler: str | None = None  # None: full_sampler
     refresh_steps: int | None = None  # None: full_steps
 
 
-def rti_tail(k0: int, schedule: NoiseSchedule) -> list[int]:
+def rti_tail(k0: int, schedule: NoiseSchedule, steps: int | None = None) -> list[int]:
+    """[k0, ..., 0] in `steps` evenly strided steps; every one of the k0 + 1 when None or when there are no more."""
     if not 0 <= k0 < schedule.num_train_timesteps:
         raise ValueError(f"RTI k0={k0} is outside the schedule's steps [0, {schedule.num_train_timesteps - 1}]")
-    return list(range(k0, -1, -1))
+    if steps is None or steps >= k0 + 1:
+        return list(range(k0, -1, -1))
+    if steps < 2:
+        raise ValueError(f"an RTI tail from k0={k0} > 0 needs steps >= 2 (k0 and 0), got {steps}")
+    return [round(k0 * (steps - 1 - i) / (steps - 1)) for i in range(steps)]
 
 
 class RTIPolicy(DenoisingWrapper):
@@ -86,7 +109,7 @@ class RTIPolicy(DenoisingWrapper):
             if tail[-1] != 0:
                 raise ValueError(f"an RTI tail must end at step 0 (the clean chunk), got {tail}")
         else:
-            tail = rti_tail(cfg.k0, schedule)
+            tail = rti_tail(cfg.k0, schedule, cfg.steps)
         self.tail = tail
         self.k0 = tail[0]
         for name, method in (("sampler", cfg.sampler), ("full_sampler", cfg.full_sampler)):
@@ -109,11 +132,13 @@ class RTIPolicy(DenoisingWrapper):
         self.refresh_timesteps = (policy.inference_timesteps(cfg.refresh_steps).tolist() if cfg.refresh_steps
                                   else self.full_timesteps)
         self.continuous_dims = [d for d in range(p.action_dim) if d not in self.discrete_dims]
+        self.drift_limit = cfg.refresh_drift * float((1.0 - schedule.alphas_cumprod[self.k0]).sqrt())
         self.record_pairs = record_pairs
         self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (warm guess, full denoise), when recording
         self.stats = self._zero_stats()  # decisions of each kind since the last reset
         self._chunk: torch.Tensor | None = None  # the previous clean chunk, normalised
         self._executed_discrete: torch.Tensor | None = None  # the last executed action's discrete dims, raw
+        self._warm_run = 0  # warm decisions since the last full denoise
 
     def _check_refresh(self, cfg: RTIConfig) -> list[str]:
         """The refresh signals in force (the default's `discrete` only where a discrete dim moves)."""
@@ -121,6 +146,8 @@ class RTIPolicy(DenoisingWrapper):
             raise ValueError(f"RTI refresh_sampler must be one of {METHODS}, got {cfg.refresh_sampler!r}")
         if cfg.refresh_steps is not None and cfg.refresh_steps < 1:
             raise ValueError(f"RTI refresh_steps must be >= 1, got {cfg.refresh_steps}")
+        if not cfg.refresh_drift > 0:
+            raise ValueError(f"RTI refresh_drift must be > 0, got {cfg.refresh_drift}")
         if cfg.refresh is None:
             return [r for r in DEFAULT_REFRESH if r != "discrete" or self.discrete_dims]
         unknown = [r for r in cfg.refresh if r not in REFRESH_SIGNALS]
@@ -129,8 +156,8 @@ class RTIPolicy(DenoisingWrapper):
         if "discrete" in cfg.refresh and not self.discrete_dims:
             raise ValueError("RTI refresh on 'discrete' needs a discrete action dim that moves in the training data; "
                              "this policy has none")
-        if "drift" in cfg.refresh and not (cfg.refresh_drift is not None and cfg.refresh_drift > 0):
-            raise ValueError(f"RTI refresh on 'drift' needs refresh_drift > 0, got {cfg.refresh_drift}")
+        if "age" in cfg.refresh and not (cfg.refresh_every is not None and cfg.refresh_every >= 1):
+            raise ValueError(f"RTI refresh on 'age' needs refresh_every >= 1, got {cfg.refresh_every}")
         return list(cfg.refresh)
 
     @property
@@ -200,7 +227,7 @@ class RTIPolicy(DenoisingWrapper):
                 "constant_dims": self.constant_dims,
                 "factor": factor if self.discrete != "none" else None,
                 "full_steps": len(self.full_timesteps),
-                "refresh": self.refresh,
+                "refresh": self.refresh, "drift_limit": self.drift_limit if "drift" in self.refresh else None,
                 "refresh_sampler": self.refresh_method if self.refresh else None,
                 "refresh_steps": len(self.refresh_timesteps) if self.refresh else None}
 
@@ -212,6 +239,7 @@ class RTIPolicy(DenoisingWrapper):
     def reset(self) -> None:
         self._chunk = None
         self._executed_discrete = None
+        self._warm_run = 0
         self.pairs = []
         self.stats = self._zero_stats()
         self.inner.reset()
@@ -258,6 +286,10 @@ class RTIPolicy(DenoisingWrapper):
             if guess is not None:
                 self.pairs.append((guess, denoised.x0.clone()))
             kind = "full"
+        elif "age" in self.refresh and self._warm_run >= self.cfg.refresh_every:
+            denoised = self._refreshed(cond, generator)  # due by age: no tail is run first
+            kind, extras["refresh"] = "refresh", "age"
+            self.stats["age_refreshes"] += 1
         else:
             denoised = policy.sample_normalized(cond, self._enter(guess, generator), self.tail, self.cfg.sampler,
                                                 generator)
@@ -265,15 +297,14 @@ class RTIPolicy(DenoisingWrapper):
             signal = self._stale(guess, denoised)
             if signal is not None:
                 tail = denoised
-                x_init = policy.initial_noise(cond, generator, None)
-                denoised = policy.sample_normalized(cond, x_init, self.refresh_timesteps, self.refresh_method,
-                                                    generator)
+                denoised = self._refreshed(cond, generator)
                 denoised.nfe += tail.nfe
                 if denoised.block_evals is not None and tail.block_evals is not None:
                     denoised.block_evals += tail.block_evals
                 kind, extras["refresh"] = "refresh", signal
                 self.stats[f"{signal}_refreshes"] += 1
         self.stats[kind] += 1
+        self._warm_run = self._warm_run + 1 if kind == "warm" else 0
         if "fallback" in extras:
             self.stats[f"{extras['fallback']}_fallbacks"] += 1
         self._chunk = self._binarize_guess(denoised.x0)
@@ -281,6 +312,10 @@ class RTIPolicy(DenoisingWrapper):
         if self.discrete_dims:
             self._executed_discrete = out.action[:, -1, self.discrete_dims].clone()
         return out
+
+    def _refreshed(self, cond: torch.Tensor, generator: torch.Generator | None):
+        x_init = self.inner.initial_noise(cond, generator, None)
+        return self.inner.sample_normalized(cond, x_init, self.refresh_timesteps, self.refresh_method, generator)
 
     def _executable(self, denoised, kind: str, extras: dict) -> Chunk:
         out = self.inner.to_chunk(denoised, kind, extras)
@@ -299,7 +334,7 @@ class RTIPolicy(DenoisingWrapper):
                 return "discrete"
         if "drift" in refresh:
             d = self.continuous_dims
-            if float((denoised.x0[..., d] - guess[..., d]).pow(2).mean().sqrt()) > self.cfg.refresh_drift:
+            if float((denoised.x0[..., d] - guess[..., d]).pow(2).mean().sqrt()) > self.drift_limit:
                 return "drift"
         return None
 

@@ -112,20 +112,32 @@ def cmd_collect(args: argparse.Namespace) -> int:
 def _parse_k0(value: str) -> int | str:
     if value == "auto":
         return value
+    if value == "default":  # --rti alone
+        from policy.rti import RTIConfig
+
+        return RTIConfig().k0
     try:
         return int(value)
     except ValueError:
         raise ValueError(f"--rti takes an entry step k0 (an integer) or 'auto', got {value!r}") from None
 
 
+def _tail_steps(text: str) -> int | str:
+    return text if text == "all" else POSITIVE(text)
+
+
 def _rti_settings(args: argparse.Namespace) -> dict | None:
     if args.rti is None:
         return None
-    fields = {"k0": _parse_k0(args.rti), "mode": args.rti_mode, "sampler": args.rti_sampler,
-              "n_exec": args.rti_exec, "discrete": args.rti_discrete, "factor": args.rti_factor}
+    fields = {"k0": _parse_k0(args.rti), "n_exec": args.rti_exec, "discrete": args.rti_discrete,
+              "factor": args.rti_factor}
+    if args.rti_steps is not None:
+        fields["steps"] = None if args.rti_steps == "all" else args.rti_steps
     if args.rti_refresh is not None:
         fields["refresh"] = [] if args.rti_refresh == "none" else args.rti_refresh.split(",")
-    optional = {"refresh_drift": args.rti_refresh_drift, "refresh_sampler": args.rti_refresh_sampler,
+    optional = {"mode": args.rti_mode, "sampler": args.rti_sampler, "refresh_drift": args.rti_refresh_drift,
+                "refresh_every": args.rti_refresh_every,
+                "refresh_sampler": args.rti_refresh_sampler,
                 "refresh_steps": args.rti_refresh_steps, "full_sampler": args.rti_full_sampler,
                 "full_steps": args.rti_full_steps}
     return {**fields, **{k: v for k, v in optional.items() if v is not None}}
@@ -240,10 +252,14 @@ def _rti_k0(args: argparse.Namespace) -> int | None:
 
 
 def _add_rti_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rti", metavar="K0|auto", help="RTI warm start entered at step K0 (K0 + 1 calls per "
-                   "decision after a full denoise at the episode start); auto calibrates K0 from rollouts first")
-    p.add_argument("--rti-mode", choices=["direct", "renoise"], default="direct")
-    p.add_argument("--rti-sampler", choices=["ddpm", "ddim", "dpmpp_2m"], default="ddpm", help="the tail's sampler")
+    p.add_argument("--rti", nargs="?", const="default", metavar="K0|auto", help="RTI warm start entered at step K0 "
+                   "(--rti alone: the default, 27), --rti-steps calls per decision after a full denoise at the "
+                   "episode start; auto calibrates K0 from rollouts first")
+    p.add_argument("--rti-steps", type=_tail_steps, metavar="N|all", help="the tail's calls, K0 .. 0 evenly strided "
+                   "(default 4); all: every step K0, K0-1, ..., 0 (the paper's)")
+    p.add_argument("--rti-mode", choices=["direct", "renoise"], help="warm-start entry (default renoise: the guess "
+                   "forward-noised to K0)")
+    p.add_argument("--rti-sampler", choices=["ddpm", "ddim", "dpmpp_2m"], help="the tail's sampler (default ddim)")
     p.add_argument("--rti-exec", type=POSITIVE, default=1, help="actions executed per RTI decision")
     p.add_argument("--rti-discrete", choices=["auto", "scale", "clip", "none"], default="auto",
                    help="gripper handling in the warm start; auto: scale if trained scaled, else clip")
@@ -253,8 +269,10 @@ def _add_rti_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rti-full-steps", type=POSITIVE, help="its steps (default: every training timestep)")
     p.add_argument("--rti-refresh", metavar="SIGNALS", help="redo a warm decision as a full denoise when it looks "
                    "stale: discrete (the gripper command changes), drift (the tail moved its guess by more than "
-                   "--rti-refresh-drift), comma-separated, or none")
-    p.add_argument("--rti-refresh-drift", type=RATE, help="drift: RMS correction (normalised units) that refreshes")
+                   "--rti-refresh-drift), age (every --rti-refresh-every warm decisions), comma-separated, or none")
+    p.add_argument("--rti-refresh-drift", type=RATE, help="drift: the tail's correction, in units of the noise level "
+                   "it entered at, that refreshes (default 1.5)")
+    p.add_argument("--rti-refresh-every", type=POSITIVE, help="age: warm decisions in a row after which to refresh")
     p.add_argument("--rti-refresh-sampler", choices=["ddpm", "ddim", "dpmpp_2m"],
                    help="a refresh's sampler (default: the full denoise's)")
     p.add_argument("--rti-refresh-steps", type=POSITIVE, help="a refresh's steps (default: the full denoise's)")

@@ -18,6 +18,8 @@ from rtdp.cli import main
 from tests.conftest import train_small_policy
 
 EPISODES = 20
+PAPER = dict(k0=3, steps=None, sampler="ddpm", mode="direct")  # the released code's tail [3, 2, 1, 0]
+CONFIGS = {"paper-k0=3": PAPER, "default": {}}
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +67,9 @@ def run(decide, seed: int) -> tuple[bool, int]:
     return success, int(np.count_nonzero(np.diff(sides)))
 
 
-def test_rti_keeps_its_route_where_fresh_noise_at_the_same_cost_dithers(policy):
-    rti = RTIPolicy(policy, RTIConfig(k0=3))
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_rti_keeps_its_route_where_fresh_noise_at_the_same_cost_dithers(policy, config):
+    rti = RTIPolicy(policy, RTIConfig(**CONFIGS[config]))
 
     def warm(obs, generator):
         return rti.predict_chunk(obs, generator=generator)
@@ -94,7 +97,7 @@ def test_warm_start_contracts_perturbations_and_more_so_with_larger_k0(policy):
         rs = []
         for e in range(demos.n_episodes):
             states = demos.episode(e)["state"]
-            rti = RTIPolicy(policy, RTIConfig(k0=k0))
+            rti = RTIPolicy(policy, RTIConfig(**{**PAPER, "k0": k0}))
             rti.reset()
             noise = torch.Generator().manual_seed(e)
             for t in range(16):
@@ -114,9 +117,10 @@ def test_warm_start_contracts_perturbations_and_more_so_with_larger_k0(policy):
     assert ratios[1] > ratios[3] > ratios[5] > ratios[10], ratios
 
 
-def test_scaled_gripper_flips_within_one_step_of_the_demonstration(policy):
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_scaled_gripper_flips_within_one_step_of_the_demonstration(policy, config):
     demos = collect_demos("point_mass/obstacle", 5, seed=700, progress=False)
-    rti = RTIPolicy(policy, RTIConfig(k0=3))
+    rti = RTIPolicy(policy, RTIConfig(**CONFIGS[config]))
     for e in range(demos.n_episodes):
         ep = demos.episode(e)
         flip = int(np.argmax(ep["action"][:, 2] > 0))  # the expert closes on arriving at the goal
@@ -134,7 +138,8 @@ def test_scaled_gripper_flips_within_one_step_of_the_demonstration(policy):
 def test_eval_cli_runs_rti_and_records_its_settings(obstacle_checkpoint, tmp_path, capsys):
     path = tmp_path / "rti.json"
     assert main(["eval", "--checkpoint", str(obstacle_checkpoint), "--episodes", "6", "--workers", "2",
-                 "--rti", "3", "--no-progress", "--report", str(path)]) == 0
+                 "--rti", "3", "--rti-steps", "all", "--rti-mode", "direct", "--rti-sampler", "ddpm", "--no-progress",
+                 "--report", str(path)]) == 0
     report = json.loads(path.read_text())
     rti = report["config"]["rti"]
     assert (rti["k0"], rti["tail"], rti["mode"], rti["discrete"], rti["factor"]) == (3, [3, 2, 1, 0], "direct",
@@ -146,6 +151,18 @@ def test_eval_cli_runs_rti_and_records_its_settings(obstacle_checkpoint, tmp_pat
     assert report["nfe_per_decision"] == pytest.approx(total / report["decisions"])
     assert report["success_rate"] >= 0.5
     assert "rti-direct-k0=3-ddpm" in capsys.readouterr().out
+
+
+def test_eval_cli_runs_the_default_rti_with_rti_alone(obstacle_checkpoint, tmp_path, capsys):
+    path = tmp_path / "default.json"
+    assert main(["eval", "--checkpoint", str(obstacle_checkpoint), "--episodes", "4", "--workers", "2", "--rti",
+                 "--no-progress", "--report", str(path)]) == 0
+    report = json.loads(path.read_text())
+    rti = report["config"]["rti"]
+    assert (rti["k0"], rti["tail"], rti["mode"], rti["sampler"], rti["refresh"]) == (27, [27, 18, 9, 0], "renoise",
+                                                                                       "ddim", [])
+    assert report["rti"]["nfe_per_warm_decision"] == 4 and report["rti"]["refreshes"] == 0
+    assert "rti-renoise-k0=27-ddim-4steps" in capsys.readouterr().out
 
 
 def test_eval_cli_calibrates_k0_and_records_it(obstacle_checkpoint, tmp_path):

@@ -33,7 +33,9 @@ def obs(batch=1, seed=0):
 
 
 def full_cfg(**kw):
-    kw.setdefault("refresh", [])  # the tail's mechanics; refreshes are tested on their own below
+    # The paper's tail mechanics (every step from k0, DDPM, direct entry) unless a test says otherwise.
+    for key, value in (("steps", None), ("sampler", "ddpm"), ("mode", "direct"), ("refresh", [])):
+        kw.setdefault(key, value)
     return RTIConfig(full_steps=20, **kw)  # a cheaper full denoise keeps these tests fast
 
 
@@ -52,7 +54,7 @@ def test_calls_per_decision_are_k0_plus_one_after_a_full_denoise(k0):
     chunk = rti.predict_chunk(obs(), generator=g)
     assert chunk.nfe == 20 and chunk.kind == "full"
     assert rti.stats == {"full": 1, "warm": 0, "refresh": 0, "nan_fallbacks": 0, "gap_fallbacks": 0,
-                         "discrete_refreshes": 0, "drift_refreshes": 0}
+                         "discrete_refreshes": 0, "drift_refreshes": 0, "age_refreshes": 0}
 
 
 def test_an_explicit_tail_runs_its_listed_steps():
@@ -140,7 +142,7 @@ def test_nan_in_the_warm_start_and_a_gap_fall_back_to_a_full_denoise():
     assert gap.kind == "full" and gap.extras["fallback"] == "gap"
     assert rti.predict_chunk(obs(), executed=H - TO).kind == "warm"
     assert rti.stats == {"full": 3, "warm": 1, "refresh": 0, "nan_fallbacks": 1, "gap_fallbacks": 1,
-                         "discrete_refreshes": 0, "drift_refreshes": 0}
+                         "discrete_refreshes": 0, "drift_refreshes": 0, "age_refreshes": 0}
 
 
 @pytest.mark.parametrize("kw,message", [
@@ -249,9 +251,22 @@ def test_drift_refreshes_only_above_its_threshold():
     assert near.predict_chunk(obs(seed=1)).kind == "warm" and near.stats["drift_refreshes"] == 0
 
 
+def test_age_refreshes_every_n_warm_decisions_without_running_the_tail_first():
+    rti = RTIPolicy(make_policy(), full_cfg(k0=3, refresh=["age"], refresh_every=3, refresh_sampler="ddim",
+                                            refresh_steps=5))
+    kinds, calls = [], []
+    for i in range(9):
+        out = rti.predict_chunk(obs(seed=i))
+        kinds.append(out.kind)
+        calls.append(out.nfe)
+    assert kinds == ["full", "warm", "warm", "warm", "refresh", "warm", "warm", "warm", "refresh"]
+    assert calls == [20, 4, 4, 4, 5, 4, 4, 4, 5] and rti.stats["age_refreshes"] == 2
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(refresh=["gripper"]), "refresh signals must be among"),
-    (dict(refresh=["drift"]), "needs refresh_drift > 0"),
+    (dict(refresh=["age"]), "needs refresh_every >= 1"),
+    (dict(refresh=["drift"], refresh_drift=0.0), "refresh_drift must be > 0"),
     (dict(refresh=["discrete"], discrete="none"), "needs a discrete action dim"),
     (dict(refresh_sampler="euler"), "refresh_sampler must be one of"),
 ])
@@ -260,7 +275,23 @@ def test_bad_refresh_settings_are_refused(kw, message):
         RTIPolicy(make_policy(), full_cfg(k0=3, **kw))
 
 
-def test_the_default_refreshes_on_the_gripper_only_where_one_moves():
-    assert RTIPolicy(make_policy(), RTIConfig(full_steps=20)).refresh == ["discrete"]
-    assert RTIPolicy(make_policy(grip_levels=(0.0,)), RTIConfig(full_steps=20)).refresh == []
-    assert RTIPolicy(make_policy(discrete_dims=()), RTIConfig(full_steps=20)).refresh == []
+def test_the_default_enters_at_27_through_renoise_and_runs_a_4_step_ddim_tail_without_refreshes():
+    rti = RTIPolicy(make_policy(), RTIConfig(full_steps=20))
+    assert rti.tail == [27, 18, 9, 0] and rti.method == "ddim" and rti.cfg.mode == "renoise" and rti.refresh == []
+    rti.predict_chunk(obs())
+    assert rti.predict_chunk(obs()).nfe == 4
+
+
+@pytest.mark.parametrize("k0, steps, tail", [(3, None, [3, 2, 1, 0]), (3, 4, [3, 2, 1, 0]), (10, 4, [10, 7, 3, 0]),
+                                             (27, 4, [27, 18, 9, 0]), (9, 2, [9, 0]), (0, 1, [0]),
+                                             (2, 4, [2, 1, 0])])
+def test_a_strided_tail_runs_k0_to_0_in_its_steps(k0, steps, tail):
+    rti = RTIPolicy(make_policy(), full_cfg(k0=k0, steps=steps))
+    assert rti.tail == tail
+    rti.predict_chunk(obs())
+    assert rti.predict_chunk(obs()).nfe == len(tail)
+
+
+def test_a_stride_of_one_step_from_above_zero_is_refused():
+    with pytest.raises(ValueError, match="needs steps >= 2"):
+        RTIPolicy(make_policy(), full_cfg(k0=5, steps=1))
