@@ -22,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from policy.rti import PAPER_TAIL  # noqa: E402  (the repository root is on the path from here)
+
 TASKS = ["push-v3", "drawer-open-v3", "reach-v3", "pick-place-v3", "window-open-v3"]
 CONFIG = ROOT / "configs" / "policy" / "transformer_lowdim.yaml"
 # The config's 8 x 256 transformer trains at about 2-4 s per step at batch 256 on this 2-core CPU (16 tokens per
@@ -39,8 +41,8 @@ RUNS = [
     ("ddim-10", "ddim", 10, None, None),
     ("ddim-10 bac:5", "ddim", 10, "bac:5", None),
     ("ddim-10 uniform:5", "ddim", 10, "uniform:5", None),
-    ("rti-k0=3", None, None, None, {"k0": 3}),
-    ("rti-k0=3 bac:2", None, None, "bac:2", {"k0": 3}),
+    ("rti-k0=3", None, None, None, PAPER_TAIL),
+    ("rti-k0=3 bac:2", None, None, "bac:2", PAPER_TAIL),
 ]
 KEYS = ("success_rate", "success_ci95", "nfe_per_decision", "block_evals_per_decision", "latency_ms", "decisions",
         "seconds", "rti")
@@ -68,7 +70,7 @@ def make_schedules(run_dir: Path) -> dict:
     out = {}
     for label, sampler, steps, budgets, rti in (("ddpm-100", "ddpm", 100, [5, 10, 20], None),
                                                  ("ddim-10", "ddim", 10, [5], None),
-                                                 ("rti-k0=3", None, None, [2], {"k0": 3})):
+                                                 ("rti-k0=3", None, None, [2], PAPER_TAIL)):
         t0 = time.perf_counter()
         r = calibrate_cache(CacheSettings(checkpoint=str(run_dir), budgets=budgets, sampler=sampler, steps=steps,
                                           rti=rti))

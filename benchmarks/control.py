@@ -17,11 +17,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from policy.rti import PAPER_TAIL  # noqa: E402  (the repository root is on the path from here)
+
 CHECKPOINT = ROOT / "benchmarks" / "results" / "closed_loop" / "runs" / "push-v3"
 RUNS = {
     "ddim": dict(sampler="ddim", steps=10),
     "ddim-thread": dict(sampler="ddim", steps=10, worker="thread"),
-    "rti": dict(rti={"k0": 3}),
+    "rti": dict(rti=PAPER_TAIL),
     "slow": dict(sampler="ddim", steps=10, inference_delay_ms=30.0),
 }
 

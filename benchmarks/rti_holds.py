@@ -24,20 +24,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from policy.rti import PAPER_TAIL  # noqa: E402  (the repository root is on the path from here)
+
 RUNS = ROOT / "benchmarks" / "results" / "closed_loop" / "runs"
 OUT = ROOT / "benchmarks" / "results" / "rti_holds"
 CONFIG = ROOT / "configs" / "policy" / "unet_lowdim.yaml"
 METHODS = {
     "ddpm-100": dict(sampler="ddpm", steps=100),
     # RTI as it was before this benchmark: the DDPM tail [3, 2, 1, 0] from the shifted chunk itself
-    "rti-k0=3-no-refresh": dict(rti={"k0": 3, "steps": None, "sampler": "ddpm", "mode": "direct", "refresh": []}),
+    "rti-k0=3-no-refresh": dict(rti=PAPER_TAIL),
     "rti-default": dict(rti={}),
-    # the sweep behind the default (push-v3; the diagnosis is in BENCHMARKS.md)
-    "rti-discrete": dict(rti={"refresh": ["discrete"]}),
-    "rti-drift": dict(rti={"refresh": ["drift"]}),
-    "rti-drift+discrete": dict(rti={"refresh": ["drift", "discrete"]}),
-    "rti-drift-ddim10": dict(rti={"refresh": ["drift"], "refresh_sampler": "ddim", "refresh_steps": 10}),
-    "rti-age25-ddim10": dict(rti={"refresh": ["age"], "refresh_every": 25, "refresh_sampler": "ddim",
+    # the sweep behind the default (push-v3; the diagnosis is in BENCHMARKS.md): refreshes on the paper's tail,
+    # and 4-call tails entered deeper
+    "rti-discrete": dict(rti={**PAPER_TAIL, "refresh": ["discrete"]}),
+    "rti-drift": dict(rti={**PAPER_TAIL, "refresh": ["drift"]}),
+    "rti-drift+discrete": dict(rti={**PAPER_TAIL, "refresh": ["drift", "discrete"]}),
+    "rti-drift-ddim10": dict(rti={**PAPER_TAIL, "refresh": ["drift"], "refresh_sampler": "ddim", "refresh_steps": 10}),
+    "rti-age25-ddim10": dict(rti={**PAPER_TAIL, "refresh": ["age"], "refresh_every": 25, "refresh_sampler": "ddim",
                                   "refresh_steps": 10}),
     "rti-renoise": dict(rti={"k0": 3, "refresh": [], "mode": "renoise"}),
     # the same 4 calls, entered deeper: a strided DDIM tail from a forward-noised guess
@@ -145,8 +148,8 @@ def latency(run_dir: Path, decisions: int = 150, full: int = 20) -> dict:
 
 
 def table(out: Path) -> str:
-    rows = ["| task | gripper | DDPM-100 | RTI k0=3, no refresh | RTI default | RTI default: mean calls per decision "
-            "(refreshes per episode) | default - DDPM-100 |", "|---|---|---|---|---|---|---|"]
+    rows = ["| task | DDPM-100 | RTI paper tail k0=3 | RTI default | RTI default: mean calls per decision "
+            "(refreshes per episode) | default - DDPM-100 |", "|---|---|---|---|---|---|"]
     for path in sorted(out.glob("*.json")):
         if path.name == "latency.json":
             continue
@@ -167,9 +170,23 @@ def table(out: Path) -> str:
             cost = f"{d['nfe_per_decision']:.2f} ({refreshes:.2f})"
             if "ddpm-100" in m:
                 gap = f"{(d['success_rate'] - m['ddpm-100']['success_rate']) * 100:+.0f} points"
-        grip = r.get("gripper", "-")
-        rows.append(f"| {path.stem} | {grip} | {cell(m.get('ddpm-100'))} | {cell(m.get('rti-k0=3-no-refresh'))} "
+        rows.append(f"| {path.stem} | {cell(m.get('ddpm-100'))} | {cell(m.get('rti-k0=3-no-refresh'))} "
                     f"| {cell(d)} | {cost} | {gap} |")
+    return "\n".join(rows)
+
+
+def sweep(out: Path, key: str) -> str:
+    """Every method recorded for one task, with the seeds it failed on."""
+    r = json.loads((out / f"{key}.json").read_text())
+    rows = ["| method | RTI settings | success [95% CI] | mean calls per decision | refreshes per episode "
+            "| failed seeds (- 100000) |", "|---|---|---|---|---|---|"]
+    for name, e in r["methods"].items():
+        lo, hi = e["success_ci95"]
+        fields = METHODS.get(name, {}).get("rti")
+        refreshes = e.get("rti", {}).get("refreshes", 0) / len(e["per_episode"])
+        failed = [p["seed"] - 100000 for p in e["per_episode"] if not p["success"]]
+        rows.append(f"| {name} | {json.dumps(fields) if fields is not None else '-'} | {e['success_rate']:.2f} "
+                    f"[{lo:.2f}, {hi:.2f}] | {e['nfe_per_decision']:.2f} | {refreshes:.2f} | {failed} |")
     return "\n".join(rows)
 
 
@@ -186,12 +203,13 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=50)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--sweep", metavar="TASK", help="print every method recorded for TASK (e.g. push-v3)")
     ap.add_argument("--latency", action="store_true")
     ap.add_argument("--redo", nargs="*", default=[], help="methods to evaluate again even if recorded")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.table:
-        print(table(args.out))
+    if args.table or args.sweep:
+        print(sweep(args.out, args.sweep) if args.sweep else table(args.out))
         return
     for name in args.tasks:
         key = f"{name}-{args.variant}" if args.variant else name

@@ -58,6 +58,9 @@ REFRESH_SIGNALS = ("discrete", "drift", "age")
 # No refresh by default: on push none of them closed the gap the k = 3 tail left (BENCHMARKS.md), and each costs a
 # full denoise. `discrete` is dropped where no discrete dim moves.
 DEFAULT_REFRESH: list[str] = []
+# The released code's tail, [k0, k0 - 1, ..., 0] with DDPM from the shifted clean chunk: what the benchmarks before
+# the default changed measured as "rti-k0=3" (RTIConfig(**{**PAPER_TAIL, "k0": k}) for another entry step).
+PAPER_TAIL = {"k0": 3, "steps": None, "sampler": "ddpm", "mode": "direct", "refresh": []}
 
 
 @dataclass

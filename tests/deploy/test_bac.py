@@ -85,7 +85,7 @@ def test_a_schedule_for_another_step_list_or_other_weights_is_refused(transforme
 
 def test_schedule_made_for_the_rti_tail_composes_with_rti(transformer_checkpoint, tmp_path):
     assert cache_cli(transformer_checkpoint, "--budget", "2", "--rti", "3") == 0
-    sched = find_schedule(transformer_checkpoint, "bac", 2, "ddpm", [3, 2, 1, 0])
+    sched = find_schedule(transformer_checkpoint, "bac", 2, "ddim", [3, 2, 1, 0])  # RTI's default tail sampler
     code, report = eval_cli(transformer_checkpoint, tmp_path / "rti.json", "--rti", "3", "--cache", "bac:2")
     assert code == 0
     r = report["rti"]
@@ -94,7 +94,7 @@ def test_schedule_made_for_the_rti_tail_composes_with_rti(transformer_checkpoint
     assert report["block_evals_per_decision"] == pytest.approx(expected)
     assert sched.block_evals < 3 * N_LAYER * 4
     cache = report["config"]["cache"]
-    assert (cache["kind"], cache["budget"], cache["method"], cache["steps"]) == ("bac", 2, "ddpm", 4)
+    assert (cache["kind"], cache["budget"], cache["method"], cache["steps"]) == ("bac", 2, "ddim", 4)
 
 
 def test_cached_chunk_approaches_the_uncached_one_as_the_budget_grows(transformer_checkpoint):
