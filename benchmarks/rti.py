@@ -53,6 +53,24 @@ def run(name: str, method: str, episodes: int, seed: int) -> dict:
     return out
 
 
+def expert_observations(task: str, decisions: int, seed: int = CALIBRATION_SEED) -> list[dict]:
+    """Observation histories (To = 2) along an expert rollout: the same inputs for every method that is timed."""
+    import numpy as np
+    import torch
+
+    from envs.tasks import make_env
+
+    env = make_env(task)
+    expert = env.expert()
+    obs, _ = env.reset(seed=seed)
+    states = [obs["state"]]
+    for _ in range(decisions):
+        obs, *_ = env.step(np.clip(expert(obs["state"]), -1, 1))
+        states.append(obs["state"])
+    env.close()
+    return [{"state": torch.from_numpy(np.stack(states[i : i + 2]))[None]} for i in range(decisions)]
+
+
 def latency(name: str, decisions: int = 200, full: int = 30) -> dict:
     """Decision latency on one thread, DDPM-100 and the RTI warm decision timed back to back on the same
     observations (from an expert rollout), so the ratio does not depend on what else the machine runs."""
@@ -61,21 +79,12 @@ def latency(name: str, decisions: int = 200, full: int = 30) -> dict:
     import numpy as np
     import torch
 
-    from envs.tasks import make_env
     from policy.checkpoint import load_policy
     from policy.rti import RTIConfig, RTIPolicy
 
     torch.set_num_threads(1)
     policy, cfg = load_policy(BASELINE / "runs" / name)
-    env = make_env(f"metaworld/{name}")
-    expert = env.expert()
-    obs, _ = env.reset(seed=CALIBRATION_SEED)
-    states = [obs["state"]]
-    for _ in range(decisions):
-        obs, *_ = env.step(np.clip(expert(obs["state"]), -1, 1))
-        states.append(obs["state"])
-    env.close()
-    history = [{"state": torch.from_numpy(np.stack(states[i : i + 2]))[None]} for i in range(decisions)]
+    history = expert_observations(f"metaworld/{name}", decisions)
     g = torch.Generator().manual_seed(0)
 
     def timed(fn, items):

@@ -105,24 +105,14 @@ def latency(run_dir: Path, decisions: int = 150, full: int = 20) -> dict:
     default decisions as they run in closed loop, refreshes included (their mean is what a decision costs)."""
     import numpy as np
     import torch
+    from rti import expert_observations  # benchmarks/rti.py, beside this script
 
     from deploy.runtime import RuntimeSettings, build_policy
-    from envs.tasks import make_env
-    from evaluation.episodes import CALIBRATION_SEED_OFFSET
 
     torch.set_num_threads(1)
     runtime = build_policy(RuntimeSettings(str(run_dir), rti={}))
     ddpm = build_policy(RuntimeSettings(str(run_dir), sampler="ddpm", steps=100), model=None)
-    env = make_env(runtime.run_cfg.data.task)
-    expert = env.expert()
-    obs, _ = env.reset(seed=CALIBRATION_SEED_OFFSET)
-    states = [obs["state"]]
-    for _ in range(decisions):
-        obs, *_ = env.step(np.clip(expert(obs["state"]), -1, 1))
-        states.append(obs["state"])
-    env.close()
-    history = [{"state": torch.from_numpy(np.stack(states[max(i - 1, 0) : i + 1][-2:]))[None]} for i in range(1,
-               decisions + 1)]
+    history = expert_observations(runtime.run_cfg.data.task, decisions)
     g = torch.Generator().manual_seed(0)
 
     def timed(policy, items):
