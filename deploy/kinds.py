@@ -12,10 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from planners import diffusiondrive
 from policy.checkpoint import CheckpointError, checkpoint_kind, load_config_file, load_policy
 from policy.config import RunConfig
 from policy.diffusion_policy import KIND as DIFFUSION_POLICY
 from policy.diffusion_policy import DiffusionPolicy
+from policy.train import build_diffusion_policy
 
 
 @dataclass(frozen=True)
@@ -25,10 +27,18 @@ class ModelKind:
     read_config: Callable[[Path], object]  # checkpoint folder -> its run config
     build: Callable  # (the config's model section, normaliser) -> the model
     load: Callable[[Path], tuple]  # checkpoint folder -> (model in eval mode, run config)
+    build_for_training: Callable  # (run config, training data) -> a new model, its config filled from the data
+    # What the runtime may wrap around it: RTI and the block cache re-enter a denoising policy's sampler.
+    denoising_wrappers: bool = True
 
 
 KINDS: dict[str, ModelKind] = {
-    DIFFUSION_POLICY: ModelKind(DIFFUSION_POLICY, RunConfig, load_config_file, DiffusionPolicy, load_policy),
+    DIFFUSION_POLICY: ModelKind(DIFFUSION_POLICY, RunConfig, load_config_file, DiffusionPolicy, load_policy,
+                                build_diffusion_policy),
+    diffusiondrive.KIND: ModelKind(diffusiondrive.KIND, diffusiondrive.DiffusionDriveRunConfig,
+                                   diffusiondrive.read_config, diffusiondrive.DiffusionDrive,
+                                   diffusiondrive.load_planner, diffusiondrive.build_for_training,
+                                   denoising_wrappers=False),
 }
 
 
@@ -37,6 +47,12 @@ def kind_of(checkpoint: str | Path) -> ModelKind:
     if name not in KINDS:
         raise CheckpointError(f"checkpoint {checkpoint} holds a model of kind {name!r}; this rtdp knows "
                               f"{', '.join(sorted(KINDS))}")
+    return KINDS[name]
+
+
+def kind_named(name: str) -> ModelKind:
+    if name not in KINDS:
+        raise ValueError(f"unknown model kind {name!r}; this rtdp knows {', '.join(sorted(KINDS))}")
     return KINDS[name]
 
 

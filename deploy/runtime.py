@@ -29,7 +29,7 @@ from policy.rti import RTIPolicy, rti_config
 
 from .artifacts import PRECISIONS
 from .backends import BACKENDS, BackendPolicy, make_backend
-from .kinds import load_checkpoint
+from .kinds import kind_of, load_checkpoint
 
 
 @dataclass
@@ -72,7 +72,7 @@ def parse_cache(spec: str) -> tuple[str, int]:
 def load_model(settings: RuntimeSettings):
     """(model, run config): the checkpoint's model in eval mode, its sampler and steps set from the settings."""
     model, run_cfg = load_checkpoint(settings.checkpoint)
-    if model.cfg.discrete_action_dims is None:  # a checkpoint from before the field existed
+    if getattr(model.cfg, "discrete_action_dims", ()) is None:  # a checkpoint from before the field existed
         model.cfg.discrete_action_dims = list(settings.discrete_action_dims or [])
     model.configure_inference(settings.sampler, settings.steps)
     return model.eval(), run_cfg
@@ -126,6 +126,10 @@ def build_policy(settings: RuntimeSettings, model=None, run_cfg=None, record_pai
     checkpoint with the same sampler settings; `record_pairs` makes RTI log (warm guess, full denoise) pairs for
     k0 calibration."""
     validate(settings)
+    kind = kind_of(settings.checkpoint)
+    if not kind.denoising_wrappers and (settings.rti is not None or settings.cache is not None):
+        raise ValueError(f"RTI and the block cache re-enter a denoising policy's sampler; a {kind.name} checkpoint "
+                         f"decides in its own way: run it without --rti and --cache")
     if model is None:
         model, run_cfg = load_model(settings)
     policy, backend = model, None
@@ -146,9 +150,9 @@ def build_policy(settings: RuntimeSettings, model=None, run_cfg=None, record_pai
     if rti_cfg is not None:
         policy = rti_policy = RTIPolicy(policy, rti_cfg, record_pairs=record_pairs)
         rti = policy.describe()
-    config = {"sampler": policy.method, "steps": len(policy.timesteps), "spacing": model.cfg.inference.spacing,
-              "eta": model.cfg.inference.eta, "kind": model.spec.kind, "denoiser": model.cfg.denoiser,
-              "backend": settings.backend, "precision": settings.precision, "export": settings.export}
+    config = {**model.inference_config(), "sampler": policy.method, "steps": len(policy.timesteps),
+              "kind": model.spec.kind, "backend": settings.backend, "precision": settings.precision,
+              "export": settings.export}
     if rti is not None:
         config["rti"] = rti
     if cache is not None:

@@ -24,6 +24,7 @@ class EpisodeResult:
     steps: int
     decisions: int
     frames: list[np.ndarray] = field(default_factory=list, repr=False)
+    metrics: dict = field(default_factory=dict)  # the task's own per-episode figures (a driving task's collisions)
 
 
 def run_episode(env: gym.Env, act: Callable[[dict[str, np.ndarray]], np.ndarray], n_obs_steps: int, seed: int,
@@ -49,4 +50,6 @@ def run_episode(env: gym.Env, act: Callable[[dict[str, np.ndarray]], np.ndarray]
             done = result.success or terminated or truncated
             if done:
                 break
+    if hasattr(env, "episode_metrics"):
+        result.metrics = env.episode_metrics()
     return result

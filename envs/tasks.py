@@ -1,8 +1,10 @@
 """The task registry: `make_env("metaworld/push-v3")` and friends.
 
-Every task is a gymnasium env whose observation is a dict with `state` (float32 vector) and, for image
-tasks, `image` (H, W, 3 uint8); `info["success"]` flags success; `max_episode_steps` is its episode limit;
-`expert()` returns its scripted policy (state -> action).
+Every manipulation task is a gymnasium env whose observation is a dict with `state` (float32 vector) and, for
+image tasks, `image` (H, W, 3 uint8); `info["success"]` flags success; `max_episode_steps` is its episode limit;
+`expert()` returns its scripted policy (state -> action). Driving tasks (`highway/<scenario>`, envs/driving.py)
+observe a scene (`ego`, `agents`, `bev`) and take a plan; their expert drives the simulator itself
+(envs/driving_expert.py).
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import gymnasium as gym
 
 
 def known_tasks() -> list[str]:
+    from .driving import SCENARIOS
     from .metaworld_env import metaworld_task_names
 
-    return ["point_mass/reach", "point_mass/obstacle"] + [f"metaworld/{n}" for n in metaworld_task_names()]
+    return (["point_mass/reach", "point_mass/obstacle"] + [f"metaworld/{n}" for n in metaworld_task_names()]
+            + [f"highway/{n}" for n in SCENARIOS])
 
 
 def discrete_action_dims(task: str | None) -> list[int]:
@@ -37,6 +41,13 @@ def make_env(task: str, image: bool = False, image_size: int = 96, max_episode_s
         if name in metaworld_task_names():
             return MetaWorldTask(name, image=image, image_size=image_size,
                                  max_episode_steps=max_episode_steps or EPISODE_LIMIT)
+    elif family == "highway":
+        if image:
+            raise ValueError(f"{task} observes a bird's-eye raster and agent tokens, not camera images")
+        from .driving import SCENARIOS, DrivingTask
+
+        if name in SCENARIOS:
+            return DrivingTask(name, max_episode_steps=max_episode_steps)
     elif task == "point_mass/reach":
         if image:
             raise ValueError("point_mass/reach has no image observation")

@@ -77,7 +77,8 @@ def run_episodes(policy, env, n_obs_steps: int, seeds: list[int], task: str, emi
         video = write_video(result.frames, Path(video_dir), task, seed) if result.frames else None
         emit({"seed": seed, "success": result.success, "return": result.total_return, "steps": result.steps,
               "decisions": result.decisions, "latency_ms": act.latencies_ms, "nfe": act.nfes, "kind": act.kinds,
-              "block_evals": act.block_evals, "fallbacks": dict(act.fallbacks), "video": video})
+              "block_evals": act.block_evals, "fallbacks": dict(act.fallbacks), "video": video,
+              **({"metrics": result.metrics} if result.metrics else {})})
 
 
 def write_video(frames: list[np.ndarray], directory: Path, task: str, seed: int, fps: int = 30) -> str:

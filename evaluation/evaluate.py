@@ -25,6 +25,7 @@ from deploy.runtime import RuntimeSettings, build_policy
 from envs.tasks import discrete_action_dims
 from policy.contract import PolicyFault
 
+from .driving import expert_and_open_loop
 from .episodes import episode_seeds, run_episodes
 from .report import build_report, plot_report
 from .tasks import open_env, resolve_task
@@ -53,6 +54,8 @@ class EvalSettings:
     backend: str = "torch"  # deploy.backends.BACKENDS; the engine ones read an export
     precision: str = "fp32"  # the network's: fp32 | fp16
     export: str | None = None  # the export folder the engine backends read; None: the checkpoint's
+    open_loop: bool = True  # driving tasks: the expert on the same seeds, and the planner open-loop on its scenes
+    open_loop_every: int = 5  # every k-th step of the expert's episodes is an open-loop scene
     seeds: list[int] = field(default_factory=list)  # set by the orchestrator for each worker
 
 
@@ -100,6 +103,10 @@ def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
     if calibration is not None:
         config["rti"]["calibration"] = calibration.to_dict()
     spec, branches = runtime.policy.spec, runtime.branches_per_call
+    driving = None
+    if task.startswith("highway/") and settings.open_loop:
+        driving = expert_and_open_loop(runtime, task, episode_seeds(settings.seed, settings.episodes),
+                                       settings.open_loop_every, progress=progress)
     del runtime
     seeds = episode_seeds(settings.seed, settings.episodes)
     workers = settings.workers or min(os.cpu_count() or 1, 2)
@@ -120,6 +127,8 @@ def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
     bar.close()
     report = build_report(settings, task, results, workers, time.perf_counter() - t0, config, spec.n_action_steps,
                           branches)
+    if driving is not None:
+        report.update(driving)
     if settings.plot:
         plot_report(report, results, Path(settings.plot))
     return report

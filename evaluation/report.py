@@ -11,6 +11,7 @@ import numpy as np
 from deploy.timing import percentiles
 from policy.rti import REFRESH_SIGNALS
 
+from .driving import closed_loop_figures
 from .episodes import EVAL_SEED_OFFSET
 
 
@@ -64,6 +65,8 @@ def build_report(settings, task: str, results: list[dict], workers: int, seconds
             "refreshes_by_signal": {s: sum(r["fallbacks"].get(f"{s}_refreshes", 0) for r in results)
                                     for s in REFRESH_SIGNALS},
         }
+    if results and all("metrics" in r for r in results):
+        report.update(closed_loop_figures(results))
     if branches_per_call is not None:
         evals = [be if be is not None else calls * branches_per_call for r in results
                  for be, calls in zip(r["block_evals"], r["nfe"], strict=True)]
@@ -123,6 +126,12 @@ def summary_line(report: dict) -> str:
             if rti and rti["warm_decisions"] else "")
     if rti and rti.get("refreshes"):
         warm += f"  refreshes {rti['refreshes']}"
+    if "collision_rate" in report:
+        warm += f"  collisions {report['collision_rate']:.2f}  progress {report['progress_m']:.0f} m"
+        if report.get("ade") is not None:
+            warm += f"  ADE {report['ade']:.2f} m  FDE {report['fde']:.2f} m"
+        if "diversity" in report:
+            warm += f"  diversity {report['diversity']:.2f}"
     return (f"{report['task']}  {method_label(report)}  success {report['success_rate']:.2f} "
             f"[{lo:.2f}, {hi:.2f}]  return {report['mean_return']:.1f}  latency p50 {report['latency_ms']['p50']:.1f}"
             f" ms p99 {report['latency_ms']['p99']:.1f} ms  calls {report['nfe_per_decision']:.0f}  "

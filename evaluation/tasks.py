@@ -12,6 +12,16 @@ def resolve_task(checkpoint: str, run_cfg, task: str | None = None) -> str:
     return task
 
 
+def check_scene(planner_cfg, env, checkpoint: str, task: str) -> None:
+    """A driving planner runs only on the scene layout it was trained on."""
+    trained, here = dict(planner_cfg.layout.scene), env.scene.to_dict()
+    if trained != here:
+        diff = {k: (trained.get(k), here.get(k)) for k in sorted(set(trained) | set(here))
+                if trained.get(k) != here.get(k)}
+        raise ValueError(f"checkpoint {checkpoint} was trained on another scene layout than task {task} gives "
+                         f"(setting: checkpoint, task): {diff}")
+
+
 def check_compatible(policy_cfg, env, checkpoint: str, task: str) -> None:
     state_dim = env.observation_space["state"].shape[0]
     action_dim = env.action_space.shape[0]
@@ -27,6 +37,10 @@ def check_compatible(policy_cfg, env, checkpoint: str, task: str) -> None:
 
 def open_env(checkpoint: str, run_cfg, task: str, max_episode_steps: int | None = None):
     """The task's environment, rendering images at the checkpoint's size when it observes them."""
+    if hasattr(run_cfg, "planner"):
+        env = make_env(task, max_episode_steps=max_episode_steps)
+        check_scene(run_cfg.planner, env, checkpoint, task)
+        return env
     p = run_cfg.policy
     image_size = p.image_shape[0] if p.image_shape else 96
     env = make_env(task, image=p.image_shape is not None, image_size=image_size, max_episode_steps=max_episode_steps)

@@ -128,8 +128,19 @@ def load_config_file(directory: str | Path) -> RunConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def load_policy(directory: str | Path) -> tuple[DiffusionPolicy, RunConfig]:
-    """A Diffusion Policy checkpoint, its sampler as its config gives it (configure_inference changes it)."""
+def load_run_config(directory: str | Path, config_class: type = RunConfig):
+    """A checkpoint's run config parsed by `config_class` (a model kind's run config dataclass)."""
+    if config_class is RunConfig:
+        return load_config_file(directory)
+    path = Path(directory) / CONFIG
+    try:
+        return config_from_dict(read_config_dict(directory), str(path), config_class)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def open_checkpoint(directory: str | Path, config_class: type = RunConfig) -> tuple[object, Normalizer]:
+    """(run config, normaliser) of a checkpoint folder, every file present and matching its checksum."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint folder {directory} does not exist")
@@ -138,13 +149,19 @@ def load_policy(directory: str | Path) -> tuple[DiffusionPolicy, RunConfig]:
             raise CheckpointError(f"checkpoint {directory} is missing {name} (expected {CONFIG}, {WEIGHTS}, "
                                   f"{NORMALIZER})")
     verify_checksums(directory, (CONFIG, WEIGHTS, NORMALIZER))
-    cfg = load_config_file(directory)
+    cfg = load_run_config(directory, config_class)
     try:
         normalizer = Normalizer.load(directory / NORMALIZER)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
+    return cfg, normalizer
+
+
+def load_policy(directory: str | Path) -> tuple[DiffusionPolicy, RunConfig]:
+    """A Diffusion Policy checkpoint, its sampler as its config gives it (configure_inference changes it)."""
+    cfg, normalizer = open_checkpoint(directory)
     policy = DiffusionPolicy(cfg.policy, normalizer)
-    load_weights(policy, directory / WEIGHTS)
+    load_weights(policy, Path(directory) / WEIGHTS)
     return policy.eval(), cfg
 
 

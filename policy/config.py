@@ -130,8 +130,10 @@ def _merge(base, other, where: str):
         raise ConfigError(f"{where}: bad key {key!r}: {reason}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    cfg = OmegaConf.structured(RunConfig)
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                config_class: type = RunConfig):
+    """A run config of `config_class` (a model kind's; Diffusion Policy's by default) from YAML and overrides."""
+    cfg = OmegaConf.structured(config_class)
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -153,9 +155,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return OmegaConf.to_object(cfg)
 
 
-def config_from_dict(data: dict, where: str) -> RunConfig:
-    return OmegaConf.to_object(_merge(OmegaConf.structured(RunConfig), OmegaConf.create(data), where))
+def config_from_dict(data: dict, where: str, config_class: type = RunConfig):
+    return OmegaConf.to_object(_merge(OmegaConf.structured(config_class), OmegaConf.create(data), where))
 
 
-def config_to_yaml(cfg: RunConfig) -> str:
+def config_to_yaml(cfg) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

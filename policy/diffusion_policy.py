@@ -91,6 +91,12 @@ class DiffusionPolicy(nn.Module, DenoisingPolicy):
         self.timesteps = self.inference_timesteps().tolist()
         return self
 
+    def inference_config(self) -> dict:
+        """What a report records of how this policy decides."""
+        inf = self.cfg.inference
+        return {"sampler": self.method, "steps": len(self.timesteps), "spacing": inf.spacing, "eta": inf.eta,
+                "denoiser": self.cfg.denoiser}
+
     @property
     def model(self) -> DiffusionPolicy:
         return self

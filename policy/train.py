@@ -1,5 +1,6 @@
-"""Training loop for DiffusionPolicy: AdamW with warm-up and cosine decay, EMA weights, periodic checkpoints,
-exact resume, and data-parallel training under torchrun (gloo on CPU, NCCL on GPU; rank 0 writes).
+"""Training loop for any model kind (Diffusion Policy by default): AdamW with warm-up and cosine decay, EMA
+weights, periodic checkpoints, exact resume, and data-parallel training under torchrun (gloo on CPU, NCCL on GPU;
+rank 0 writes).
 
 Reproducibility: every step reseeds the RNG from (seed, step, rank) and draws its batch from a permutation
 seeded by (seed, epoch), so a run resumed from a checkpoint takes the same steps as one never stopped.
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .checkpoint import (
-    load_config_file,
+    load_run_config,
     load_tensors,
     record_checksums,
     save_checkpoint,
@@ -150,10 +151,21 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def train(cfg: RunConfig, data: TrainingData, out_dir: str | Path, resume: bool = False,
-          progress: bool = True, overwrite: bool = False) -> TrainSummary:
+def build_diffusion_policy(cfg: RunConfig, data: TrainingData) -> DiffusionPolicy:
+    """A new Diffusion Policy for `data`: its dimensions filled from the data, its normaliser fitted on it."""
+    _fill_dims(cfg, data)
+    p = cfg.policy
+    return DiffusionPolicy(p, fit_normalizer(data, cfg.data.normalizer_range_eps, p.discrete_action_dims,
+                                             p.discrete_action_scale))
+
+
+def train(cfg, data, out_dir: str | Path, resume: bool = False, progress: bool = True, overwrite: bool = False,
+          build=build_diffusion_policy) -> TrainSummary:
     """Train into `out_dir`. A folder that already holds files is refused unless `resume` (continue its run) or
-    `overwrite` (replace it); everything is checked before any file is written."""
+    `overwrite` (replace it); everything is checked before any file is written.
+
+    Any model kind trains here: `build(cfg, data)` makes the model (filling what the config takes from the data),
+    and the model's `forward(batch)` is its training loss. `data` has `__len__` and `batch(indices)`."""
     out_dir = Path(out_dir)
     if not resume and not overwrite and out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"{out_dir} already holds files; nothing was written (pass --resume to continue its run, "
@@ -162,14 +174,11 @@ def train(cfg: RunConfig, data: TrainingData, out_dir: str | Path, resume: bool 
     tc = cfg.train
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     torch.set_num_threads(tc.threads if tc.threads > 0 else max(1, (os.cpu_count() or 1) // local_world))
-    _fill_dims(cfg, data)
     if tc.steps < 1 or tc.batch_size < 1:
         raise ValueError(f"train.steps and train.batch_size must be >= 1, got {tc.steps}, {tc.batch_size}")
 
     torch.manual_seed(tc.seed)  # the initial weights are the same on every rank
-    p = cfg.policy
-    policy = DiffusionPolicy(p, fit_normalizer(data, cfg.data.normalizer_range_eps, p.discrete_action_dims,
-                                               p.discrete_action_scale))
+    policy = build(cfg, data)
     ema = EMA(policy, tc.ema_power, tc.ema_max_decay) if tc.ema else None
     opt = torch.optim.AdamW(policy.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     start = 0
@@ -215,7 +224,7 @@ def train(cfg: RunConfig, data: TrainingData, out_dir: str | Path, resume: bool 
     summary.param_checksums = _checksums(policy, world)
     if rank == 0:
         (out_dir / "train_report.json").write_text(json.dumps(summary.to_dict(), indent=2))
-        plot_losses(summary.losses, out_dir / "loss.png", f"{cfg.policy.denoiser} policy, world size {world}")
+        plot_losses(summary.losses, out_dir / "loss.png", f"{cfg.kind}, world size {world}")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -235,7 +244,7 @@ def plot_losses(losses: list[tuple[int, float]], path: Path, title: str) -> None
     ax.plot(steps, values)
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("denoising loss (mean over log interval)")
+    ax.set_ylabel("training loss (mean over log interval)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -271,7 +280,7 @@ def _restore(out_dir: Path, cfg: RunConfig, policy: DiffusionPolicy, ema: EMA | 
         if not (out_dir / name).is_file():
             raise FileNotFoundError(f"cannot resume: {out_dir / name} is missing")
     verify_checksums(out_dir)
-    saved = load_config_file(out_dir)
+    saved = load_run_config(out_dir, type(cfg))
     saved.train.steps = cfg.train.steps  # training on past the first plan is allowed
     if config_to_yaml(saved) != config_to_yaml(cfg):
         raise ValueError(f"cannot resume: the config differs from {out_dir / 'config.yaml'} (other than "

@@ -43,11 +43,15 @@ def _add_precision_argument(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from deploy.kinds import kind_named
     from envs.datasets import PolicyDataset, ReplayBuffer
     from policy.config import load_config
     from policy.train import train
 
-    cfg = load_config(args.config, args.overrides)
+    kind = kind_named(_config_kind(args.config))
+    cfg = load_config(args.config, args.overrides, kind.config_class)
+    if kind.name != "diffusion_policy":
+        return _train_planner(args, cfg, kind)
     d, p = cfg.data, cfg.policy
     keys = [*d.state_keys, d.action_key, *([d.image_key] if d.image_key else [])]
     buffer = ReplayBuffer.load(args.data, keys=keys)
@@ -69,6 +73,43 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"trained {summary.steps} steps on {buffer.n_episodes} episodes in {summary.seconds:.1f} s "
               f"(world size {summary.world_size}); loss {report['loss_first']:.4f} -> {report['loss_last']:.4f}; "
               f"checkpoint in {args.out}")
+    return 0
+
+
+def _config_kind(path: str) -> str:
+    """The model kind a run config names (`kind:`; none: a Diffusion Policy), read before it is parsed."""
+    import yaml
+
+    from policy.config import ConfigError
+
+    if not Path(path).is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return data.get("kind", "diffusion_policy") if isinstance(data, dict) else "diffusion_policy"
+
+
+def _train_planner(args: argparse.Namespace, cfg, kind) -> int:
+    """A driving planner on a driving dataset (scene + plan samples)."""
+    from envs.datasets import ReplayBuffer
+    from envs.datasets.plan_dataset import PlanDataset
+    from policy.train import train
+
+    buffer = ReplayBuffer.load(args.data)
+    cfg.data.task = cfg.data.task or buffer.attrs.get("task")
+    data = PlanDataset(buffer, cfg.data.branch_labels, cfg.data.val_ratio, cfg.train.seed)
+    try:
+        summary = train(cfg, data, args.out, resume=args.resume, progress=not args.no_progress,
+                        overwrite=args.overwrite, build=kind.build_for_training)
+    except KeyboardInterrupt:
+        raise ValueError(f"interrupted; {_last_checkpoint(Path(args.out))}") from None
+    report = {"data": str(args.data), "episodes": buffer.n_episodes, "samples": len(data), **summary.to_dict()}
+    _write_report(args.report, report)
+    print(f"trained {kind.name} {summary.steps} steps on {len(data)} samples ({buffer.n_episodes} episodes) in "
+          f"{summary.seconds:.1f} s; loss {report['loss_first']:.4f} -> {report['loss_last']:.4f}; checkpoint in "
+          f"{args.out}")
     return 0
 
 
@@ -94,8 +135,16 @@ def cmd_collect(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.out} already exists; nothing was written (choose another --out, pass --append "
                          f"to add episodes to it, or --overwrite to replace it)")
     seed = args.seed if args.seed is not None else (next_seed(existing) if existing is not None else 0)
-    buffer = collect_demos(args.task, args.episodes, seed=seed, image=args.image, image_size=args.image_size,
-                           progress=not args.no_progress)
+    if args.task.startswith("highway/"):
+        from envs.driving_expert import collect_drives
+
+        if args.image:
+            raise ValueError(f"{args.task} records a bird's-eye raster and agent tokens, not camera images")
+        buffer = collect_drives(args.task, args.episodes, seed=seed, branch_every=args.branch_every,
+                                progress=not args.no_progress)
+    else:
+        buffer = collect_demos(args.task, args.episodes, seed=seed, image=args.image, image_size=args.image_size,
+                               progress=not args.no_progress)
     added = buffer.n_episodes
     if existing is not None:
         buffer = append_demos(existing, buffer)
@@ -303,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("collect", help="record scripted-expert demonstrations into a zarr dataset")
     c.add_argument("--task", required=True, help="e.g. metaworld/push-v3 or point_mass/reach")
-    c.add_argument("--episodes", type=POSITIVE, default=50, help="successful episodes to keep")
+    c.add_argument("--episodes", type=POSITIVE, default=50, help="successful episodes to keep (driving tasks: "
+                   "every episode is kept, a crash cut from its labels)")
     c.add_argument("--out", required=True, help="zarr store to write")
     c.add_argument("--seed", type=int, help="first episode seed (tasks vary with the seed); default 0, or with "
                    "--append the seed after the dataset's last")
@@ -312,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--append", action="store_true", help="add episodes to the dataset at --out (same task and "
                    "layout; written to a temporary copy and swapped in when complete)")
     c.add_argument("--image-size", type=POSITIVE, default=96)
+    c.add_argument("--branch-every", type=NON_NEGATIVE, default=40, help="driving tasks: record the lane-choice "
+                   "branch futures every N steps (0: none)")
     c.add_argument("--report", help="write a JSON summary here")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_collect)
