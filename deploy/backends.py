@@ -144,6 +144,14 @@ class OnnxRuntimeBackend:
         return self._run("denoiser", {"x": x.detach().float().numpy(), "t": t.detach().long().numpy(),
                                       "cond": cond.detach().float().numpy()}, "pred", tuple(x.shape))
 
+    def run(self, graph: str, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Any exported graph by name, every output returned (a kind that decides in one graph)."""
+        if graph not in self.sessions:
+            raise ExportError(f"{self.directory} holds no {graph!r} graph (it has {sorted(self.sessions)})")
+        feed = {k: v.detach().float().numpy() if v.is_floating_point() else v.detach().numpy()
+                for k, v in inputs.items() if k in self._input_names[graph]}
+        return [torch.from_numpy(o) for o in self.sessions[graph].run(None, feed)]
+
     def fused(self, cond: torch.Tensor, x_init: torch.Tensor, step_noise: torch.Tensor) -> torch.Tensor:
         if "fused" not in self.sessions:
             raise ExportError(f"{self.directory} was exported without a fused graph")
@@ -183,6 +191,35 @@ def _check_manifest_matches(manifest: dict, model, directory: Path) -> None:
         if json.loads(json.dumps(value)) != manifest.get(key):
             raise ExportError(f"{directory}/manifest.json records another {key} than the checkpoint it is "
                               f"used with: export again")
+
+
+class GraphPolicy:
+    """A model kind that decides in one exported graph (a driving planner), run on an engine backend: validation
+    and normalisation stay in torch (`graph_inputs`), and the graph's outputs become the chunk
+    (`chunk_from_graph`)."""
+
+    def __init__(self, policy, backend):
+        self.inner, self.backend = policy, backend
+
+    @property
+    def spec(self):
+        return self.inner.spec
+
+    @property
+    def method(self) -> str:
+        return self.inner.method
+
+    @property
+    def timesteps(self) -> list[int]:
+        return self.inner.timesteps
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    @torch.no_grad()
+    def predict_chunk(self, obs, *, executed=None, generator=None, noise=None):
+        outputs = self.backend.run(self.inner.decision_graph, self.inner.graph_inputs(obs, generator, noise))
+        return self.inner.chunk_from_graph(*outputs)
 
 
 class BackendPolicy(DenoisingWrapper):

@@ -54,14 +54,16 @@ def _dtype(model) -> torch.dtype:
 
 
 class _Graph(nn.Module):
-    """A kind's graph function with its floating inputs cast to the network's precision and its output to float32."""
+    """A kind's graph function with its floating inputs cast to the network's precision and its outputs to
+    float32."""
 
     def __init__(self, model, fn):
         super().__init__()
         self.model, self.fn, self.dtype = model, fn, _dtype(model)
 
     def forward(self, *inputs):
-        return self.fn(*(x.to(self.dtype) if x.is_floating_point() else x for x in inputs)).float()
+        out = self.fn(*(x.to(self.dtype) if x.is_floating_point() else x for x in inputs))
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
 
 class _FusedSampler(nn.Module):
@@ -91,6 +93,24 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
                           dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True)
 
 
+def _pin_output_shapes(path: Path, outputs: dict[str, torch.Tensor]) -> None:
+    """Write the outputs' static axes into the graph where the tracer left them symbolic (a shape computed through
+    a sampler's loop), so an engine reads the same shapes the manifest records; the batch axis stays dynamic."""
+    import onnx
+
+    model = onnx.load(str(path))
+    changed = False
+    for out in model.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        for axis, size in enumerate(outputs[out.name].shape):
+            if axis > 0 and dims[axis].dim_value != size:
+                dims[axis].ClearField("dim_param")
+                dims[axis].dim_value = size
+                changed = True
+    if changed:
+        onnx.save(model, str(path))
+
+
 def _io(arrays: dict[str, torch.Tensor], batch_axis: dict[str, int]) -> list[dict]:
     out = []
     for name, a in arrays.items():
@@ -113,13 +133,15 @@ def export_policy(settings: ExportSettings) -> dict:
         inputs = {k: v.float() if v.is_floating_point() else v for k, v in graph.inputs.items()}
         with torch.no_grad():
             result = _Graph(net, graph.fn)(*inputs.values())
+        results = list(result) if isinstance(result, tuple) else [result]
         _export(_Graph(net, graph.fn), tuple(inputs.values()), out / f"{name}.onnx", list(inputs),
                 list(graph.outputs), settings.opset)
+        _pin_output_shapes(out / f"{name}.onnx", dict(zip(graph.outputs, results, strict=True)))
         graphs[name] = {"file": f"{name}.onnx", "inputs": _io(inputs, {}),
-                        "outputs": _io(dict(zip(graph.outputs, [result], strict=True)), {})}
+                        "outputs": _io(dict(zip(graph.outputs, results, strict=True)), {})}
         examples[name] = inputs
 
-    if settings.fused:
+    if settings.fused and "denoiser" in graphs:  # a kind that decides in one graph has nothing to fuse
         fused = fused_spec(model, settings)
         schedule = fused.pop("_schedule")
         module = _FusedSampler(net, fused["method"], fused["timesteps"], schedule)
@@ -134,7 +156,6 @@ def export_policy(settings: ExportSettings) -> dict:
     for spec in graphs.values():
         spec["sha256"] = file_sha256(out / spec["file"])
     s = model.schedule
-    inf = model.cfg.inference
     manifest = {
         "format": FORMAT,
         "opset": settings.opset,
@@ -143,7 +164,7 @@ def export_policy(settings: ExportSettings) -> dict:
         "checkpoint": {"path": str(settings.checkpoint), "model_sha256": weights_sha256(settings.checkpoint)},
         "policy": model.spec.to_dict(),
         "schedule": {**s.config(), "alphas_cumprod": s.alphas_cumprod.tolist()},
-        "sampler": {"method": inf.sampler, "steps": inf.steps, "spacing": inf.spacing, "eta": inf.eta},
+        "sampler": model.inference_config(),
         "normalizer": {k: v.to_dict() for k, v in model.normalizer.fields.items()},
         "graphs": graphs,
         "settings": asdict(settings),
@@ -180,6 +201,35 @@ def check_export(checkpoint: str | Path, directory: str | Path, tolerance: float
     model, _ = load_model(RuntimeSettings(checkpoint=str(checkpoint)))
     backend = OnnxRuntimeBackend(directory, threads=1)
     g = torch.Generator().manual_seed(seed)
+    if "encoder" not in manifest["graphs"]:
+        errors = _check_decision_graphs(model, backend, manifest, samples, g)
+    else:
+        errors = _check_denoising_graphs(model, backend, manifest, checkpoint, samples, g)
+    bad = {k: v for k, v in errors.items() if not v <= tolerance}
+    if bad:
+        raise ExportError("ONNX parity check failed: max abs error " + ", ".join(f"{k} {v:.2e}" for k, v in
+                                                                                bad.items())
+                          + f" exceeds {tolerance:.0e} (all: {errors})")
+    return errors
+
+
+def _check_decision_graphs(model, backend, manifest: dict, samples: int, g: torch.Generator) -> dict:
+    """A kind that decides in one graph (a planner): every output against torch on seeded inputs of the graph's
+    shapes (a flag-like first feature, such as an agent's presence, kept 0/1)."""
+    errors = {}
+    for name, spec in manifest["graphs"].items():
+        inputs = {i["name"]: torch.randn(samples, *i["shape"][1:], generator=g) for i in spec["inputs"]}
+        if "agents" in inputs:
+            inputs["agents"][..., 0] = (inputs["agents"][..., 0] > 0).float()
+        with torch.no_grad():
+            want = model.export_graphs(batch=samples)[name].fn(*inputs.values())
+        got = backend.run(name, inputs)
+        for o, w, r in zip(spec["outputs"], want, got, strict=True):
+            errors[f"{name}.{o['name']}"] = _max_err(r, w)
+    return errors
+
+
+def _check_denoising_graphs(model, backend, manifest: dict, checkpoint, samples: int, g: torch.Generator) -> dict:
     enc = manifest["graphs"]["encoder"]
     nobs = {i["name"]: torch.rand(samples, *i["shape"][1:], generator=g) * 2 - 1 for i in enc["inputs"]}
     shape = model.chunk_shape(samples)
@@ -207,11 +257,6 @@ def check_export(checkpoint: str | Path, directory: str | Path, tolerance: float
             module = _FusedSampler(model, spec["method"], spec["timesteps"], schedule)
             noise = torch.randn(len(spec["timesteps"]), *shape, generator=g)
             errors["fused"] = _max_err(backend.fused(cond, x, noise), module(cond, x, noise))
-    bad = {k: v for k, v in errors.items() if not v <= tolerance}
-    if bad:
-        raise ExportError("ONNX parity check failed: max abs error " + ", ".join(f"{k} {v:.2e}" for k, v in
-                                                                                bad.items())
-                          + f" exceeds {tolerance:.0e} (all: {errors})")
     return errors
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-from planners import diffusiondrive
+from planners import diffusion_planner, diffusiondrive, regression_planner
 from policy.checkpoint import CheckpointError, checkpoint_kind, load_config_file, load_policy
 from policy.config import RunConfig
 from policy.diffusion_policy import KIND as DIFFUSION_POLICY
@@ -40,6 +41,12 @@ KINDS: dict[str, ModelKind] = {
                                    diffusiondrive.load_planner, diffusiondrive.build_for_training,
                                    denoising_wrappers=False),
 }
+# DiffusionDrive's baselines: the same scene encoder and decoder, other starting points.
+for _module, _planner in ((diffusion_planner, diffusion_planner.DiffusionPlanner),
+                          (regression_planner, regression_planner.RegressionPlanner)):
+    KINDS[_module.KIND] = ModelKind(_module.KIND, diffusiondrive.DiffusionDriveRunConfig, diffusiondrive.read_config,
+                                    _planner, partial(diffusiondrive.load_planner, planner_class=_planner),
+                                    _module.build_for_training, denoising_wrappers=False)
 
 
 def kind_of(checkpoint: str | Path) -> ModelKind:

@@ -28,7 +28,7 @@ from policy.guard import ActionGuard
 from policy.rti import RTIPolicy, rti_config
 
 from .artifacts import PRECISIONS
-from .backends import BACKENDS, BackendPolicy, make_backend
+from .backends import BACKENDS, BackendPolicy, GraphPolicy, make_backend
 from .kinds import kind_of, load_checkpoint
 
 
@@ -134,9 +134,13 @@ def build_policy(settings: RuntimeSettings, model=None, run_cfg=None, record_pai
         model, run_cfg = load_model(settings)
     policy, backend = model, None
     if settings.backend != "torch":
+        if not kind.denoising_wrappers and settings.backend not in ("onnxruntime", "onnxruntime-cuda",
+                                                                    "onnxruntime-tensorrt"):
+            raise ValueError(f"a {kind.name} checkpoint decides in one exported graph: run it on torch or an "
+                             f"onnxruntime backend, not {settings.backend}")
         backend = make_backend(settings.backend, model, settings.checkpoint, settings.threads, settings.precision,
                                settings.export)
-        policy = BackendPolicy(policy, backend)
+        policy = BackendPolicy(policy, backend) if kind.denoising_wrappers else GraphPolicy(policy, backend)
     rti_cfg = rti_config(settings.rti) if settings.rti is not None else None
     # The step list a decision runs (RTI: the warm tail) is what a cache schedule is made for.
     decision = RTIPolicy(policy, rti_cfg) if rti_cfg is not None else policy

@@ -126,6 +126,8 @@ def check_layout(layout: SceneLayout) -> None:
 
 
 class DiffusionDrive(nn.Module):
+    kind = KIND
+
     def __init__(self, cfg: DiffusionDriveConfig, normalizer: Normalizer, anchors: torch.Tensor | None = None):
         super().__init__()
         check_layout(cfg.layout)
@@ -177,7 +179,7 @@ class DiffusionDrive(nn.Module):
     def spec(self) -> PolicySpec:
         lay = self.cfg.layout
         fields = tuple(ObservationField(k, (1, *s), "float32") for k, s in lay.shapes().items())
-        return PolicySpec(KIND, fields, 1, lay.points * lay.coords, 1, 0, 1, ())
+        return PolicySpec(self.kind, fields, 1, lay.points * lay.coords, 1, 0, 1, ())
 
     @property
     def model(self) -> DiffusionDrive:
@@ -233,8 +235,9 @@ class DiffusionDrive(nn.Module):
             points = refined.detach()
         return out
 
-    def plan_normalized(self, scene, anchor_noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The truncated denoise: (clean trajectories (B, K, P, C), scores (B, K) as logits, decoder passes)."""
+    def plan_normalized(self, scene, anchor_noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The truncated denoise, one decoder pass per listed timestep: (the last pass's clean trajectories
+        (B, K, P, C), its scores (B, K) as logits)."""
         batch = anchor_noise.shape[0]
         t0 = torch.full((batch,), self.cfg.init_t, dtype=torch.long)
         x = self.schedule.add_noise(self.anchors.expand(batch, -1, -1, -1), anchor_noise, t0)
@@ -242,16 +245,16 @@ class DiffusionDrive(nn.Module):
 
         def decoder(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             scores, points = self.decode(x_t, t, scene)[-1]
-            last.update(scores=scores, points=points, passes=last.get("passes", 0) + 1)
+            last.update(scores=scores, points=points)
             return points
 
         sample(decoder, x, self.schedule, self.timesteps, self.method)
-        return last["points"], last["scores"], last["passes"]
+        return last["points"], last["scores"]
 
     def decide_normalized(self, ego, agents, bev, anchor_noise):
         """The whole decision as one graph (what export traces): normalised scene and anchor noise -> the clean
         candidates (B, K, P * C), normalised, and their scores (B, K) in [0, 1]."""
-        points, scores, _ = self.plan_normalized(self.encode(ego, agents, bev), anchor_noise)
+        points, scores = self.plan_normalized(self.encode(ego, agents, bev), anchor_noise)
         return points.flatten(2), scores.sigmoid()
 
     # -- the decision contract --
@@ -271,15 +274,30 @@ class DiffusionDrive(nn.Module):
     @torch.no_grad()
     def predict_chunk(self, obs: dict[str, torch.Tensor], *, executed: int | None = None,
                       generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> Chunk:
+        """The decision contract: raw scene -> the top-scoring plan. `noise` fixes the anchor noise (parity
+        checks); `executed` is ignored (a planner keeps nothing between decisions)."""
+        return self.chunk_from_graph(*self.decide_normalized(**self.graph_inputs(obs, generator, noise)))
+
+    # The decision as one graph, for export and the engine backends: inputs from raw observations (validated and
+    # normalised here, outside the graph), and the graph's outputs back to a chunk.
+    decision_graph = "planner"
+
+    def graph_inputs(self, obs: dict[str, torch.Tensor], generator: torch.Generator | None = None,
+                     noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         nobs = self.normalize_obs(obs)
-        batch = nobs["ego"].shape[0]
-        points, logits, passes = self.plan_normalized(self.encode(nobs["ego"], nobs["agents"], nobs["bev"]),
-                                                      self.anchor_noise(batch, generator, noise))
-        candidates = self.normalizer["action"].unnormalize(points.flatten(2))
-        best = logits.argmax(dim=1)
-        plan = candidates[torch.arange(batch), best][:, None]
-        return Chunk(plan, plan, plan, passes, "full",
-                     extras={"candidates": candidates, "scores": logits.sigmoid(), "best": best})
+        return {**nobs, "anchor_noise": self.anchor_noise(nobs["ego"].shape[0], generator, noise)}
+
+    def chunk_from_graph(self, candidates: torch.Tensor, scores: torch.Tensor) -> Chunk:
+        """Normalised candidates (B, K, points * coords) and scores (B, K) -> a chunk holding the selected plan."""
+        candidates = self.normalizer["action"].unnormalize(candidates)
+        best = self.select(scores)
+        plan = candidates[torch.arange(len(best)), best][:, None]
+        return Chunk(plan, plan, plan, len(self.timesteps), "full",
+                     extras={"candidates": candidates, "scores": scores, "best": best})
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """The candidate each decision executes: the top-scoring one."""
+        return scores.argmax(dim=1)
 
     def export_graphs(self, batch: int = 2, generator: torch.Generator | None = None) -> dict[str, GraphSpec]:
         """One graph for the whole decision: the scene encoder and every decoder pass of the truncated denoise."""
@@ -287,7 +305,7 @@ class DiffusionDrive(nn.Module):
         inputs = {k: torch.randn(batch, *s, generator=generator) for k, s in shapes.items()}
         inputs["agents"][..., 0] = (inputs["agents"][..., 0] > 0).float()
         inputs["anchor_noise"] = torch.randn(batch, *self.anchors.shape, generator=generator)
-        return {"planner": GraphSpec(self.decide_normalized, inputs, ("candidates", "scores"))}
+        return {self.decision_graph: GraphSpec(self.decide_normalized, inputs, ("candidates", "scores"))}
 
     # -- training --
 
@@ -355,24 +373,34 @@ def fit_scene_normalizer(data, points: int, coords: int, range_eps: float, max_s
     return Normalizer(fields)
 
 
-def build_for_training(run_cfg: DiffusionDriveRunConfig, data) -> DiffusionDrive:
-    """A new planner for a driving dataset: its layout and normaliser from the data, its anchors by k-means over
-    the training plans."""
+def prepare_training(run_cfg: DiffusionDriveRunConfig, data) -> tuple[Normalizer, np.ndarray]:
+    """Fill the planner's scene layout from a driving dataset; its normaliser, and the training plans normalised
+    (N, points, coords)."""
     cfg = run_cfg.planner
     fill_layout(cfg, data)
     lay = cfg.layout
     normalizer = fit_scene_normalizer(data, lay.points, lay.coords, run_cfg.data.normalizer_range_eps)
     plans = normalizer["action"].normalize(data.plans()).reshape(-1, lay.points, lay.coords)
-    anchors = kmeans_anchors(plans, cfg.n_anchors, seed=run_cfg.train.seed)
-    return DiffusionDrive(cfg, normalizer, torch.from_numpy(anchors))
+    return normalizer, plans
+
+
+def build_for_training(run_cfg: DiffusionDriveRunConfig, data) -> DiffusionDrive:
+    """A new planner for a driving dataset: its layout and normaliser from the data, its anchors by k-means over
+    the training plans."""
+    normalizer, plans = prepare_training(run_cfg, data)
+    anchors = kmeans_anchors(plans, run_cfg.planner.n_anchors, seed=run_cfg.train.seed)
+    return DiffusionDrive(run_cfg.planner, normalizer, torch.from_numpy(anchors))
 
 
 def read_config(directory) -> DiffusionDriveRunConfig:
     return load_run_config(directory, DiffusionDriveRunConfig)
 
 
-def load_planner(directory) -> tuple[DiffusionDrive, DiffusionDriveRunConfig]:
+def load_planner(directory, planner_class: type = DiffusionDrive) -> tuple[DiffusionDrive, DiffusionDriveRunConfig]:
+    """A driving planner checkpoint (DiffusionDrive, or a baseline built on its decoder: `planner_class`)."""
     run_cfg, normalizer = open_checkpoint(directory, DiffusionDriveRunConfig)
-    model = DiffusionDrive(run_cfg.planner, normalizer)
+    if run_cfg.kind != planner_class.kind:
+        raise ValueError(f"{directory} holds a {run_cfg.kind!r} planner, not a {planner_class.kind!r}")
+    model = planner_class(run_cfg.planner, normalizer)
     load_weights(model, Path(directory) / WEIGHTS)
     return model.eval(), run_cfg

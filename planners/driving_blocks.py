@@ -92,16 +92,17 @@ class BEVPointAttention(nn.Module):
 
 
 class CascadeLayer(nn.Module):
-    """One DiffusionDrive decoder layer: BEV sampled at the points, agent cross-attention, FFN (each with a residual
-    and LayerNorm), time modulation, then the two heads: one score per trajectory and an offset to its input
-    points."""
+    """One DiffusionDrive decoder layer: BEV sampled at the points, cross-attention to the agents, then to the ego
+    (one key, so the attention is the ego token's value projection), FFN (each with a residual and LayerNorm), time
+    modulation, then the two heads: one score per trajectory and an offset to its input points."""
 
     def __init__(self, d_model: int, heads: int, d_ffn: int, points: int, coords: int, dropout: float = 0.0):
         super().__init__()
         self.bev_attn = BEVPointAttention(d_model, points)
         self.agent_attn = nn.MultiheadAttention(d_model, heads, dropout=dropout, batch_first=True)
         self.ffn = nn.Sequential(nn.Linear(d_model, d_ffn), nn.ReLU(), nn.Linear(d_ffn, d_model))
-        self.norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(3))
+        self.ego_value = nn.Linear(d_model, d_model)
+        self.norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(4))
         self.time_mod = nn.Sequential(nn.Mish(), nn.Linear(d_model, d_model * 2))
         self.cls_head = nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(), nn.Linear(d_model, 1))
         self.reg_head = nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(), nn.Linear(d_model, points * coords))
@@ -112,7 +113,8 @@ class CascadeLayer(nn.Module):
         q = self.norms[0](query + self.bev_attn(query, grid_xy, bev_feat))
         attended, _ = self.agent_attn(q, tokens, tokens, key_padding_mask=~present, need_weights=False)
         q = self.norms[1](q + attended)
-        q = self.norms[2](q + self.ffn(q))
+        q = self.norms[2](q + self.ego_value(tokens[:, :1]))
+        q = self.norms[3](q + self.ffn(q))
         scale, shift = self.time_mod(time_emb)[:, None].chunk(2, dim=-1)
         q = q * (1 + scale) + shift
         scores = self.cls_head(q).squeeze(-1)

@@ -1,0 +1,167 @@
+"""DiffusionDrive against its baselines on highway-env, per scenario: IDM expert drives -> DiffusionDrive, the vanilla
+diffusion planner (20 DDIM steps, 20 samples) and the regression head, trained on the same data with the same
+decoder sizes -> `rtdp eval` on the same 50 held-out seeds (closed loop, the expert on the same seeds, open loop
+on the expert's scenes) -> decision latency on one thread in torch and onnxruntime.
+
+    python benchmarks/diffusiondrive.py --scenarios highway-v0 roundabout-v0        # resumable per stage
+    python benchmarks/diffusiondrive.py --table
+
+Data and checkpoints go to benchmarks/results/diffusiondrive/runs/ (not committed); results to
+benchmarks/results/diffusiondrive/<scenario>.json, with a plot per scenario.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+OUT = ROOT / "benchmarks" / "results" / "diffusiondrive"
+CONFIGS = {"diffusiondrive": "diffusiondrive.yaml", "diffusion_planner": "diffusion_planner.yaml",
+           "regression_planner": "regression_planner.yaml"}
+KEYS = ("success_rate", "success_ci95", "collision_rate", "offroad_rate", "progress_m", "mean_abs_jerk", "ade",
+        "fde", "anchor_accuracy", "diversity", "nfe_per_decision", "latency_ms", "expert", "open_loop", "seconds")
+
+
+def dataset(scenario: str, episodes: int) -> Path:
+    from envs.driving_expert import collect_drives
+
+    path = OUT / "runs" / f"{scenario}.zarr"
+    if not path.exists():
+        t0 = time.perf_counter()
+        buffer = collect_drives(f"highway/{scenario}", episodes, seed=0)
+        buffer.attrs["collect_seconds"] = time.perf_counter() - t0
+        buffer.save(path)
+    return path
+
+
+def checkpoint(scenario: str, kind: str, data: Path, steps: int | None) -> tuple[Path, dict]:
+    from deploy.kinds import kind_named
+    from envs.datasets import ReplayBuffer
+    from envs.datasets.plan_dataset import PlanDataset
+    from policy.config import load_config
+    from policy.train import train
+
+    run = OUT / "runs" / f"{scenario}-{kind}"
+    if (run / "model.safetensors").is_file():
+        return run, json.loads((run / "train_report.json").read_text())
+    k = kind_named(kind)
+    cfg = load_config(ROOT / "configs" / "planners" / CONFIGS[kind],
+                      [f"train.steps={steps}", f"train.checkpoint_every={steps}"] if steps else [], k.config_class)
+    buffer = ReplayBuffer.load(data)
+    cfg.data.task = buffer.attrs["task"]
+    train_data = PlanDataset(buffer, cfg.data.branch_labels, cfg.data.val_ratio, cfg.train.seed)
+    summary = train(cfg, train_data, run, build=k.build_for_training)
+    return run, summary.to_dict()
+
+
+def evaluate_kind(run: Path, episodes: int, backend: str = "torch") -> dict:
+    from evaluation.evaluate import EvalSettings, evaluate
+
+    report = evaluate(EvalSettings(checkpoint=str(run), episodes=episodes, backend=backend,
+                                   plot=str(run / f"eval-{backend}.png")))
+    return {k: report[k] for k in KEYS if k in report}
+
+
+def latency(run: Path, decisions: int = 200) -> dict:
+    """One thread, back to back on the expert's scenes of one held-out episode: torch and onnxruntime."""
+    import numpy as np
+    import torch
+
+    from deploy.export import ExportSettings, export_policy
+    from deploy.kinds import read_config
+    from deploy.runtime import RuntimeSettings, build_policy
+    from envs.driving import DrivingTask
+    from envs.driving_expert import drive_episode
+
+    torch.set_num_threads(1)
+    export_policy(ExportSettings(str(run)))
+    scenario = read_config(run).data.task.partition("/")[2]
+    scenes = drive_episode(DrivingTask(scenario), 100_000, branch_every=0)["data"]
+    out = {}
+    for backend in ("torch", "onnxruntime"):
+        policy = build_policy(RuntimeSettings(str(run), backend=backend, threads=1)).policy
+        g = torch.Generator().manual_seed(0)
+        times = []
+        for i in range(min(decisions, len(scenes["ego"]))):
+            obs = {k: torch.from_numpy(scenes[k][i : i + 1, None]) for k in ("ego", "agents", "bev")}
+            t0 = time.perf_counter()
+            policy.predict_chunk(obs, generator=g)
+            times.append((time.perf_counter() - t0) * 1e3)
+        a = np.array(times[5:])
+        out[backend] = {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)),
+                        "mean": float(a.mean())}
+    return out
+
+
+def table(out: Path) -> str:
+    rows = ["| scenario | planner | calls | collision rate | success | progress m | jerk m/s^3 | ADE / FDE m "
+            "| anchor acc. | diversity D | latency p50 ms, 1 thread: torch / onnxruntime |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted(out.glob("*.json")):
+        r = json.loads(path.read_text())
+        expert = None
+        for kind, e in r["planners"].items():
+            if "eval" not in e:
+                continue
+            ev = e["eval"]
+            expert = ev.get("expert", expert)
+            lat = e.get("latency", {})
+            lat_cell = " / ".join(f"{lat[b]['p50']:.1f}" for b in ("torch", "onnxruntime") if b in lat) or "-"
+            acc = f"{ev['anchor_accuracy']:.2f}" if "anchor_accuracy" in ev else "-"
+            div = f"{ev['diversity']:.2f}" if "diversity" in ev else "-"
+            rows.append(f"| {r['scenario']} | {kind} | {ev['nfe_per_decision']:.0f} | {ev['collision_rate']:.2f} | "
+                        f"{ev['success_rate']:.2f} | {ev['progress_m']:.0f} | {ev['mean_abs_jerk']:.2f} | "
+                        f"{ev['ade']:.2f} / {ev['fde']:.2f} | {acc} | {div} | {lat_cell} |")
+        if expert:
+            rows.append(f"| {r['scenario']} | IDM expert | - | {expert['collision_rate']:.2f} | "
+                        f"{expert['success_rate']:.2f} | {expert['progress_m']:.0f} | {expert['mean_abs_jerk']:.2f} "
+                        f"| - | - | - | - |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scenarios", nargs="*", default=["highway-v0", "roundabout-v0"])
+    ap.add_argument("--kinds", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--train-episodes", type=int, default=60)
+    ap.add_argument("--steps", type=int, help="training steps (default: each config's)")
+    ap.add_argument("--episodes", type=int, default=50)
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--table", action="store_true")
+    ap.add_argument("--redo", nargs="*", default=[], help="stages to run again: eval, latency")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.table:
+        print(table(args.out))
+        return
+    for scenario in args.scenarios:
+        path = args.out / f"{scenario}.json"
+        result = json.loads(path.read_text()) if path.is_file() else {"scenario": scenario, "planners": {}}
+        data = dataset(scenario, args.train_episodes)
+        from envs.datasets import ReplayBuffer
+
+        result["data"] = {k: v for k, v in ReplayBuffer.load(data).attrs.items() if k not in ("styles", "seeds")}
+        for kind in args.kinds:
+            entry = result["planners"].setdefault(kind, {})
+            run, train_report = checkpoint(scenario, kind, data, args.steps)
+            entry["train"] = {k: train_report[k] for k in ("steps", "seconds", "loss_first", "loss_last")}
+            if "eval" not in entry or "eval" in args.redo:
+                entry["eval"] = evaluate_kind(run, args.episodes)
+            if "latency" not in entry or "latency" in args.redo:
+                entry["latency"] = latency(run)
+            entry["date"], entry["machine"] = datetime.date.today().isoformat(), platform.node()
+            path.write_text(json.dumps(result, indent=1))
+            print(f"{scenario} {kind}: {json.dumps(entry['eval'])[:300]}", flush=True)
+    print(table(args.out))
+
+
+if __name__ == "__main__":
+    main()
