@@ -336,10 +336,18 @@ class DiffusionDrive(nn.Module):
         """Normalised (..., P, C) -> the x, y of its points in metres (..., P, 2)."""
         return ((traj - self.plan_offset) / self.plan_scale)[..., :2]
 
+    def anchor_distances(self, target: torch.Tensor) -> torch.Tensor:
+        """(B, K): the mean point distance in metres from each normalised plan (B, P, C) to each anchor."""
+        return (self.metres(target)[:, None] - self.metres(self.anchors)[None]).norm(dim=-1).mean(-1)
+
     def nearest_anchor(self, target: torch.Tensor) -> torch.Tensor:
-        """The anchor each normalised plan (B, P, C) is nearest to: mean point distance in metres."""
-        d = (self.metres(target)[:, None] - self.metres(self.anchors)[None]).norm(dim=-1).mean(-1)
-        return d.argmin(dim=1)
+        """The anchor each normalised plan (B, P, C) is nearest to (the positive in training)."""
+        return self.anchor_distances(target).argmin(dim=1)
+
+    def anchor_rank(self, target: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """How many anchors lie nearer each plan than the chosen one (0: the chosen one is the nearest)."""
+        d = self.anchor_distances(target)
+        return (d < d[torch.arange(len(d)), chosen][:, None]).sum(dim=1)
 
 
 # -- building and loading ---------------------------------------------------------------------------------------
