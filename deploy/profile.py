@@ -22,7 +22,7 @@ from policy.denoising import Denoised
 
 from .artifacts import BackendUnavailable, ExportError
 from .backends import BACKENDS, OnnxRuntimeBackend
-from .runtime import RuntimeSettings, build_policy, load_model
+from .runtime import GRAPH_BACKENDS, RuntimeSettings, build_policy, load_model
 from .timing import percentiles
 
 
@@ -76,7 +76,46 @@ def _time(fn, n: int) -> np.ndarray:
     return out
 
 
+def profile_graph_decisions(runtime, settings: ProfileSettings) -> dict:
+    """A kind that decides in one graph (a planner): the decision timed whole. `forward_ms` is one decoder pass
+    in torch, where the passes are torch's to call; an engine runs them inside its one graph. The scenes are drawn
+    at random inside the normaliser's range, far from any road a planner was trained on, so its plans may leave
+    the action guard's bounds: the decision is timed inside the guard (whose check costs a few tensor ops)."""
+    policy, model, backend = runtime.policy.inner, runtime.model, runtime.backend
+    g = torch.Generator().manual_seed(0)
+    obs = raw_observation(policy.spec, model.normalizer, g)
+
+    def decide():
+        policy.predict_chunk(obs, generator=g).action.cpu()
+
+    forward = None
+    if backend is None:
+        inputs = model.graph_inputs(obs, g)
+        scene = model.encode(*(inputs[k] for k in ("ego", "agents", "bev")))
+        x = model.anchors[None].clone()
+        t = torch.tensor([model.timesteps[0]])
+
+        def forward():
+            model.decode(x, t, scene)
+
+    with torch.no_grad():
+        _time(decide, settings.warmup)
+        decision = _time(decide, settings.iters)
+        call = None
+        if forward is not None:
+            _time(forward, settings.warmup)
+            call = percentiles(_time(forward, max(settings.iters, 50)), ("p50", "p99"))
+    nfe = len(model.timesteps)
+    return {"backend": backend.name if backend is not None else "torch", "device": _device(backend),
+            "nfe_per_decision": nfe, "engine_calls_per_decision": 1 if backend is not None else nfe,
+            "latency_ms": percentiles(decision), "forward_ms": call,
+            "p99_over_p50": float(np.percentile(decision, 99) / np.percentile(decision, 50)),
+            "samples_ms": decision.tolist()}
+
+
 def profile_backend(runtime, settings: ProfileSettings, fused: bool = False) -> dict:
+    if hasattr(runtime.model, "decision_graph"):
+        return profile_graph_decisions(runtime, settings)
     policy, model, backend = runtime.policy, runtime.model, runtime.backend
     inner = policy.inner  # under the action guard: the denoising policy whose step list a decision runs
     g = torch.Generator().manual_seed(0)
@@ -143,7 +182,8 @@ def profile(settings: ProfileSettings, progress: bool = True) -> dict:
         raise ValueError(f"profile needs iters >= 1 and warmup >= 0, got {settings.iters}, {settings.warmup}")
     torch.set_num_threads(settings.threads)
     model, run_cfg = load_model(settings.runtime("torch"))
-    names = settings.backends or [b for b in BACKENDS if "compile" not in b]
+    names = settings.backends or [b for b in BACKENDS if "compile" not in b
+                                  and (not hasattr(model, "decision_graph") or b in GRAPH_BACKENDS)]
     results, skipped = [], {}
     for name in names:
         try:
@@ -180,7 +220,8 @@ def comparison_table(report: dict) -> str:
     for r in report["backends"]:
         lat = r["latency_ms"]
         rows.append(f"{r['backend']:<24}{r['device'][:33]:<34}{r['engine_calls_per_decision']:>6}{lat['p50']:>9.2f}"
-                    f"{lat['p90']:>9.2f}{lat['p99']:>9.2f}{lat['max']:>9.2f}{r['forward_ms']['p50']:>10.3f}")
+                    f"{lat['p90']:>9.2f}{lat['p99']:>9.2f}{lat['max']:>9.2f}"
+                    + (f"{r['forward_ms']['p50']:>10.3f}" if r["forward_ms"] else f"{'-':>10}"))
     for name, why in report.get("skipped", {}).items():
         rows.append(f"{name:<24}skipped: {why[:90]}")
     return "\n".join(rows)

@@ -31,6 +31,9 @@ from .artifacts import PRECISIONS
 from .backends import BACKENDS, BackendPolicy, GraphPolicy, make_backend
 from .kinds import kind_of, load_checkpoint
 
+# The backends a kind that decides in one exported graph (a planner) runs on, beside torch.
+GRAPH_BACKENDS = ("torch", "onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt")
+
 
 @dataclass
 class RuntimeSettings:
@@ -134,8 +137,7 @@ def build_policy(settings: RuntimeSettings, model=None, run_cfg=None, record_pai
         model, run_cfg = load_model(settings)
     policy, backend = model, None
     if settings.backend != "torch":
-        if not kind.denoising_wrappers and settings.backend not in ("onnxruntime", "onnxruntime-cuda",
-                                                                    "onnxruntime-tensorrt"):
+        if not kind.denoising_wrappers and settings.backend not in GRAPH_BACKENDS:
             raise ValueError(f"a {kind.name} checkpoint decides in one exported graph: run it on torch or an "
                              f"onnxruntime backend, not {settings.backend}")
         backend = make_backend(settings.backend, model, settings.checkpoint, settings.threads, settings.precision,

@@ -34,7 +34,9 @@ class TimedPolicy:
         self.generator = torch.Generator()
         self.reset(0)
 
-    def reset(self, seed: int) -> None:
+    def reset(self, seed: int, on_decision=None) -> None:
+        """A new episode on `seed`; `on_decision(history, chunk)`, when given, sees every decision (a video)."""
+        self.on_decision = on_decision
         self.generator.manual_seed(seed)
         self.latencies_ms: list[float] = []
         self.nfes: list[int] = []
@@ -58,6 +60,8 @@ class TimedPolicy:
         self.fallbacks[chunk.kind] = self.fallbacks.get(chunk.kind, 0) + 1
         if "fallback" in chunk.extras:
             self.fallbacks[f"{chunk.extras['fallback']}_fallbacks"] += 1
+        if self.on_decision is not None:
+            self.on_decision(history, chunk)
         if "refresh" in chunk.extras:
             key = f"{chunk.extras['refresh']}_refreshes"
             self.fallbacks[key] = self.fallbacks.get(key, 0) + 1
@@ -68,17 +72,35 @@ def run_episodes(policy, env, n_obs_steps: int, seeds: list[int], task: str, emi
                  video_seeds: set[int] = frozenset()) -> None:
     """Run `policy` (the decision contract) on each seed and `emit` one record per episode."""
     act = TimedPolicy(policy)
+    # A driving plan is drawn from the decision itself (its candidates and scores); other tasks render the scene.
+    draws_decisions = hasattr(env, "scene")
     for seed in seeds:
-        act.reset(seed)
+        frames: list[np.ndarray] = []
+        act.reset(seed, decision_drawer(env, frames) if draws_decisions and seed in video_seeds else None)
         try:
-            result = run_episode(env, act, n_obs_steps, seed, record_frames=seed in video_seeds)
+            result = run_episode(env, act, n_obs_steps, seed,
+                                 record_frames=seed in video_seeds and not draws_decisions)
         except PolicyFault as e:
             raise PolicyFault(f"{e} (episode seed {seed}, decision {len(act.nfes) + 1})") from None
-        video = write_video(result.frames, Path(video_dir), task, seed) if result.frames else None
+        frames = frames or result.frames
+        fps = env.scene.policy_frequency if draws_decisions else 30
+        video = write_video(frames, Path(video_dir), task, seed, fps) if frames else None
         emit({"seed": seed, "success": result.success, "return": result.total_return, "steps": result.steps,
               "decisions": result.decisions, "latency_ms": act.latencies_ms, "nfe": act.nfes, "kind": act.kinds,
               "block_evals": act.block_evals, "fallbacks": dict(act.fallbacks), "video": video,
               **({"metrics": result.metrics} if result.metrics else {})})
+
+
+def decision_drawer(env, frames: list):
+    """Append a top-down frame of every driving decision (scene, candidates shaded by score, the chosen plan)."""
+    from .driving_video import draw_decision
+
+    def draw(history: dict[str, np.ndarray], chunk) -> None:
+        scene = {k: v[-1] for k, v in history.items()}
+        extras = {k: v[0].numpy() for k, v in chunk.extras.items() if k in ("candidates", "scores")}
+        frames.append(draw_decision(scene, extras, chunk.action[0, 0].numpy(), env.scene.bev_x, env.scene.bev_y))
+
+    return draw
 
 
 def write_video(frames: list[np.ndarray], directory: Path, task: str, seed: int, fps: int = 30) -> str:
