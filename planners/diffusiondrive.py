@@ -120,6 +120,30 @@ def kmeans_anchors(plans: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     return centroids.reshape(k, *plans.shape[1:]).astype(np.float32)
 
 
+def plans_ahead(plan: torch.Tensor, dt: float, tick: float, ticks: int) -> torch.Tensor:
+    """A plan (B, P, 3) of waypoints dt apart, from the ego at the origin, as the ego sees it after following it for
+    0, 1, ..., ticks - 1 ticks: (B, ticks, P, 3), each re-expressed in the frame of the pose the plan puts the ego
+    in then (poses interpolated linearly between waypoints, the last segment extended)."""
+    b, p, _ = plan.shape
+    poses = torch.cat([plan.new_zeros(b, 1, 3), plan], dim=1)  # pose at 0, dt, ..., P dt
+
+    def at(q: torch.Tensor) -> torch.Tensor:
+        """Poses (B, *q.shape, 3) at times q (seconds)."""
+        k = (q / dt).floor().long().clamp(0, p - 1)
+        frac = (q / dt - k).unsqueeze(-1)
+        lo = poses[:, k.reshape(-1)].reshape(b, *q.shape, 3)
+        hi = poses[:, k.reshape(-1) + 1].reshape(b, *q.shape, 3)
+        return lo + frac * (hi - lo)
+
+    shifts = torch.arange(ticks, dtype=plan.dtype) * tick
+    origin = at(shifts)  # (B, ticks, 3)
+    points = at(shifts[:, None] + dt * torch.arange(1, p + 1, dtype=plan.dtype)[None])  # (B, ticks, P, 3)
+    d = points[..., :2] - origin[:, :, None, :2]
+    c, s = origin[..., 2].cos()[..., None], origin[..., 2].sin()[..., None]
+    x, y = c * d[..., 0] + s * d[..., 1], -s * d[..., 0] + c * d[..., 1]
+    return torch.stack([x, y, points[..., 2] - origin[:, :, None, 2]], dim=-1)
+
+
 def check_layout(layout: SceneLayout) -> None:
     if layout.ego_dim <= 0 or layout.agents <= 0 or len(layout.bev_shape) != 3:
         raise ValueError(f"the planner's scene layout is not set (filled from the dataset at training): {layout}")
@@ -179,7 +203,7 @@ class DiffusionDrive(nn.Module):
     def spec(self) -> PolicySpec:
         lay = self.cfg.layout
         fields = tuple(ObservationField(k, (1, *s), "float32") for k, s in lay.shapes().items())
-        return PolicySpec(self.kind, fields, 1, lay.points * lay.coords, 1, 0, 1, ())
+        return PolicySpec(self.kind, fields, 1, lay.points * lay.coords, self.ticks_ahead, 0, 1, ())
 
     @property
     def model(self) -> DiffusionDrive:
@@ -288,12 +312,25 @@ class DiffusionDrive(nn.Module):
         return {**nobs, "anchor_noise": self.anchor_noise(nobs["ego"].shape[0], generator, noise)}
 
     def chunk_from_graph(self, candidates: torch.Tensor, scores: torch.Tensor) -> Chunk:
-        """Normalised candidates (B, K, points * coords) and scores (B, K) -> a chunk holding the selected plan."""
+        """Normalised candidates (B, K, points * coords) and scores (B, K) -> a chunk: the selected plan for the
+        observation's tick, and the same plan as the ego will see it at each of the next ticks while it follows it
+        (what a control loop whose next decision is late executes)."""
+        lay = self.cfg.layout
         candidates = self.normalizer["action"].unnormalize(candidates)
         best = self.select(scores)
-        plan = candidates[torch.arange(len(best)), best][:, None]
-        return Chunk(plan, plan, plan, len(self.timesteps), "full",
+        plan = candidates[torch.arange(len(best)), best].reshape(-1, lay.points, lay.coords)
+        ahead = plans_ahead(plan, lay.dt, self.tick_seconds, self.ticks_ahead).flatten(2)
+        return Chunk(ahead[:, :1], ahead, ahead, len(self.timesteps), "full",
                      extras={"candidates": candidates, "scores": scores, "best": best})
+
+    @property
+    def tick_seconds(self) -> float:
+        return 1.0 / float(self.cfg.layout.scene.get("policy_frequency", 10))
+
+    @property
+    def ticks_ahead(self) -> int:
+        """Ticks a plan covers before its first waypoint is reached: how late a next decision may be."""
+        return max(1, round(self.cfg.layout.dt / self.tick_seconds))
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
         """The candidate each decision executes: the top-scoring one."""

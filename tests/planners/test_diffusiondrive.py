@@ -221,3 +221,22 @@ def test_a_planner_checkpoint_loads_only_as_its_own_kind(drives):
         load_planner(drives["checkpoint"], DiffusionPlanner)
     model, _ = load_planner(drives["checkpoint"], DiffusionDrive)
     assert model.spec.kind == "diffusiondrive" and tuple(model.anchors.shape) == (20, 8, 3)
+
+
+def test_plans_ahead_are_the_same_path_seen_from_later_along_it():
+    from planners.diffusiondrive import plans_ahead
+
+    dt, tick = 0.5, 0.1
+    t = dt * torch.arange(1, 9, dtype=torch.float32)
+    straight = torch.stack([20 * t, torch.zeros(8), torch.zeros(8)], -1)[None]  # 20 m/s straight ahead
+    ahead = plans_ahead(straight, dt, tick, 5)
+    assert ahead.shape == (1, 5, 8, 3)
+    torch.testing.assert_close(ahead[0, 0], straight[0])  # tick 0: the plan itself
+    torch.testing.assert_close(ahead[0, 3], straight[0])  # a constant-speed straight plan looks the same later
+    radius, v = 50.0, 10.0  # a left arc: after following it, the rest of the arc is still an arc of that radius
+    ang = v * t / radius
+    arc = torch.stack([radius * ang.sin(), radius * (1 - ang.cos()), ang], -1)[None]
+    later = plans_ahead(arc, dt, tick, 5)[0, 4]
+    ang2 = v * (t + 0.4) / radius - v * 0.4 / radius
+    want = torch.stack([radius * ang2.sin(), radius * (1 - ang2.cos()), ang2], -1)
+    torch.testing.assert_close(later[:7], want[:7], atol=0.15, rtol=0)  # chords of the arc: within 0.15 m
