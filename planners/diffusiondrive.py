@@ -95,7 +95,7 @@ class DiffusionDriveRunConfig:
     kind: str = KIND
     planner: DiffusionDriveConfig = field(default_factory=DiffusionDriveConfig)
     data: DriveDataConfig = field(default_factory=DriveDataConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, batch_size=64, lr=3e-4,
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=2500, batch_size=64, lr=6e-4,
                                                                    warmup_steps=200, ema=False))
 
 

@@ -240,3 +240,29 @@ def test_plans_ahead_are_the_same_path_seen_from_later_along_it():
     ang2 = v * (t + 0.4) / radius - v * 0.4 / radius
     want = torch.stack([radius * ang2.sin(), radius * (1 - ang2.cos()), ang2], -1)
     torch.testing.assert_close(later[:7], want[:7], atol=0.15, rtol=0)  # chords of the arc: within 0.15 m
+
+
+@pytest.mark.slow
+def test_against_the_vanilla_planner_no_worse_ade_3x_the_diversity_at_10x_fewer_calls(tmp_path):
+    """Reference 3.5 tests 2 and 3 on a small dataset: both planners trained alike on the same drives, compared
+    open loop on held-out ones."""
+    buffer = collect_drives(TASK, 12, seed=0, branch_every=40, progress=False)
+    held_out = PlanDataset(collect_drives(TASK, 2, seed=950, branch_every=0, progress=False), branch_labels=False)
+    figures = {}
+    for kind in ("diffusiondrive", "diffusion_planner"):
+        cfg = small(DiffusionDriveRunConfig(kind=kind), 1500)
+        if kind == "diffusion_planner":
+            cfg.planner.train_t_max, cfg.planner.timesteps = 1000, list(range(950, -1, -50))
+        torch.manual_seed(0)
+        train(cfg, PlanDataset(buffer), tmp_path / kind, progress=False, build=kind_named(kind).build_for_training)
+        model, _ = kind_named(kind).load(tmp_path / kind)
+        obs, plan = scenes(held_out)
+        chunk = model.predict_chunk(obs, generator=torch.Generator().manual_seed(0))
+        executed = chunk.action[:, 0].reshape(len(plan), 8, 3)[..., :2]
+        cands = chunk.extras["candidates"].reshape(len(plan), 20, 8, 3)[..., :2].numpy()
+        figures[kind] = {"ade": float((executed - plan.reshape(-1, 8, 3)[..., :2]).norm(dim=-1).mean()),
+                         "diversity": float(np.mean([mode_diversity(c) for c in cands[::10]])), "calls": chunk.nfe}
+    drive, vanilla = figures["diffusiondrive"], figures["diffusion_planner"]
+    assert vanilla["calls"] >= 10 * drive["calls"]
+    assert drive["ade"] <= vanilla["ade"], figures
+    assert drive["diversity"] >= max(0.5, 3 * vanilla["diversity"]), figures
