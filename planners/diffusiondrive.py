@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.cluster.vq import kmeans2
 from torch import nn
 
 from policy.checkpoint import WEIGHTS, load_run_config, load_weights, open_checkpoint
@@ -35,6 +36,7 @@ from policy.diffusion import METHODS, NoiseSchedule, sample
 from policy.normalizer import FieldNormalizer, Normalizer
 
 from .driving_blocks import CascadeLayer, SceneEncoder, TimestepEmbedding, TrajectoryQuery
+from .plans import plans_ahead
 
 KIND = "diffusiondrive"
 OBSERVATIONS = ("ego", "agents", "bev")
@@ -86,7 +88,7 @@ class DiffusionDriveConfig:
 class DriveDataConfig:
     task: str | None = None
     branch_labels: bool = True  # the branch futures as extra (scene, plan) samples
-    val_ratio: float = 0.1  # held-out episodes for the open-loop figures
+    val_ratio: float = 0.1  # episodes kept out of training (rtdp eval's open-loop figures use the eval seeds)
     normalizer_range_eps: float = 1e-2
 
 
@@ -111,37 +113,11 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float, alpha: 
 def kmeans_anchors(plans: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     """k-means (k-means++ seeding, scipy) over flattened normalised plans (N, points, coords) -> (k, points,
     coords)."""
-    from scipy.cluster.vq import kmeans2
-
     flat = plans.reshape(len(plans), -1).astype(np.float64)
     if len(flat) < k:
         raise ValueError(f"{k} anchors need at least {k} training plans, got {len(flat)}")
     centroids, _ = kmeans2(flat, k, minit="++", seed=seed)
     return centroids.reshape(k, *plans.shape[1:]).astype(np.float32)
-
-
-def plans_ahead(plan: torch.Tensor, dt: float, tick: float, ticks: int) -> torch.Tensor:
-    """A plan (B, P, 3) of waypoints dt apart, from the ego at the origin, as the ego sees it after following it for
-    0, 1, ..., ticks - 1 ticks: (B, ticks, P, 3), each re-expressed in the frame of the pose the plan puts the ego
-    in then (poses interpolated linearly between waypoints, the last segment extended)."""
-    b, p, _ = plan.shape
-    poses = torch.cat([plan.new_zeros(b, 1, 3), plan], dim=1)  # pose at 0, dt, ..., P dt
-
-    def at(q: torch.Tensor) -> torch.Tensor:
-        """Poses (B, *q.shape, 3) at times q (seconds)."""
-        k = (q / dt).floor().long().clamp(0, p - 1)
-        frac = (q / dt - k).unsqueeze(-1)
-        lo = poses[:, k.reshape(-1)].reshape(b, *q.shape, 3)
-        hi = poses[:, k.reshape(-1) + 1].reshape(b, *q.shape, 3)
-        return lo + frac * (hi - lo)
-
-    shifts = torch.arange(ticks, dtype=plan.dtype) * tick
-    origin = at(shifts)  # (B, ticks, 3)
-    points = at(shifts[:, None] + dt * torch.arange(1, p + 1, dtype=plan.dtype)[None])  # (B, ticks, P, 3)
-    d = points[..., :2] - origin[:, :, None, :2]
-    c, s = origin[..., 2].cos()[..., None], origin[..., 2].sin()[..., None]
-    x, y = c * d[..., 0] + s * d[..., 1], -s * d[..., 0] + c * d[..., 1]
-    return torch.stack([x, y, points[..., 2] - origin[:, :, None, 2]], dim=-1)
 
 
 def check_layout(layout: SceneLayout) -> None:

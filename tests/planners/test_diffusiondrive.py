@@ -224,7 +224,7 @@ def test_a_planner_checkpoint_loads_only_as_its_own_kind(drives):
 
 
 def test_plans_ahead_are_the_same_path_seen_from_later_along_it():
-    from planners.diffusiondrive import plans_ahead
+    from planners.plans import plans_ahead
 
     dt, tick = 0.5, 0.1
     t = dt * torch.arange(1, 9, dtype=torch.float32)
