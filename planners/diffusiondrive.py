@@ -87,7 +87,11 @@ class DiffusionDriveConfig:
 @dataclass
 class DriveDataConfig:
     task: str | None = None
-    branch_labels: bool = True  # the branch futures as extra (scene, plan) samples
+    # The branch futures as extra (scene, plan) samples. Off by default: they are what the expert could have done,
+    # not what it chose, and as positives for the classifier they make every lane equally right, so a planner that
+    # replans each step switches lanes back and forth (a "keep" branch taken mid lane change pulls back to the lane
+    # left): trained with them on highway-v0, it drove on the lane line and collided in 96% of episodes.
+    branch_labels: bool = False
     val_ratio: float = 0.1  # episodes kept out of training (rtdp eval's open-loop figures use the eval seeds)
     normalizer_range_eps: float = 1e-2
 
