@@ -1,5 +1,5 @@
 """Training samples for a driving planner: the scene at step t and a plan from t (the future that happened, and,
-with `branch_labels`, each branch future recorded from the same scene)."""
+with `branch_labels`, each branch future recorded from the same scene: what the expert could have done)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ SCENE_KEYS = ("ego", "agents", "bev")
 
 
 class PlanDataset:
-    def __init__(self, buffer: ReplayBuffer, branch_labels: bool = True, val_ratio: float = 0.0, seed: int = 0,
+    def __init__(self, buffer: ReplayBuffer, branch_labels: bool = False, val_ratio: float = 0.0, seed: int = 0,
                  split: str = "train"):
         for k in (*SCENE_KEYS, "plan"):
             buffer[k]  # names a missing key and the ones the store has

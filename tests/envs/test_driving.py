@@ -103,8 +103,8 @@ def test_collect_writes_a_driving_dataset_with_branch_labels(tmp_path, capsys):
     buffer = ReplayBuffer.load(out)
     assert buffer.attrs["scene"] == SceneConfig().to_dict() and buffer.n_episodes == 2
     assert {"ego", "agents", "bev", "plan", "branch_plans"} <= set(buffer.keys)
-    data = PlanDataset(buffer)
-    plain = PlanDataset(buffer, branch_labels=False)
+    data = PlanDataset(buffer, branch_labels=True)
+    plain = PlanDataset(buffer)
     assert len(data) > len(plain) > 0
     batch = data.batch(np.arange(len(data) - 3, len(data)))  # branch rows come last
     assert batch["bev"].shape == (3, 1, 40, 16, 4) and np.isfinite(batch["plan"]).all()
