@@ -111,3 +111,14 @@ def test_collect_writes_a_driving_dataset_with_branch_labels(tmp_path, capsys):
     assert main(["collect", "--task", "highway/highway-v0", "--episodes", "1", "--out", str(tmp_path / "x"),
                  "--image", "--no-progress"]) == 2
     assert "not camera images" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_the_recorded_expert_wobbles_and_recovers_the_evaluated_one_does_not():
+    from envs.driving_expert import collect_drives
+
+    clean = collect_drives("highway/highway-v0", 1, seed=7, branch_every=0, progress=False, noise=0.0)
+    noisy = collect_drives("highway/highway-v0", 1, seed=7, branch_every=0, progress=False)
+    heading_error = {k: np.abs(b["ego"][:, 2]).mean() for k, b in (("clean", clean), ("noisy", noisy))}
+    assert heading_error["noisy"] > 3 * heading_error["clean"], heading_error
+    assert noisy.attrs["steering_noise"] > 0 == clean.attrs["steering_noise"]
+    assert noisy.attrs["expert_collision_rate"] == 0.0
