@@ -32,11 +32,11 @@ def small(cfg: DiffusionDriveRunConfig, steps: int) -> DiffusionDriveRunConfig:
 def drives(tmp_path_factory):
     root = tmp_path_factory.mktemp("drive")
     buffer = collect_drives(TASK, 3, seed=0, branch_every=40, progress=False)
-    held_out = collect_drives(TASK, 1, seed=900, branch_every=0, progress=False)
+    held_out = collect_drives(TASK, 1, seed=900, branch_every=0, progress=False, noise=0.0)  # as rtdp eval drives
     torch.manual_seed(0)
     cfg = small(DiffusionDriveRunConfig(), 500)
     train(cfg, PlanDataset(buffer), root / "dd", progress=False, build=kind_named("diffusiondrive").build_for_training)
-    return {"root": root, "train": buffer, "held_out": PlanDataset(held_out, branch_labels=False),
+    return {"root": root, "train": buffer, "held_out": PlanDataset(held_out),
             "checkpoint": root / "dd"}
 
 
@@ -132,14 +132,16 @@ def test_the_cascade_refines_ade_does_not_grow_from_layer_to_layer(drives, plann
 
 
 def test_the_classifier_picks_the_ground_truths_anchor_well_above_chance(drives, planner):
-    """Highway anchors sit a few metres apart along the speed axis, so the nearest and the next are near-ties: the
-    chosen anchor is among the future's 3 nearest far more often than the 3 in 20 of chance."""
+    """Highway anchors sit a few metres apart along the speed axis, so the nearest and the next are near-ties. On a
+    few drives' training, the chosen anchor is the nearest, and among the 3 nearest, at least 3x as often as chance
+    (1 and 3 in 20); the benchmark's planner, trained on 60 drives, reaches 0.7 top-1."""
     obs, plan = scenes(drives["held_out"])
     chunk = planner.predict_chunk(obs, generator=torch.Generator().manual_seed(0))
     target = planner.normalizer["action"].normalize(plan).reshape(len(plan), 8, 3)
     rank = planner.anchor_rank(target, chunk.extras["best"])
     top1, top3 = float((rank == 0).float().mean()), float((rank < 3).float().mean())
-    assert top3 >= 0.6 and top1 > 1 / planner.cfg.n_anchors, (top1, top3)
+    k = planner.cfg.n_anchors
+    assert top1 >= 3 * 1 / k and top3 >= 3 * 3 / k, (top1, top3)
 
 
 def test_candidates_stay_diverse(drives, planner):
@@ -247,7 +249,7 @@ def test_against_the_vanilla_planner_no_worse_ade_3x_the_diversity_at_10x_fewer_
     """Reference 3.5 tests 2 and 3 on a small dataset: both planners trained alike on the same drives, compared
     open loop on held-out ones."""
     buffer = collect_drives(TASK, 12, seed=0, branch_every=40, progress=False)
-    held_out = PlanDataset(collect_drives(TASK, 2, seed=950, branch_every=0, progress=False), branch_labels=False)
+    held_out = PlanDataset(collect_drives(TASK, 2, seed=950, branch_every=0, progress=False, noise=0.0))
     figures = {}
     for kind in ("diffusiondrive", "diffusion_planner"):
         cfg = small(DiffusionDriveRunConfig(kind=kind), 1500)
