@@ -173,13 +173,15 @@ def future_plan(positions: np.ndarray, headings: np.ndarray, t: int, cfg: SceneC
 class TrackerConfig:
     lookahead_time: float = 0.6  # [s] the pure-pursuit point is this far ahead at the current speed ...
     lookahead_min: float = 4.0  # [m] ... and at least this far
-    speed_gain: float = 2.0  # [1/s] acceleration per m/s of speed error
+    speed_gain: float = 2.0  # [1/s] braking per m/s of speed on a plan that stays put
+    accel_fit_points: int = 3  # the plan's acceleration: a constant-acceleration fit to its first waypoints
 
 
 def track(plan: np.ndarray, speed: float, wheelbase: float, cfg: SceneConfig, tc: TrackerConfig) -> tuple[float, float]:
     """(acceleration m/s^2, steering rad) that follow `plan` (points, 3) in the ego frame: pure pursuit toward the
-    point `lookahead` metres along the polyline from the ego, and a speed loop toward the speed of its first
-    segment."""
+    point `lookahead` metres along the polyline from the ego, and the acceleration that a constant-acceleration
+    fit from the current speed through the plan's first waypoints (distances along the path) asks for, so a plan
+    that slows down brakes as hard as it says."""
     path = np.concatenate([np.zeros((1, 2)), plan[:, :2]])
     seg = np.linalg.norm(np.diff(path, axis=0), axis=1)
     along = np.concatenate([[0.0], np.cumsum(seg)])
@@ -192,8 +194,11 @@ def track(plan: np.ndarray, speed: float, wheelbase: float, cfg: SceneConfig, tc
     target = path[k] + frac * (path[k + 1] - path[k])
     alpha = np.arctan2(target[1], target[0])
     steering = float(np.arctan2(2.0 * wheelbase * np.sin(alpha), max(np.linalg.norm(target), 1e-3)))
-    target_speed = seg[0] / cfg.dt
-    return float(tc.speed_gain * (target_speed - speed)), steering
+    n = min(tc.accel_fit_points, len(seg))
+    t = cfg.dt * np.arange(1, n + 1)
+    half_t2 = 0.5 * t**2
+    accel = float(((along[1 : n + 1] - speed * t) * half_t2).sum() / (half_t2**2).sum())
+    return accel, steering
 
 
 # -- the task ---------------------------------------------------------------------------------------------------

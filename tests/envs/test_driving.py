@@ -122,3 +122,13 @@ def test_the_recorded_expert_wobbles_and_recovers_the_evaluated_one_does_not():
     assert heading_error["noisy"] > 3 * heading_error["clean"], heading_error
     assert noisy.attrs["steering_noise"] > 0 == clean.attrs["steering_noise"]
     assert noisy.attrs["expert_collision_rate"] == 0.0
+
+
+def test_the_tracker_brakes_as_hard_as_a_slowing_plan_says():
+    cfg = SceneConfig()
+    t = cfg.dt * np.arange(1, cfg.points + 1)
+    for decel in (0.0, -2.0, -4.0):
+        s = 25.0 * t + 0.5 * decel * t**2
+        plan = np.stack([s, np.zeros_like(t), np.zeros_like(t)], -1)
+        acc, _ = track(plan, 25.0, 5.0, cfg, TrackerConfig())
+        assert acc == pytest.approx(decel, abs=1e-6)
