@@ -18,7 +18,7 @@ def test_unknown_task_lists_the_known_ones():
 def test_every_metaworld_mt1_task_has_the_same_layout():
     names = metaworld_task_names()
     assert len(names) == 50 and set(BENCHMARK) <= set(names)
-    assert len(known_tasks()) == 52  # with point_mass/reach and point_mass/obstacle
+    assert len(known_tasks()) == 55  # with point_mass/reach, point_mass/obstacle and three highway scenarios
     for name in names:
         env = make_env(f"metaworld/{name}")
         obs, info = env.reset(seed=1)
