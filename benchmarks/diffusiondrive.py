@@ -27,7 +27,8 @@ OUT = ROOT / "benchmarks" / "results" / "diffusiondrive"
 CONFIGS = {"diffusiondrive": "diffusiondrive.yaml", "diffusion_planner": "diffusion_planner.yaml",
            "regression_planner": "regression_planner.yaml"}
 KEYS = ("success_rate", "success_ci95", "collision_rate", "offroad_rate", "progress_m", "mean_abs_jerk", "ade",
-        "fde", "anchor_accuracy", "diversity", "nfe_per_decision", "latency_ms", "expert", "open_loop", "seconds")
+        "fde", "anchor_accuracy", "anchor_accuracy_top3", "diversity", "nfe_per_decision", "latency_ms", "expert",
+        "open_loop", "seconds")
 
 
 def dataset(scenario: str, episodes: int) -> Path:

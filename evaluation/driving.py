@@ -65,7 +65,7 @@ def expert_and_open_loop(runtime, task: str, seeds: list[int], every: int = 5, d
         ade.extend(err.mean(1))
         fde.extend(err[:, -1])
         extras = chunk.extras
-        if "best" in extras and hasattr(model, "anchor_rank"):
+        if "best" in extras and getattr(model, "scores_anchors", False):
             target = model.normalizer["action"].normalize(torch.from_numpy(data["plan"][steps]))
             rank = model.anchor_rank(target.reshape(len(steps), points, 3), extras["best"])
             hits.extend((rank == 0).numpy().tolist())

@@ -18,6 +18,7 @@ KIND = "diffusion_planner"
 
 class DiffusionPlanner(DiffusionDrive):
     kind = KIND
+    scores_anchors = False
 
     def configure_inference(self, sampler: str | None = None, steps: int | None = None) -> DiffusionPlanner:
         """`steps` evenly spaced ("leading") over the whole schedule; the config's `timesteps` gives the default

@@ -131,6 +131,7 @@ def check_layout(layout: SceneLayout) -> None:
 
 class DiffusionDrive(nn.Module):
     kind = KIND
+    scores_anchors = True  # its scores rank k-means anchors (the baselines built on its decoder have none)
 
     def __init__(self, cfg: DiffusionDriveConfig, normalizer: Normalizer, anchors: torch.Tensor | None = None):
         super().__init__()

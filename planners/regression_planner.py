@@ -14,6 +14,7 @@ KIND = "regression_planner"
 
 class RegressionPlanner(DiffusionDrive):
     kind = KIND
+    scores_anchors = False
 
     def configure_inference(self, sampler: str | None = None, steps: int | None = None) -> RegressionPlanner:
         if steps not in (None, 1):
