@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from envs.driving import DrivingTask
 from envs.rollout import run_episode
 from policy.contract import PolicyFault
 
@@ -73,7 +74,7 @@ def run_episodes(policy, env, n_obs_steps: int, seeds: list[int], task: str, emi
     """Run `policy` (the decision contract) on each seed and `emit` one record per episode."""
     act = TimedPolicy(policy)
     # A driving plan is drawn from the decision itself (its candidates and scores); other tasks render the scene.
-    draws_decisions = hasattr(env, "scene")
+    draws_decisions = isinstance(env, DrivingTask)
     for seed in seeds:
         frames: list[np.ndarray] = []
         act.reset(seed, decision_drawer(env, frames) if draws_decisions and seed in video_seeds else None)
