@@ -234,7 +234,8 @@ def test_plans_ahead_are_the_same_path_seen_from_later_along_it():
     ahead = plans_ahead(straight, dt, tick, 5)
     assert ahead.shape == (1, 5, 8, 3)
     torch.testing.assert_close(ahead[0, 0], straight[0])  # tick 0: the plan itself
-    torch.testing.assert_close(ahead[0, 3], straight[0])  # a constant-speed straight plan looks the same later
+    torch.testing.assert_close(ahead[0, 3, :7], straight[0, :7])  # a constant-speed straight plan looks the same
+    torch.testing.assert_close(ahead[0, 3, 7], straight[0, 7] - torch.tensor([20 * 0.3, 0, 0]))  # ... to its end
     radius, v = 50.0, 10.0  # a left arc: after following it, the rest of the arc is still an arc of that radius
     ang = v * t / radius
     arc = torch.stack([radius * ang.sin(), radius * (1 - ang.cos()), ang], -1)[None]
@@ -242,6 +243,7 @@ def test_plans_ahead_are_the_same_path_seen_from_later_along_it():
     ang2 = v * (t + 0.4) / radius - v * 0.4 / radius
     want = torch.stack([radius * ang2.sin(), radius * (1 - ang2.cos()), ang2], -1)
     torch.testing.assert_close(later[:7], want[:7], atol=0.15, rtol=0)  # chords of the arc: within 0.15 m
+    assert float(later[:, 2].abs().max()) <= float(arc[0, :, 2].abs().max())  # never turned past the plan's end
 
 
 @pytest.mark.slow
