@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .contract import Chunk, PolicyFault, PolicySpec
+from .normalizer import RANGE_EPS
 
 MARGIN = 0.1  # of each action dim's training range, on either side
 
@@ -27,7 +28,10 @@ class ActionGuard:
         self.low = self.high = None
         if low is not None:
             low, high = torch.as_tensor(low, dtype=torch.float32), torch.as_tensor(high, dtype=torch.float32)
-            pad = margin * (high - low).clamp_min(1e-3)
+            span = high - low
+            # A dim constant in the training data (a gripper that never moves) is centred by the normaliser, not
+            # stretched, so the sampler's clipped output may sit up to 1 raw unit from that constant.
+            pad = torch.where(span < RANGE_EPS, torch.ones_like(span), margin * span)
             self.low, self.high = low - pad, high + pad
 
     @property

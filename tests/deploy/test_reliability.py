@@ -34,6 +34,13 @@ class Fixed:
         return Chunk(self.actions[:, :1], self.actions, self.actions, nfe=1)
 
 
+def test_a_dim_constant_in_the_data_may_move_as_far_as_its_centred_normaliser_clips():
+    guard = ActionGuard(Fixed([[0.5, -0.88]]), [-1, -1], [1, -1])  # dim 1 is -1 in every demonstration
+    assert guard.predict_chunk({}).nfe == 1  # drawer-open's DDPM-100 gripper at -0.88 was refused before
+    with pytest.raises(PolicyFault, match="action dim 1"):
+        ActionGuard(Fixed([[0.5, 0.2]]), [-1, -1], [1, -1]).predict_chunk({})
+
+
 def test_the_guard_refuses_non_finite_and_out_of_bounds_chunks_naming_them():
     ok = [[0.5, -0.5], [1.0, -1.0]]
     assert ActionGuard(Fixed(ok), [-1, -1], [1, 1]).predict_chunk({}).nfe == 1
