@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from planners import diffusion_planner, diffusiondrive, regression_planner
+from planners import decision_diffuser, diffusion_planner, diffusiondrive, regression_planner, trajectory_diffuser
 from policy.checkpoint import CheckpointError, checkpoint_kind, load_config_file, load_policy
 from policy.config import RunConfig
 from policy.diffusion_policy import KIND as DIFFUSION_POLICY
@@ -46,6 +46,13 @@ for _module, _planner in ((diffusion_planner, diffusion_planner.DiffusionPlanner
                           (regression_planner, regression_planner.RegressionPlanner)):
     KINDS[_module.KIND] = ModelKind(_module.KIND, diffusiondrive.DiffusionDriveRunConfig, diffusiondrive.read_config,
                                     _planner, partial(diffusiondrive.load_planner, planner_class=_planner),
+                                    _module.build_for_training, denoising_wrappers=False)
+# Offline-RL planners over state plans: Trajectory Diffuser and its Decision-Diffuser-style baseline.
+for _module, _planner in ((trajectory_diffuser, trajectory_diffuser.TrajectoryDiffuser),
+                          (decision_diffuser, decision_diffuser.DecisionDiffuser)):
+    KINDS[_module.KIND] = ModelKind(_module.KIND, trajectory_diffuser.TrajectoryDiffuserRunConfig,
+                                    trajectory_diffuser.read_config, _planner,
+                                    partial(trajectory_diffuser.load_planner, planner_class=_planner),
                                     _module.build_for_training, denoising_wrappers=False)
 
 

@@ -108,8 +108,8 @@ def validate(settings: RuntimeSettings) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {settings.backend!r}")
     if settings.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {settings.precision!r}")
-    if settings.steps is not None and settings.steps < 1:
-        raise ValueError(f"steps must be >= 1, got {settings.steps}")
+    if settings.steps is not None and settings.steps < 0:  # 0: a planner's draft alone; other kinds refuse it
+        raise ValueError(f"steps must be >= 0, got {settings.steps}")
     if settings.threads < 0:
         raise ValueError(f"threads must be >= 0, got {settings.threads}")
     if settings.cache is not None:

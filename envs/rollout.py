@@ -3,7 +3,8 @@
 `act(history) -> actions` takes the last n_obs_steps observations as a dict of stacked arrays
 ({"state": (n_obs_steps, state_dim), ...}; the first observation is repeated at the episode start) and returns
 a chunk (k, action_dim), all of which is executed before the next decision. An episode ends at its first
-success or at the task's step limit.
+success or at the task's step limit; a task whose `stops_at_success` is False (a maze scored by its return) runs
+to the limit, its success being that it succeeded at some step.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def run_episode(env: gym.Env, act: Callable[[dict[str, np.ndarray]], np.ndarray]
     result = EpisodeResult(seed, False, 0.0, 0, 0)
     if record_frames:
         result.frames.append(env.render_frame(frame_size))
+    stops_at_success = getattr(env, "stops_at_success", True)
     done = False
     while not done:
         chunk = np.asarray(act({k: np.stack([o[k] for o in history]) for k in obs}))
@@ -47,7 +49,7 @@ def run_episode(env: gym.Env, act: Callable[[dict[str, np.ndarray]], np.ndarray]
                 result.frames.append(env.render_frame(frame_size))
             if info.get("success", False):
                 result.success = True
-            done = result.success or terminated or truncated
+            done = (result.success and stops_at_success) or terminated or truncated
             if done:
                 break
     if hasattr(env, "episode_metrics"):

@@ -4,7 +4,8 @@ Every manipulation task is a gymnasium env whose observation is a dict with `sta
 image tasks, `image` (H, W, 3 uint8); `info["success"]` flags success; `max_episode_steps` is its episode limit;
 `expert()` returns its scripted policy (state -> action). Driving tasks (`highway/<scenario>`, envs/driving.py)
 observe a scene (`ego`, `agents`, `bev`) and take a plan; their expert drives the simulator itself
-(envs/driving_expert.py).
+(envs/driving_expert.py). Maze tasks (`pointmaze/<maze>`, envs/pointmaze.py) run to their step limit
+(`stops_at_success = False`): their return counts the steps spent at the goal, as D4RL scores it.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import gymnasium as gym
 def known_tasks() -> list[str]:
     from .driving import SCENARIOS
     from .metaworld_env import metaworld_task_names
+    from .pointmaze import MAZES
 
     return (["point_mass/reach", "point_mass/obstacle"] + [f"metaworld/{n}" for n in metaworld_task_names()]
-            + [f"highway/{n}" for n in SCENARIOS])
+            + [f"highway/{n}" for n in SCENARIOS] + [f"pointmaze/{n}" for n in MAZES])
 
 
 def discrete_action_dims(task: str | None) -> list[int]:
@@ -48,6 +50,13 @@ def make_env(task: str, image: bool = False, image_size: int = 96, max_episode_s
 
         if name in SCENARIOS:
             return DrivingTask(name, max_episode_steps=max_episode_steps)
+    elif family == "pointmaze":
+        if image:
+            raise ValueError(f"{task} observes a state vector (position, velocity, goal), not camera images")
+        from .pointmaze import MAZES, PointMazeTask
+
+        if name in MAZES:
+            return PointMazeTask(name, max_episode_steps=max_episode_steps)
     elif task == "point_mass/reach":
         if image:
             raise ValueError("point_mass/reach has no image observation")

@@ -43,6 +43,7 @@ class TimedPolicy:
         self.nfes: list[int] = []
         self.kinds: list[str] = []  # "full" or "warm" per decision
         self.block_evals: list[int | None] = []  # residual-branch evaluations, where a block cache counts them
+        self.draft_steps: list[int] = []  # a planner's draft passes (Trajectory Diffuser), apart from nfe
         # decisions of each kind; RTI's full denoises forced by its warm start (NaN, an observation gap) and the
         # refreshes its staleness signals asked for
         self.fallbacks = {"full": 0, "warm": 0, "nan_fallbacks": 0, "gap_fallbacks": 0}
@@ -58,6 +59,8 @@ class TimedPolicy:
         self.nfes.append(chunk.nfe)
         self.kinds.append(chunk.kind)
         self.block_evals.append(chunk.block_evals)
+        if "draft_steps" in chunk.extras:
+            self.draft_steps.append(int(chunk.extras["draft_steps"]))
         self.fallbacks[chunk.kind] = self.fallbacks.get(chunk.kind, 0) + 1
         if "fallback" in chunk.extras:
             self.fallbacks[f"{chunk.extras['fallback']}_fallbacks"] += 1
@@ -89,6 +92,7 @@ def run_episodes(policy, env, n_obs_steps: int, seeds: list[int], task: str, emi
         emit({"seed": seed, "success": result.success, "return": result.total_return, "steps": result.steps,
               "decisions": result.decisions, "latency_ms": act.latencies_ms, "nfe": act.nfes, "kind": act.kinds,
               "block_evals": act.block_evals, "fallbacks": dict(act.fallbacks), "video": video,
+              **({"draft_steps": act.draft_steps} if act.draft_steps else {}),
               **({"metrics": result.metrics} if result.metrics else {})})
 
 

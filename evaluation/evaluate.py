@@ -27,7 +27,7 @@ from policy.contract import PolicyFault
 
 from .driving import expert_and_open_loop
 from .episodes import episode_seeds, run_episodes
-from .report import build_report, plot_report
+from .report import build_report, normalized_return, plot_report
 from .tasks import open_env, resolve_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,6 +129,10 @@ def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
                           branches)
     if driving is not None:
         report.update(driving)
+    references = getattr(run_cfg.data, "reference_returns", None)
+    if references:
+        report["normalized_return"] = normalized_return(report["mean_return"], references)
+        report["reference_returns"] = dict(references)
     if settings.plot:
         plot_report(report, results, Path(settings.plot))
     return report

@@ -48,7 +48,8 @@ def build_report(settings, task: str, results: list[dict], workers: int, seconds
         "config": {**config, "threads_per_worker": 1, "workers": workers, "seed": settings.seed,
                    "seeds": [EVAL_SEED_OFFSET + settings.seed, EVAL_SEED_OFFSET + settings.seed + n - 1]},
         "seconds": seconds,
-        "per_episode": [{k: v for k, v in r.items() if k not in ("latency_ms", "nfe", "kind", "block_evals")}
+        "per_episode": [{k: v for k, v in r.items() if k not in ("latency_ms", "nfe", "kind", "block_evals",
+                                                                  "draft_steps")}
                         for r in results],
         "videos": [r["video"] for r in results if r.get("video")],
     }
@@ -65,6 +66,8 @@ def build_report(settings, task: str, results: list[dict], workers: int, seconds
             "refreshes_by_signal": {s: sum(r["fallbacks"].get(f"{s}_refreshes", 0) for r in results)
                                     for s in REFRESH_SIGNALS},
         }
+    if results and all("draft_steps" in r for r in results):
+        report["draft_steps_per_decision"] = float(np.mean(np.concatenate([r["draft_steps"] for r in results])))
     if results and all("metrics" in r for r in results):
         report.update(closed_loop_figures(results))
     if branches_per_call is not None:
@@ -72,6 +75,14 @@ def build_report(settings, task: str, results: list[dict], workers: int, seconds
                  for be, calls in zip(r["block_evals"], r["nfe"], strict=True)]
         report["block_evals_per_decision"] = float(np.mean(evals)) if evals else 0.0
     return report
+
+
+def normalized_return(mean_return: float, references: dict) -> float | None:
+    """D4RL's normalised score: 100 x (return - random) / (expert - random), with the dataset's references."""
+    random, expert = references.get("random"), references.get("expert")
+    if random is None or expert is None or expert == random:
+        return None
+    return 100.0 * (mean_return - random) / (expert - random)
 
 
 def plot_report(report: dict, results: list[dict], path: Path) -> None:
@@ -126,6 +137,10 @@ def summary_line(report: dict) -> str:
             if rti and rti["warm_decisions"] else "")
     if rti and rti.get("refreshes"):
         warm += f"  refreshes {rti['refreshes']}"
+    if report.get("normalized_return") is not None:
+        warm += f"  normalised return {report['normalized_return']:.1f}"
+    if "draft_steps_per_decision" in report:
+        warm += f"  draft passes {report['draft_steps_per_decision']:.0f}"
     if "collision_rate" in report:
         warm += f"  collisions {report['collision_rate']:.2f}  progress {report['progress_m']:.0f} m"
         if report.get("ade") is not None:

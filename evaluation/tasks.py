@@ -25,7 +25,7 @@ def check_scene(planner_cfg, env, checkpoint: str, task: str) -> None:
 def check_compatible(policy_cfg, env, checkpoint: str, task: str) -> None:
     state_dim = env.observation_space["state"].shape[0]
     action_dim = env.action_space.shape[0]
-    want_image = policy_cfg.image_shape is not None
+    want_image = getattr(policy_cfg, "image_shape", None) is not None
     has_image = "image" in env.observation_space.spaces
     if (policy_cfg.state_dim, policy_cfg.action_dim, want_image) != (state_dim, action_dim, has_image):
         raise ValueError(
@@ -39,7 +39,10 @@ def open_env(checkpoint: str, run_cfg, task: str, max_episode_steps: int | None 
     """The task's environment, rendering images at the checkpoint's size when it observes them."""
     if hasattr(run_cfg, "planner"):
         env = make_env(task, max_episode_steps=max_episode_steps)
-        check_scene(run_cfg.planner, env, checkpoint, task)
+        if hasattr(run_cfg.planner, "layout"):
+            check_scene(run_cfg.planner, env, checkpoint, task)
+        else:
+            check_compatible(run_cfg.planner, env, checkpoint, task)
         return env
     p = run_cfg.policy
     image_size = p.image_shape[0] if p.image_shape else 96

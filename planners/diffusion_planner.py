@@ -23,6 +23,8 @@ class DiffusionPlanner(DiffusionDrive):
     def configure_inference(self, sampler: str | None = None, steps: int | None = None) -> DiffusionPlanner:
         """`steps` evenly spaced ("leading") over the whole schedule; the config's `timesteps` gives the default
         count."""
+        if steps is not None and steps < 1:
+            raise ValueError(f"a plan from noise needs at least one step, got {steps}")
         super().configure_inference(sampler)
         count = steps or len(self.cfg.timesteps)
         self.timesteps = self.schedule.timesteps(count, "leading").tolist()

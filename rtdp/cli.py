@@ -91,15 +91,34 @@ def _config_kind(path: str) -> str:
     return data.get("kind", "diffusion_policy") if isinstance(data, dict) else "diffusion_policy"
 
 
-def _train_planner(args: argparse.Namespace, cfg, kind) -> int:
-    """A driving planner on a driving dataset (scene + plan samples)."""
+# Planner kinds trained on offline-RL data (state windows with returns), read from D4RL HDF5, zarr or Minari.
+OFFLINE_RL_KINDS = ("trajectory_diffuser", "decision_diffuser")
+
+
+def _planner_data(args: argparse.Namespace, cfg, kind):
+    """(training data, the buffer it came from) for a planner kind."""
     from envs.datasets import ReplayBuffer
+
+    if kind.name in OFFLINE_RL_KINDS:
+        from envs.datasets.offline import load_offline
+        from envs.datasets.trajectory_dataset import TrajectoryDataset
+
+        buffer = load_offline(args.data)
+        cfg.data.task = cfg.data.task or buffer.attrs.get("task")
+        cfg.data.reference_returns = cfg.data.reference_returns or dict(buffer.attrs.get("reference_returns") or {})
+        return TrajectoryDataset(buffer, cfg.planner.horizon, cfg.data.discount), buffer
     from envs.datasets.plan_dataset import PlanDataset
-    from policy.train import train
 
     buffer = ReplayBuffer.load(args.data)
     cfg.data.task = cfg.data.task or buffer.attrs.get("task")
-    data = PlanDataset(buffer, cfg.data.branch_labels, cfg.data.val_ratio, cfg.train.seed)
+    return PlanDataset(buffer, cfg.data.branch_labels, cfg.data.val_ratio, cfg.train.seed), buffer
+
+
+def _train_planner(args: argparse.Namespace, cfg, kind) -> int:
+    """A planner on its dataset: a driving one on scene + plan samples, an offline-RL one on state windows."""
+    from policy.train import train
+
+    data, buffer = _planner_data(args, cfg, kind)
     try:
         summary = train(cfg, data, args.out, resume=args.resume, progress=not args.no_progress,
                         overwrite=args.overwrite, build=kind.build_for_training)
@@ -125,6 +144,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from envs.collect import append_demos, check_appendable, collect_demos, next_seed
     from envs.datasets import ReplayBuffer
 
+    if args.task.startswith("pointmaze/"):
+        return _collect_maze(args)
     if args.append and args.overwrite:
         raise ValueError("--append adds to the dataset at --out and --overwrite replaces it: pass one")
     existing = None
@@ -155,6 +176,29 @@ def cmd_collect(args: argparse.Namespace) -> int:
     print(f"{args.task}: {what} ({buffer.n_steps} steps) in {args.out}; expert success "
           f"{a['expert_success_rate']:.2f}")
     _write_report(args.report, {"out": str(args.out), "steps": buffer.n_steps, "added": added, **a})
+    return 0
+
+
+def _collect_maze(args: argparse.Namespace) -> int:
+    """A maze dataset as D4RL's maze2d was made: one continuing noisy-expert episode, one goal per episode."""
+    from envs.datasets.offline import save_offline
+    from envs.pointmaze import GOAL_DIM, MAZES, collect_maze, maze_name
+
+    if args.append or args.image:
+        raise ValueError(f"{args.task} makes one continuing stream of --steps steps: --append and --image do not "
+                         f"apply")
+    name = maze_name(args.task)  # refused before anything is collected
+    buffer = collect_maze(args.task, args.steps, seed=args.seed or 0, noise=args.action_noise,
+                          progress=not args.no_progress)
+    import gymnasium as gym
+
+    spec = gym.spec(MAZES[name]) if args.out.startswith("minari:") else None
+    out = save_offline(buffer, args.out, overwrite=args.overwrite, minari_dir=args.minari_dir, env_spec=spec,
+                       goal_dim=GOAL_DIM)
+    refs = buffer.attrs["reference_returns"]
+    print(f"{args.task}: {buffer.n_steps} steps, {buffer.attrs['goals_reached']} goals reached, in {out}; "
+          f"reference returns random {refs['random']:.1f}, expert {refs['expert']:.1f}")
+    _write_report(args.report, {"out": out, "steps": buffer.n_steps, "episodes": buffer.n_episodes, **buffer.attrs})
     return 0
 
 
@@ -289,7 +333,8 @@ def _add_export_argument(p: argparse.ArgumentParser) -> None:
 
 def _add_sampler_arguments(p: argparse.ArgumentParser, what: str = "default: the checkpoint's config") -> None:
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m"], help=what)
-    p.add_argument("--steps", type=POSITIVE, help=f"denoising steps; {what}")
+    p.add_argument("--steps", type=NON_NEGATIVE, help=f"denoising steps; {what} (0: a Trajectory Diffuser's draft "
+                   "alone)")
 
 
 def _rti_k0(args: argparse.Namespace) -> int | None:
@@ -354,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--task", required=True, help="e.g. metaworld/push-v3 or point_mass/reach")
     c.add_argument("--episodes", type=POSITIVE, default=50, help="successful episodes to keep (driving tasks: "
                    "every episode is kept, a crash cut from its labels)")
-    c.add_argument("--out", required=True, help="zarr store to write")
+    c.add_argument("--out", required=True, help="zarr store to write (maze tasks: also .hdf5 for D4RL's layout, or "
+                   "minari:<id> for a Minari dataset)")
     c.add_argument("--seed", type=int, help="first episode seed (tasks vary with the seed); default 0, or with "
                    "--append the seed after the dataset's last")
     c.add_argument("--image", action="store_true", help="also record rendered RGB frames")
@@ -364,6 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--image-size", type=POSITIVE, default=96)
     c.add_argument("--branch-every", type=NON_NEGATIVE, default=40, help="driving tasks: record the lane-choice "
                    "branch futures every N steps (0: none)")
+    c.add_argument("--steps", type=POSITIVE, default=1_000_000, help="maze tasks: steps of the continuing expert "
+                   "stream")
+    c.add_argument("--action-noise", type=float, default=0.3, help="maze tasks: std of the expert's action noise")
+    c.add_argument("--minari-dir", help="maze tasks with --out minari:<id>: the Minari datasets folder (default: "
+                   "MINARI_DATASETS_PATH or ~/.minari/datasets)")
     c.add_argument("--report", help="write a JSON summary here")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_collect)
