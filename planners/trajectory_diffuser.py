@@ -3,8 +3,8 @@ of a return-conditioned diffusion model, then an action from inverse dynamics an
 
     planner = TrajectoryDiffuser(cfg, normalizer)
     chunk = planner.predict_chunk({"state": (B, 1, S)})
-    chunk.action          # (B, 1, A): the chosen candidate's first action, raw units
-    chunk.extras          # "candidates" (B, K, A), "scores" (B, K) (the critic's Q), "plans" (B, K, H, S),
+    chunk.action          # (B, k, A): the chosen candidate's first action(s), raw units (k = actions_per_decision)
+    chunk.extras          # "candidates" (B, K, k, A), "scores" (B, K) (the critic's Q), "plans" (B, K, H, S),
                           # "draft_steps" (the draft's forward passes; the denoiser's calls are chunk.nfe)
 
 One decision, as the released code's `select_action` makes it:
@@ -57,7 +57,7 @@ class TrajectoryDiffuserConfig:
     draft_d_ff: int = 512
     draft_dropout: float = 0.1
     # the refiner: Janner's temporal U-Net over states, epsilon prediction, classifier-free guidance on the return
-    down_dims: list[int] = field(default_factory=lambda: [64, 128, 256])
+    down_dims: list[int] = field(default_factory=lambda: [16, 32, 64])  # sized for a CPU: 32 candidates x CFG
     kernel_size: int = 5
     n_groups: int = 8
     step_embed_dim: int = 64
@@ -76,6 +76,7 @@ class TrajectoryDiffuserConfig:
     inverse_hidden: int = 256
     critic_hidden: int = 256
     select_temperature: float = 1.0
+    actions_per_decision: int = 1  # > 1: the chosen plan's first actions run open loop (a slow baseline replans less)
     target_return: float = 0.9  # x the data's highest initial return-to-go
     return_scale: float = 0.0  # return-to-go / return_scale is what the networks see; filled from the data
     # loss weights (a baseline that has no draft trains without it)
@@ -128,6 +129,9 @@ class TrajectoryDiffuser(nn.Module):
                              f"{cfg.action_dim}")
         if cfg.entry not in ENTRIES:
             raise ValueError(f"planner.entry must be one of {ENTRIES}, got {cfg.entry!r}")
+        if not 1 <= cfg.actions_per_decision < cfg.horizon:
+            raise ValueError(f"planner.actions_per_decision must be in [1, {cfg.horizon - 1}], got "
+                             f"{cfg.actions_per_decision}")
         if cfg.return_scale <= 0:
             raise ValueError(f"planner.return_scale must be > 0 (filled from the data), got {cfg.return_scale}")
         factor = 2 ** (len(cfg.down_dims) - 1)
@@ -170,12 +174,13 @@ class TrajectoryDiffuser(nn.Module):
         return {"sampler": self.method, "steps": len(self.timesteps), "timesteps": self.timesteps,
                 "start": "draft", "entry": cfg.entry, "draft_steps": cfg.horizon - 1,
                 "guidance_weight": cfg.guidance_weight, "candidates": cfg.candidates,
-                "target_return": cfg.target_return}
+                "target_return": cfg.target_return, "actions_per_decision": cfg.actions_per_decision}
 
     @property
     def spec(self) -> PolicySpec:
+        k = self.cfg.actions_per_decision
         return PolicySpec(self.kind, (ObservationField("state", (1, self.cfg.state_dim), "float32"),), 1,
-                          self.cfg.action_dim, 1, 0, 1, ())
+                          self.cfg.action_dim, k, 0, k, ())
 
     @property
     def model(self) -> TrajectoryDiffuser:
@@ -227,15 +232,17 @@ class TrajectoryDiffuser(nn.Module):
         return draft
 
     def actions_and_values(self, plans: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, H, S) plans -> each one's first action (N, A) by inverse dynamics and its critic value (N,)."""
-        action = self.inverse(torch.cat([plans[:, 0], plans[:, 1]], dim=-1))
-        return action, self.critic(torch.cat([plans[:, 0], action], dim=-1))[:, 0]
+        """(N, H, S) plans -> each one's first `actions_per_decision` actions (N, k, A) by inverse dynamics between
+        consecutive planned states, and the critic's value of its first action (N,)."""
+        k = self.cfg.actions_per_decision
+        actions = self.inverse(torch.cat([plans[:, :k], plans[:, 1:k + 1]], dim=-1))
+        return actions, self.critic(torch.cat([plans[:, 0], actions[:, 0]], dim=-1))[:, 0]
 
     def decide_normalized(self, state, target_return, entry_noise, refine_noise, selection_noise):
         """The whole decision as one graph (what export traces). Normalised state (B, S), target return (B,) in
         return_scale units, the entry's noise (B, K, H, S) and each step's (B, steps, K, H, S) for the K
-        candidates, and uniform noise (B, K) for the choice -> candidate actions (B, K, A), their values (B, K),
-        the plans (B, K, H, S), the chosen candidate (B,)."""
+        candidates, and uniform noise (B, K) for the choice -> candidate actions (B, K, k, A), their values
+        (B, K), the plans (B, K, H, S), the chosen candidate (B,)."""
         cfg = self.cfg
         b, k = state.shape[0], cfg.candidates
         entry_noise = entry_noise.flatten(0, 1)
@@ -251,7 +258,8 @@ class TrajectoryDiffuser(nn.Module):
         values = values.reshape(b, k)
         gumbel = -torch.log(-torch.log(selection_noise.clamp(1e-9, 1 - 1e-9)))
         best = (values / cfg.select_temperature + gumbel).argmax(dim=1)
-        return actions.reshape(b, k, -1), values, plans.reshape(b, k, cfg.horizon, -1), best
+        return (actions.reshape(b, k, cfg.actions_per_decision, -1), values, plans.reshape(b, k, cfg.horizon, -1),
+                best)
 
     # -- the decision contract --
 
@@ -283,8 +291,7 @@ class TrajectoryDiffuser(nn.Module):
 
     def chunk_from_graph(self, candidates, values, plans, best) -> Chunk:
         actions = self.normalizer["action"].unnormalize(candidates)
-        rows = torch.arange(len(best))
-        chosen = actions[rows, best.long()][:, None]
+        chosen = actions[torch.arange(len(best)), best.long()]
         plans = self.normalizer["state"].unnormalize(plans)
         return Chunk(chosen, chosen, chosen, len(self.timesteps), "full",
                      extras={"candidates": actions, "scores": values, "plans": plans, "best": best,

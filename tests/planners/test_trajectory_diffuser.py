@@ -84,7 +84,7 @@ def test_refinement_starts_from_the_draft_and_makes_exactly_5_calls_against_200_
     draft = td.draft.rollout(state, td.target(len(state))).repeat_interleave(td.cfg.candidates, dim=0)
     first_input = calls.inputs[0][: len(draft)]
     torch.testing.assert_close(first_input, draft)
-    assert chunk.action.shape == (3, 1, 2) and chunk.extras["candidates"].shape == (3, 8, 2)
+    assert chunk.action.shape == (3, 1, 2) and chunk.extras["candidates"].shape == (3, 8, 1, 2)
     assert chunk.extras["plans"].shape == (3, 8, 32, 6)
     # renoise: the same draft, forward-noised to t = 4 (sigma ~ 0.08 on the linear 1e-3..2e-2 schedule)
     td.cfg.entry = "renoise"

@@ -1,0 +1,167 @@
+"""Trajectory Diffuser against its baselines on the maze tasks, per task: the noisy waypoint expert's continuing
+stream (`rtdp collect`) -> Trajectory Diffuser and the Decision-Diffuser-style planner trained on the same data with
+the same U-Net -> `rtdp eval` on the same 50 held-out seeds for Trajectory Diffuser, its draft alone (`--steps 0`)
+and Decision-Diffuser-style -> planning latency per decision on one thread, back to back, 32 candidates.
+
+    python benchmarks/trajectory_diffuser.py --tasks pointmaze/umaze pointmaze/medium   # resumable per stage
+    python benchmarks/trajectory_diffuser.py --table
+
+Data and checkpoints go to benchmarks/results/trajectory_diffuser/runs/ (not committed); results to
+benchmarks/results/trajectory_diffuser/<maze>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+OUT = ROOT / "benchmarks" / "results" / "trajectory_diffuser"
+CONFIGS = {"trajectory_diffuser": "trajectory_diffuser.yaml", "decision_diffuser": "decision_diffuser.yaml"}
+HORIZONS = {"umaze": 32, "medium": 64, "large": 128}  # the reference's
+# What is evaluated: (row name, checkpoint kind, the refinement's steps (None: the config's))
+ROWS = (("trajectory_diffuser", "trajectory_diffuser", None), ("draft_alone", "trajectory_diffuser", 0),
+        ("decision_diffuser", "decision_diffuser", None))
+KEYS = ("success_rate", "success_ci95", "mean_return", "normalized_return", "nfe_per_decision",
+        "draft_steps_per_decision", "actions_per_decision", "latency_ms", "decisions", "seconds", "config")
+
+
+def dataset(task: str, steps: int) -> Path:
+    from envs.datasets.offline import save_offline
+    from envs.pointmaze import collect_maze
+
+    path = OUT / "runs" / f"{task.partition('/')[2]}.hdf5"
+    if not path.exists():
+        t0 = time.perf_counter()
+        buffer = collect_maze(task, steps, seed=0)
+        buffer.attrs["collect_seconds"] = time.perf_counter() - t0
+        save_offline(buffer, path)
+    return path
+
+
+def checkpoint(task: str, kind: str, data: Path, overrides: list[str]) -> tuple[Path, dict]:
+    from deploy.kinds import kind_named
+    from envs.datasets.offline import load_offline
+    from envs.datasets.trajectory_dataset import TrajectoryDataset
+    from policy.config import load_config
+    from policy.train import train
+
+    maze = task.partition("/")[2]
+    run = OUT / "runs" / f"{maze}-{kind}"
+    if (run / "model.safetensors").is_file():
+        return run, json.loads((run / "train_report.json").read_text())
+    k = kind_named(kind)
+    cfg = load_config(ROOT / "configs" / "planners" / CONFIGS[kind],
+                      [f"planner.horizon={HORIZONS[maze]}", *overrides], k.config_class)
+    buffer = load_offline(data)
+    cfg.data.task = buffer.attrs["task"]
+    cfg.data.reference_returns = dict(buffer.attrs["reference_returns"])
+    summary = train(cfg, TrajectoryDataset(buffer, cfg.planner.horizon, cfg.data.discount), run,
+                    build=k.build_for_training)
+    return run, summary.to_dict()
+
+
+def evaluate_row(run: Path, steps: int | None, episodes: int) -> dict:
+    from evaluation.evaluate import EvalSettings, evaluate
+
+    report = evaluate(EvalSettings(checkpoint=str(run), episodes=episodes, steps=steps))
+    return {k: report[k] for k in KEYS if k in report}
+
+
+def latency(run: Path, steps: int | None, decisions: int) -> dict:
+    """One thread, back to back, on the states of one expert episode (fixed goal)."""
+    import numpy as np
+    import torch
+
+    from deploy.kinds import read_config
+    from deploy.runtime import RuntimeSettings, build_policy
+    from envs.pointmaze import PointMazeTask
+
+    torch.set_num_threads(1)
+    env = PointMazeTask(read_config(run).data.task.partition("/")[2])
+    expert = env.expert()
+    obs, _ = env.reset(seed=100_000)
+    states = []
+    for _ in range(decisions + 3):
+        states.append(obs["state"])
+        obs, *_ = env.step(expert(obs["state"]))
+    policy = build_policy(RuntimeSettings(str(run), steps=steps)).policy
+    g = torch.Generator().manual_seed(0)
+    times = []
+    for s in states:
+        t0 = time.perf_counter()
+        policy.predict_chunk({"state": torch.from_numpy(s[None, None])}, generator=g)
+        times.append((time.perf_counter() - t0) * 1e3)
+    a = np.array(times[3:])
+    return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)), "mean": float(a.mean()),
+            "decisions": len(a)}
+
+
+def table(out: Path) -> str:
+    rows = ["| task | planner | denoiser calls + draft passes per decision | actions per decision | success "
+            "| normalised return | latency p50 ms, 1 thread |", "|---|---|---|---|---|---|---|"]
+    for path in sorted(out.glob("*.json")):
+        r = json.loads(path.read_text())
+        for name, e in r["rows"].items():
+            if "eval" not in e:
+                continue
+            ev = e["eval"]
+            lat = e.get("latency", {})
+            lo, hi = ev["success_ci95"]
+            rows.append(f"| {r['task']} | {name} | {ev['nfe_per_decision']:.0f} + "
+                        f"{ev.get('draft_steps_per_decision', 0):.0f} | {ev['actions_per_decision']} | "
+                        f"{ev['success_rate']:.2f} [{lo:.2f}, {hi:.2f}] | {ev['normalized_return']:.1f} | "
+                        f"{lat.get('p50', float('nan')):.1f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", nargs="*", default=["pointmaze/umaze", "pointmaze/medium"])
+    ap.add_argument("--rows", nargs="*", default=[r[0] for r in ROWS], choices=[r[0] for r in ROWS])
+    ap.add_argument("--data-steps", type=int, default=1_000_000)
+    ap.add_argument("--override", nargs="*", default=[], help="config overrides for every kind, e.g. train.steps=2000")
+    ap.add_argument("--dd-override", nargs="*", default=[], help="config overrides for decision_diffuser only")
+    ap.add_argument("--episodes", type=int, default=50)
+    ap.add_argument("--latency-decisions", type=int, default=50)
+    ap.add_argument("--table", action="store_true")
+    ap.add_argument("--redo", nargs="*", default=[], help="stages to run again: eval, latency")
+    args = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    if args.table:
+        print(table(OUT))
+        return
+    for task in args.tasks:
+        maze = task.partition("/")[2]
+        path = OUT / f"{maze}.json"
+        result = json.loads(path.read_text()) if path.is_file() else {"task": task, "rows": {}}
+        data = dataset(task, args.data_steps)
+        result["data"] = {"path": str(data.relative_to(ROOT)), "steps": args.data_steps}
+        for name, kind, steps in ROWS:
+            if name not in args.rows:
+                continue
+            overrides = args.override + (args.dd_override if kind == "decision_diffuser" else [])
+            run, trained = checkpoint(task, kind, data, overrides)
+            entry = result["rows"].setdefault(name, {})
+            entry["train"] = {k: trained[k] for k in ("steps", "seconds", "loss_first", "loss_last") if k in trained}
+            if "eval" not in entry or "eval" in args.redo:
+                entry["eval"] = evaluate_row(run, steps, args.episodes)
+            if "latency" not in entry or "latency" in args.redo:
+                entry["latency"] = latency(run, steps, args.latency_decisions)
+            result.update(machine=f"{platform.machine()}, {platform.processor() or 'cpu'}",
+                          date=datetime.date.today().isoformat())
+            path.write_text(json.dumps(result, indent=2))
+            print(f"{task} {name}: success {entry['eval']['success_rate']:.2f}, normalised return "
+                  f"{entry['eval']['normalized_return']:.1f}, latency p50 {entry['latency']['p50']:.1f} ms", flush=True)
+    print(table(OUT))
+
+
+if __name__ == "__main__":
+    main()
