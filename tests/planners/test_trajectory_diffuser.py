@@ -73,8 +73,8 @@ def test_refinement_starts_from_the_draft_and_makes_exactly_5_calls_against_200_
     td, _ = load_planner(maze["td"])
     obs = observations(maze["buffer"])
     calls = UnetCalls(td.unet)
-    drafts = []
-    handle = td.draft.register_forward_hook(lambda m, a, out: drafts.append(out[0].detach()))
+    drafts = []  # one state head call per draft step
+    handle = td.draft.state_out.register_forward_hook(lambda m, a, out: drafts.append(out.detach()))
     chunk = td.predict_chunk(obs, generator=torch.Generator().manual_seed(0))
     handle.remove()
     assert chunk.nfe == 5 and calls.timesteps == [4, 3, 2, 1, 0]
@@ -103,6 +103,23 @@ def test_refinement_starts_from_the_draft_and_makes_exactly_5_calls_against_200_
     td.configure_inference(steps=0)  # the draft alone
     calls = UnetCalls(td.unet)
     assert td.predict_chunk(obs).nfe == 0 and calls.timesteps == []
+
+
+def test_the_drafts_cached_rollout_is_the_full_prefix_rerun():
+    from planners.draft_transformer import DraftTransformer
+
+    torch.manual_seed(0)
+    draft = DraftTransformer(6, 16, d_model=32, heads=4, layers=2, d_ff=64).eval()
+    state, prefix, target = torch.randn(3, 6), torch.randn(3, 4, 6), torch.rand(3)
+    with torch.no_grad():
+        for start in (state[:, None], prefix):
+            states, returns = start, target[:, None].expand(-1, start.shape[1])
+            while states.shape[1] < 16:  # re-read the whole prefix at every step
+                next_states, next_returns = draft(states, returns)
+                states = torch.cat([states, next_states[:, -1:]], dim=1)
+                returns = torch.cat([returns, next_returns[:, -1:]], dim=1)
+            torch.testing.assert_close(draft.rollout(start if start.dim() == 3 and start.shape[1] > 1 else state,
+                                                     target), states, atol=1e-5, rtol=0)
 
 
 def toy_trajectories(n: int, rng: np.random.Generator) -> np.ndarray:
