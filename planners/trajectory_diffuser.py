@@ -235,7 +235,9 @@ class TrajectoryDiffuser(nn.Module):
         """(N, H, S) plans -> each one's first `actions_per_decision` actions (N, k, A) by inverse dynamics between
         consecutive planned states, and the critic's value of its first action (N,)."""
         k = self.cfg.actions_per_decision
-        actions = self.inverse(torch.cat([plans[:, :k], plans[:, 1:k + 1]], dim=-1))
+        # held to the range the actions were seen in: an inverse model extrapolating between two planned states the
+        # data never joined would otherwise command more than any demonstration did
+        actions = self.inverse(torch.cat([plans[:, :k], plans[:, 1:k + 1]], dim=-1)).clamp(-1, 1)
         return actions, self.critic(torch.cat([plans[:, 0], actions[:, 0]], dim=-1))[:, 0]
 
     def decide_normalized(self, state, target_return, entry_noise, refine_noise, selection_noise):
