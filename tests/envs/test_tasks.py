@@ -18,7 +18,7 @@ def test_unknown_task_lists_the_known_ones():
 def test_every_metaworld_mt1_task_has_the_same_layout():
     names = metaworld_task_names()
     assert len(names) == 50 and set(BENCHMARK) <= set(names)
-    assert len(known_tasks()) == 55  # with point_mass/reach, point_mass/obstacle and three highway scenarios
+    assert len(known_tasks()) == 58  # with point_mass/reach, point_mass/obstacle, three highway scenarios, three mazes
     for name in names:
         env = make_env(f"metaworld/{name}")
         obs, info = env.reset(seed=1)
