@@ -21,7 +21,6 @@ prediction either way.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from scipy.cluster.vq import kmeans2
 from torch import nn
 
-from policy.checkpoint import WEIGHTS, load_run_config, load_weights, open_checkpoint
+from policy.checkpoint import load_planner_checkpoint, load_run_config
 from policy.config import TrainConfig
 from policy.contract import Chunk, GraphSpec, ObservationField, PolicySpec
 from policy.diffusion import METHODS, NoiseSchedule, sample
@@ -424,9 +423,4 @@ def read_config(directory) -> DiffusionDriveRunConfig:
 
 def load_planner(directory, planner_class: type = DiffusionDrive) -> tuple[DiffusionDrive, DiffusionDriveRunConfig]:
     """A driving planner checkpoint (DiffusionDrive, or a baseline built on its decoder: `planner_class`)."""
-    run_cfg, normalizer = open_checkpoint(directory, DiffusionDriveRunConfig)
-    if run_cfg.kind != planner_class.kind:
-        raise ValueError(f"{directory} holds a {run_cfg.kind!r} planner, not a {planner_class.kind!r}")
-    model = planner_class(run_cfg.planner, normalizer)
-    load_weights(model, Path(directory) / WEIGHTS)
-    return model.eval(), run_cfg
+    return load_planner_checkpoint(directory, DiffusionDriveRunConfig, planner_class)

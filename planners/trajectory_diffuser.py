@@ -25,14 +25,13 @@ planners/decision_diffuser.py, built on the same parts. Learned variance and the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from policy.checkpoint import WEIGHTS, load_run_config, load_weights, open_checkpoint
+from policy.checkpoint import load_planner_checkpoint, load_run_config
 from policy.config import TrainConfig
 from policy.contract import Chunk, GraphSpec, ObservationField, PolicySpec
 from policy.diffusion import METHODS, NoiseSchedule, sample
@@ -369,9 +368,4 @@ def read_config(directory) -> TrajectoryDiffuserRunConfig:
 
 
 def load_planner(directory, planner_class: type = TrajectoryDiffuser):
-    run_cfg, normalizer = open_checkpoint(directory, TrajectoryDiffuserRunConfig)
-    if run_cfg.kind != planner_class.kind:
-        raise ValueError(f"{directory} holds a {run_cfg.kind!r} planner, not a {planner_class.kind!r}")
-    model = planner_class(run_cfg.planner, normalizer)
-    load_weights(model, Path(directory) / WEIGHTS)
-    return model.eval(), run_cfg
+    return load_planner_checkpoint(directory, TrajectoryDiffuserRunConfig, planner_class)

@@ -165,6 +165,17 @@ def load_policy(directory: str | Path) -> tuple[DiffusionPolicy, RunConfig]:
     return policy.eval(), cfg
 
 
+def load_planner_checkpoint(directory: str | Path, config_class: type, planner_class: type) -> tuple:
+    """(planner in eval mode, run config) of a planner checkpoint whose `kind` must be `planner_class.kind`;
+    the planner is built as `planner_class(run_cfg.planner, normalizer)`."""
+    run_cfg, normalizer = open_checkpoint(directory, config_class)
+    if run_cfg.kind != planner_class.kind:
+        raise ValueError(f"{directory} holds a {run_cfg.kind!r} planner, not a {planner_class.kind!r}")
+    model = planner_class(run_cfg.planner, normalizer)
+    load_weights(model, Path(directory) / WEIGHTS)
+    return model.eval(), run_cfg
+
+
 def load_weights(module: torch.nn.Module, path: Path) -> None:
     """Load a safetensors file into `module`, refusing missing, unexpected or mis-shaped tensors by name."""
     state = load_tensors(path)
