@@ -38,6 +38,17 @@ class FieldNormalizer:
         offset = np.where(const, -(lo + hi) / 2.0, -1.0 - scale * lo)
         return cls("minmax", scale, offset, {"min": lo.tolist(), "max": hi.tolist()})
 
+    @classmethod
+    def fit_standard(cls, data: np.ndarray, std_eps: float = 1e-6) -> FieldNormalizer:
+        """Zero mean, unit variance per dim (a dimension that never moves is only centred): for features with
+        long tails, where min-max would squeeze the bulk of the data near zero."""
+        flat = np.asarray(data, dtype=np.float64).reshape(-1, data.shape[-1])
+        if not np.isfinite(flat).all():
+            raise ValueError("cannot fit a normalizer on data that holds NaN or Inf")
+        mean, std = flat.mean(axis=0), flat.std(axis=0)
+        scale = 1.0 / np.where(std < std_eps, 1.0, std)
+        return cls("standard", scale, -mean * scale, {"mean": mean.tolist(), "std": std.tolist()})
+
     def shrink(self, dims: list[int], factor: float) -> FieldNormalizer:
         """The same map with `dims` divided by `factor` after normalising (RTI's scaled discrete actions)."""
         scale, offset = self.scale.copy(), self.offset.copy()

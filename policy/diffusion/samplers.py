@@ -60,10 +60,10 @@ def _signal_noise(ab_t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, to
     return ab_t.sqrt().to(device=x.device, dtype=x.dtype), (1.0 - ab_t).sqrt().to(device=x.device, dtype=x.dtype)
 
 
-def _step_tables(schedule: NoiseSchedule, ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """alpha_bar at each step and at the step it moves to (1.0 after the last)."""
+def _step_tables(schedule: NoiseSchedule, ts: torch.Tensor, until: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha_bar at each step and at the step it moves to (after the last: `until`, 1.0 when -1)."""
     ab = schedule.alpha_bar_padded
-    nxt = torch.cat([ts[1:], torch.tensor([-1])])
+    nxt = torch.cat([ts[1:], torch.tensor([until])])
     return ab[ts], ab[nxt]
 
 
@@ -76,8 +76,10 @@ def sample(
     generator: torch.Generator | None = None,
     eta: float = 0.0,
     step_noise: torch.Tensor | None = None,
+    until: int = -1,
 ) -> torch.Tensor:
-    """Denoise `x_init`, taken to be at noise level `timesteps[0]`, down to the clean sample.
+    """Denoise `x_init`, taken to be at noise level `timesteps[0]`, down to the clean sample, or with `until` >= 0
+    down to noise level `until` (below the last timestep), so that another denoiser can take the chain on.
 
     `step_noise` (K, *x_init.shape) supplies the noise of each stochastic step instead of drawing it, so an
     exported graph can take it as an input (ddpm, and ddim with eta > 0).
@@ -91,6 +93,9 @@ def sample(
     if not torch.is_tensor(x_init) or not x_init.dtype.is_floating_point:
         raise TypeError(f"x_init must be a floating-point tensor, got {type(x_init).__name__}")
     ts = as_timesteps(timesteps, schedule)
+    if not -1 <= until < int(ts[-1]):
+        raise ValueError(f"until must be -1 (the clean sample) or a noise level below the last timestep "
+                         f"{int(ts[-1])}, got {until}")
     if step_noise is not None and tuple(step_noise.shape) != (len(ts), *x_init.shape):
         raise ValueError(f"step_noise must have shape {(len(ts), *x_init.shape)}, got {tuple(step_noise.shape)}")
 
@@ -98,10 +103,10 @@ def sample(
         return step_noise[i] if step_noise is not None else _noise_like(x, generator)
 
     if method == "ddpm":
-        return _ddpm(model_fn, x_init, schedule, ts, noise)
+        return _ddpm(model_fn, x_init, schedule, ts, noise, until)
     if method == "ddim":
-        return _ddim(model_fn, x_init, schedule, ts, noise, eta)
-    return _dpmpp_2m(model_fn, x_init, schedule, ts)
+        return _ddim(model_fn, x_init, schedule, ts, noise, eta, until)
+    return _dpmpp_2m(model_fn, x_init, schedule, ts, until)
 
 
 def _model_timesteps(ts: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:
@@ -114,14 +119,14 @@ def _clip(x0: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
     return x0
 
 
-def _ddpm(model_fn, x, schedule, ts, noise):
-    ab_t, ab_prev = _step_tables(schedule, ts)
+def _ddpm(model_fn, x, schedule, ts, noise, until):
+    ab_t, ab_prev = _step_tables(schedule, ts, until)
     alpha_t = ab_t / ab_prev
     beta_t = 1.0 - alpha_t
     c_x0 = ab_prev.sqrt() * beta_t / (1.0 - ab_t)
     c_xt = alpha_t.sqrt() * (1.0 - ab_prev) / (1.0 - ab_t)
     std = ((1.0 - ab_prev) / (1.0 - ab_t) * beta_t).clamp(min=1e-20).sqrt()
-    add_noise = (ts > 0).tolist()
+    add_noise = (ab_prev < 1.0).tolist()  # every step but the one that lands on the clean sample
     to = dict(device=x.device, dtype=x.dtype)
     a, s = _signal_noise(ab_t, x)
     c_x0, c_xt, std = c_x0.to(**to), c_xt.to(**to), std.to(**to)
@@ -133,8 +138,8 @@ def _ddpm(model_fn, x, schedule, ts, noise):
     return x
 
 
-def _ddim(model_fn, x, schedule, ts, noise, eta):
-    ab_t, ab_prev = _step_tables(schedule, ts)
+def _ddim(model_fn, x, schedule, ts, noise, eta, until):
+    ab_t, ab_prev = _step_tables(schedule, ts, until)
     std = eta * ((1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev)).sqrt()
     c_eps = (1.0 - ab_prev - std**2).sqrt()
     to = dict(device=x.device, dtype=x.dtype)
@@ -148,8 +153,8 @@ def _ddim(model_fn, x, schedule, ts, noise, eta):
     return x
 
 
-def _dpmpp_2m(model_fn, x, schedule, ts):
-    ab_t, ab_next = _step_tables(schedule, ts)
+def _dpmpp_2m(model_fn, x, schedule, ts, until):
+    ab_t, ab_next = _step_tables(schedule, ts, until)
     alpha_s, sigma_s = ab_t.sqrt(), (1.0 - ab_t).sqrt()
     alpha_t, sigma_t = ab_next.sqrt(), (1.0 - ab_next).sqrt()
     # exp(-h) with h = lambda_t - lambda_s, written without logs so the last step (sigma_t = 0) stays finite.

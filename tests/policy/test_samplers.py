@@ -180,3 +180,17 @@ def test_unknown_method_and_schedule_are_named():
         NoiseSchedule(100, beta_schedule="cosine")
     with pytest.raises(ValueError, match="x0"):
         NoiseSchedule(100, prediction_type="x0")
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+def test_a_chain_stopped_at_until_and_resumed_is_the_whole_chain(method):
+    """`until` hands the chain over at a noise level (AAMDM: a GAN for the noisy steps, a polisher for the last):
+    stopping after [9, 6, 3] at level 1 and going on with [1, 0] is exactly the chain [9, 6, 3, 1, 0]."""
+    sched = NoiseSchedule(10, "squaredcos_cap_v2", "sample")
+    noise = torch.randn((5, *SHAPE), generator=torch.Generator().manual_seed(3))
+    whole = sample(toy_denoiser, x_init(), sched, [9, 6, 3, 1, 0], method, eta=1.0, step_noise=noise)
+    head = sample(toy_denoiser, x_init(), sched, [9, 6, 3], method, eta=1.0, step_noise=noise[:3], until=1)
+    tail = sample(toy_denoiser, head, sched, [1, 0], method, eta=1.0, step_noise=noise[3:])
+    assert torch.allclose(tail, whole, atol=1e-6)
+    with pytest.raises(ValueError, match="below the last timestep 3"):
+        sample(toy_denoiser, x_init(), sched, [9, 6, 3], method, until=3)
