@@ -13,7 +13,16 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from planners import decision_diffuser, diffusion_planner, diffusiondrive, regression_planner, trajectory_diffuser
+from planners import (
+    aamdm,
+    amdm,
+    decision_diffuser,
+    diffusion_planner,
+    diffusiondrive,
+    motion_autoencoder,
+    regression_planner,
+    trajectory_diffuser,
+)
 from policy.checkpoint import CheckpointError, checkpoint_kind, load_config_file, load_policy
 from policy.config import RunConfig
 from policy.diffusion_policy import KIND as DIFFUSION_POLICY
@@ -54,6 +63,16 @@ for _module, _planner in ((trajectory_diffuser, trajectory_diffuser.TrajectoryDi
                                     trajectory_diffuser.read_config, _planner,
                                     partial(trajectory_diffuser.load_planner, planner_class=_planner),
                                     _module.build_for_training, denoising_wrappers=False)
+
+# Motion synthesis: AAMDM and its plain per-frame diffusion baseline (AMDM-200 / AMDM-5 by config).
+for _module, _model, _config in ((aamdm, aamdm.AAMDM, aamdm.AAMDMRunConfig), (amdm, amdm.AMDM, amdm.AMDMRunConfig)):
+    KINDS[_module.KIND] = ModelKind(_module.KIND, _config, _module.read_config, _model, _module.load_planner,
+                                    _module.build_for_training, denoising_wrappers=False)
+# AAMDM's embedding: trained and loaded here like the others, but an autoencoder, not a policy (no decisions).
+KINDS[motion_autoencoder.KIND] = ModelKind(motion_autoencoder.KIND, motion_autoencoder.MotionAutoencoderRunConfig,
+                                           motion_autoencoder.read_config, motion_autoencoder.MotionAutoencoder,
+                                           motion_autoencoder.load_autoencoder, motion_autoencoder.build_for_training,
+                                           denoising_wrappers=False)
 
 
 def kind_of(checkpoint: str | Path) -> ModelKind:
