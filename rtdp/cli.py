@@ -93,6 +93,8 @@ def _config_kind(path: str) -> str:
 
 # Planner kinds trained on offline-RL data (state windows with returns), read from D4RL HDF5, zarr or Minari.
 OFFLINE_RL_KINDS = ("trajectory_diffuser", "decision_diffuser")
+# Motion kinds, trained on windows of consecutive frames (a zarr with `frame` per step, one episode per clip).
+MOTION_KINDS = ("aamdm", "amdm")
 
 
 def _planner_data(args: argparse.Namespace, cfg, kind):
@@ -107,11 +109,44 @@ def _planner_data(args: argparse.Namespace, cfg, kind):
         cfg.data.task = cfg.data.task or buffer.attrs.get("task")
         cfg.data.reference_returns = cfg.data.reference_returns or dict(buffer.attrs.get("reference_returns") or {})
         return TrajectoryDataset(buffer, cfg.planner.horizon, cfg.data.discount), buffer
+    if kind.name == "motion_autoencoder":
+        from envs.datasets.motion_dataset import MotionDataset
+
+        d = cfg.data
+        buffer = ReplayBuffer.load(args.data)
+        d.task = d.task or buffer.attrs.get("task")
+        return MotionDataset(buffer, 1, d.pose_key, (d.pose_key, d.control_key)), buffer
+    if kind.name in MOTION_KINDS:
+        from envs.datasets.motion_dataset import MotionDataset
+
+        d = cfg.data
+        buffer = ReplayBuffer.load(args.data)
+        d.task, d.path = d.task or buffer.attrs.get("task"), str(args.data)
+        if d.autoencoder:
+            buffer = _embedded(buffer, cfg)
+        return MotionDataset(buffer, cfg.planner.rollout, d.key), buffer
     from envs.datasets.plan_dataset import PlanDataset
 
     buffer = ReplayBuffer.load(args.data)
     cfg.data.task = cfg.data.task or buffer.attrs.get("task")
     return PlanDataset(buffer, cfg.data.branch_labels, cfg.data.val_ratio, cfg.train.seed), buffer
+
+
+def _embedded(buffer, cfg):
+    """A motion dataset (pose, control per frame) as frames of the autoencoder's embedding, which the motion model
+    is trained on; the model's control dims become the embedding's control features."""
+    from envs.datasets import ReplayBuffer
+    from planners.motion_autoencoder import embed_frames, load_autoencoder
+    from policy.checkpoint import weights_sha256
+
+    ae, ae_cfg = load_autoencoder(cfg.data.autoencoder)
+    if "skeleton" not in buffer.attrs:
+        raise ValueError(f"{buffer.source} holds no skeleton: make it with rtdp collect --task motion/...")
+    ae.check_skeleton(buffer.attrs["skeleton"])
+    frames = embed_frames(ae, buffer[ae_cfg.data.pose_key], buffer[ae_cfg.data.control_key])
+    cfg.data.autoencoder_sha256 = weights_sha256(cfg.data.autoencoder)
+    cfg.planner.control_dims = cfg.planner.control_dims or list(range(ae_cfg.planner.control_dim))
+    return ReplayBuffer({cfg.data.key: frames}, buffer.episode_ends, dict(buffer.attrs), source=buffer.source)
 
 
 def _train_planner(args: argparse.Namespace, cfg, kind) -> int:
@@ -146,6 +181,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
     if args.task.startswith("pointmaze/"):
         return _collect_maze(args)
+    if args.task.startswith("motion/"):
+        return _collect_motion(args)
     if args.append and args.overwrite:
         raise ValueError("--append adds to the dataset at --out and --overwrite replaces it: pass one")
     existing = None
@@ -176,6 +213,61 @@ def cmd_collect(args: argparse.Namespace) -> int:
     print(f"{args.task}: {what} ({buffer.n_steps} steps) in {args.out}; expert success "
           f"{a['expert_success_rate']:.2f}")
     _write_report(args.report, {"out": str(args.out), "steps": buffer.n_steps, "added": added, **a})
+    return 0
+
+
+def cmd_motion(args: argparse.Namespace) -> int:
+    import torch
+
+    from evaluation.motion import motion_report, open_motion_session, parse_control, synthesize, write_motion_video
+
+    commands = parse_control(args.control)  # refused before anything is loaded
+    torch.set_num_threads(args.threads)
+    session = open_motion_session(args.checkpoint, args.data, args.start_clip)
+    run = synthesize(session.policy, session.decode, session.start_frame, session.skeleton, args.seconds, commands,
+                     guided=not args.no_guidance, seed=args.seed, progress=not args.no_progress)
+    report = {"checkpoint": args.checkpoint, "control": args.control, "threads": args.threads,
+              **motion_report(run, commands, session.skeleton, session.contact_height), "config": session.config}
+    if args.video:
+        Path(args.video).parent.mkdir(parents=True, exist_ok=True)
+        write_motion_video(run, session.skeleton, args.video, progress=not args.no_progress)
+    _write_report(args.report, report)
+    err = report["guidance_error"]
+    turn = "" if err["after_turn_mean_deg"] is None else \
+        f", {err['after_turn_mean_deg']:.0f} deg {err['after_turn_s']:.0f} s after a turn"
+    video = f"; video in {args.video}" if args.video else ""
+    print(f"{report['frames']} frames ({report['seconds']:.0f} s) at {report['fps']:.0f} frames/s "
+          f"({report['nfe_per_frame']}); walked {report['distance_m']:.1f} m; direction error "
+          f"{err['mean_deg']:.0f} deg on average{turn}{video}")
+    return 0
+
+
+def _collect_motion(args: argparse.Namespace) -> int:
+    """Motion clips as a per-frame dataset: motion/deepmimic (the clips in the pybullet wheel) or motion/bvh with
+    --bvh DIR (every .bvh file in it, one skeleton), each clip also mirrored."""
+    from envs.motion import deepmimic_clips, motion_dataset, read_bvh
+
+    if args.append or args.image:
+        raise ValueError(f"{args.task} turns whole clips into frames: --append and --image do not apply")
+    if Path(args.out).exists() and not args.overwrite:
+        raise ValueError(f"{args.out} already exists; nothing was written (choose another --out, or --overwrite)")
+    source = args.task.split("/", 1)[1]
+    if source == "deepmimic":
+        clips = deepmimic_clips()
+    elif source == "bvh":
+        if not args.bvh or not sorted(Path(args.bvh).glob("*.bvh")):
+            raise ValueError("motion/bvh reads every .bvh file in --bvh DIR; none was found"
+                             + (f" in {args.bvh}" if args.bvh else " (pass --bvh)"))
+        clips = [read_bvh(p) for p in sorted(Path(args.bvh).glob("*.bvh"))]
+    else:
+        raise ValueError(f"unknown motion source {source!r}: motion/deepmimic or motion/bvh (with --bvh DIR)")
+    buffer = motion_dataset(clips)
+    buffer.attrs["task"] = args.task
+    buffer.save(args.out, overwrite=args.overwrite)
+    print(f"{args.task}: {len(clips)} clips, mirrored: {buffer.n_episodes} episodes, {buffer.n_steps} frames "
+          f"({buffer.n_steps / buffer.attrs['fps']:.0f} s) in {args.out}")
+    _write_report(args.report, {"out": str(args.out), "frames": buffer.n_steps, "episodes": buffer.n_episodes,
+                                "clips": buffer.attrs["clips"]})
     return 0
 
 
@@ -413,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=POSITIVE, default=1_000_000, help="maze tasks: steps of the continuing expert "
                    "stream")
     c.add_argument("--action-noise", type=float, default=0.3, help="maze tasks: std of the expert's action noise")
+    c.add_argument("--bvh", metavar="DIR", help="motion/bvh: the folder of .bvh files (e.g. LaFAN1's)")
     c.add_argument("--minari-dir", help="maze tasks with --out minari:<id>: the Minari datasets folder (default: "
                    "MINARI_DATASETS_PATH or ~/.minari/datasets)")
     c.add_argument("--report", help="write a JSON summary here")
@@ -504,6 +597,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--report", help="write the JSON report here")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_control)
+
+    m = sub.add_parser("motion", help="synthesise a character's motion with a motion model, steered by commands")
+    m.add_argument("--checkpoint", required=True, help="an aamdm or amdm checkpoint trained through an autoencoder")
+    m.add_argument("--seconds", type=RATE, default=20.0)
+    m.add_argument("--control", default="walk 1.2 m/s", help="e.g. 'walk 1.2 m/s, turn left at 5 s, turn right by "
+                   "45 deg at 10 s, face 180 deg at 14 s, speed 0.5 m/s at 17 s'")
+    m.add_argument("--no-guidance", action="store_true", help="free synthesis: the commands are only measured")
+    m.add_argument("--data", help="the motion dataset the start frame comes from (default: the training data)")
+    m.add_argument("--start-clip", default="walk", help="start from the first frame of the clip with this name")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--threads", type=POSITIVE, default=1)
+    m.add_argument("--video", help="write an mp4 of the character and its root path here")
+    m.add_argument("--report", help="write fps, nfe_per_frame, guidance error and foot skating as JSON here")
+    m.add_argument("--no-progress", action="store_true")
+    m.set_defaults(func=cmd_motion)
 
     d = sub.add_parser("demo", help="collect, train and evaluate closed-loop on a metaworld task, end to end")
     d.add_argument("--workdir", default="runs/demo")
