@@ -222,6 +222,7 @@ def _check_decision_graphs(model, backend, manifest: dict, samples: int, g: torc
         graph = graphs[name]
         with torch.no_grad():
             want = graph.fn(*graph.inputs.values())
+        want = want if isinstance(want, tuple) else (want,)
         got = backend.run(name, graph.inputs)
         for o, w, r in zip(spec["outputs"], want, got, strict=True):
             errors[f"{name}.{o['name']}"] = _max_err(r, w)
