@@ -236,8 +236,10 @@ def cmd_motion(args: argparse.Namespace) -> int:
     turn = "" if err["after_turn_mean_deg"] is None else \
         f", {err['after_turn_mean_deg']:.0f} deg {err['after_turn_s']:.0f} s after a turn"
     video = f"; video in {args.video}" if args.video else ""
-    print(f"{report['frames']} frames ({report['seconds']:.0f} s) at {report['fps']:.0f} frames/s "
-          f"({report['nfe_per_frame']}); walked {report['distance_m']:.1f} m; direction error "
+    nfe = report["nfe_per_frame"]
+    calls = f"{nfe['total']} calls per frame" + (f": {nfe['generator_calls']} generator + {nfe['polisher_calls']} "
+                                                 "polisher" if "generator_calls" in nfe else "")
+    print(f"{report['frames']} frames ({report['seconds']:.0f} s) at {report['fps']:.0f} frames/s ({calls}); walked {report['distance_m']:.1f} m; direction error "
           f"{err['mean_deg']:.0f} deg on average{turn}{video}")
     return 0
 
