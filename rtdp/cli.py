@@ -239,7 +239,8 @@ def cmd_motion(args: argparse.Namespace) -> int:
     nfe = report["nfe_per_frame"]
     calls = f"{nfe['total']} calls per frame" + (f": {nfe['generator_calls']} generator + {nfe['polisher_calls']} "
                                                  "polisher" if "generator_calls" in nfe else "")
-    print(f"{report['frames']} frames ({report['seconds']:.0f} s) at {report['fps']:.0f} frames/s ({calls}); walked {report['distance_m']:.1f} m; direction error "
+    print(f"{report['frames']} frames ({report['seconds']:.0f} s) at {report['fps']:.0f} frames/s ({calls}); "
+          f"walked {report['distance_m']:.1f} m; direction error "
           f"{err['mean_deg']:.0f} deg on average{turn}{video}")
     return 0
 
