@@ -233,6 +233,7 @@ class BackendPolicy(DenoisingWrapper):
     def condition(self, obs):
         return self.backend.encode(self.model.normalize_obs(obs))
 
-    def sample_normalized(self, cond, x_init, timesteps, method, generator=None, denoiser=None) -> Denoised:
+    def sample_normalized(self, cond, x_init, timesteps, method, generator=None, denoiser=None, stop=None
+                          ) -> Denoised:
         return self.inner.sample_normalized(cond, x_init, timesteps, method, generator,
-                                            denoiser=denoiser or self.backend.denoise)
+                                            denoiser=denoiser or self.backend.denoise, stop=stop)

@@ -343,11 +343,13 @@ class CachedPolicy(DenoisingWrapper):
     def timesteps(self) -> list[int]:
         return self.cache_schedule.timesteps
 
-    def sample_normalized(self, cond, x_init, timesteps, method, generator=None, denoiser=None) -> Denoised:
+    def sample_normalized(self, cond, x_init, timesteps, method, generator=None, denoiser=None, stop=None
+                          ) -> Denoised:
         steps = timesteps.tolist() if torch.is_tensor(timesteps) else [int(t) for t in timesteps]
         if denoiser is not None or (method, steps) != (self.cache_schedule.method, self.cache_schedule.timesteps):
-            return self.inner.sample_normalized(cond, x_init, timesteps, method, generator, denoiser)
+            return self.inner.sample_normalized(cond, x_init, timesteps, method, generator, denoiser, stop)
         self.denoiser.reset()
-        out = self.inner.sample_normalized(cond, x_init, timesteps, method, generator, denoiser=self.denoiser)
+        out = self.inner.sample_normalized(cond, x_init, timesteps, method, generator, denoiser=self.denoiser,
+                                           stop=stop)
         out.block_evals = self.denoiser.block_evals
         return out

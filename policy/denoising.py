@@ -5,7 +5,7 @@ A denoising policy has a `spec`, a `schedule`, a `normalizer`, the sampler it wa
 `timesteps`), a `model` (the torch module: what a block cache hooks and what export traces), and
 
     condition(obs) -> cond                                   raw observations, validated, normalised, encoded
-    sample_normalized(cond, x_init, timesteps, method, generator=None, denoiser=None) -> Denoised
+    sample_normalized(cond, x_init, timesteps, method, generator=None, denoiser=None, stop=None) -> Denoised
     to_chunk(denoised, kind="full", extras=None) -> Chunk    clean normalised chunk -> raw actions
     chunk_shape(batch), inference_timesteps(steps), reset()
 
@@ -84,8 +84,9 @@ class DenoisingWrapper(DenoisingPolicy):
     def condition(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.inner.condition(obs)
 
-    def sample_normalized(self, cond, x_init, timesteps, method, generator=None, denoiser=None) -> Denoised:
-        return self.inner.sample_normalized(cond, x_init, timesteps, method, generator, denoiser)
+    def sample_normalized(self, cond, x_init, timesteps, method, generator=None, denoiser=None, stop=None
+                          ) -> Denoised:
+        return self.inner.sample_normalized(cond, x_init, timesteps, method, generator, denoiser, stop)
 
     def to_chunk(self, denoised: Denoised, kind: str = "full", extras: dict | None = None) -> Chunk:
         return self.inner.to_chunk(denoised, kind, extras)

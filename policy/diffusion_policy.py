@@ -176,13 +176,14 @@ class DiffusionPolicy(nn.Module, DenoisingPolicy):
 
     @torch.no_grad()
     def sample_normalized(self, cond: torch.Tensor, x_init: torch.Tensor, timesteps, method: str,
-                          generator: torch.Generator | None = None, denoiser=None) -> Denoised:
+                          generator: torch.Generator | None = None, denoiser=None, stop=None) -> Denoised:
         """Denoise `x_init` (normalised, at noise level timesteps[0]) to a clean normalised chunk, counting the
-        denoiser calls. `denoiser` (x, t, cond) replaces `self.denoise` (a block cache, another backend)."""
+        denoiser calls. `denoiser` (x, t, cond) replaces `self.denoise` (a block cache, another backend); `stop`
+        ends the chain early (the sampler's anytime stop)."""
         denoise = denoiser or self.denoise
         counter = CallCounter(lambda x, t: denoise(x, t, cond))
         x0 = sample(counter, x_init.to(cond), self.schedule, timesteps, method, generator=generator,
-                    eta=self.cfg.inference.eta)
+                    eta=self.cfg.inference.eta, stop=stop)
         return Denoised(x0, counter.calls)
 
     def to_chunk(self, denoised: Denoised, kind: str = "full", extras: dict | None = None) -> Chunk:

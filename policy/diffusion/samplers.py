@@ -77,12 +77,17 @@ def sample(
     eta: float = 0.0,
     step_noise: torch.Tensor | None = None,
     until: int = -1,
+    stop: Callable[[int], bool] | None = None,
 ) -> torch.Tensor:
     """Denoise `x_init`, taken to be at noise level `timesteps[0]`, down to the clean sample, or with `until` >= 0
     down to noise level `until` (below the last timestep), so that another denoiser can take the chain on.
 
     `step_noise` (K, *x_init.shape) supplies the noise of each stochastic step instead of drawing it, so an
     exported graph can take it as an input (ddpm, and ddim with eta > 0).
+
+    `stop(calls)` is asked after every denoiser call; when it answers True the chain ends there and that call's
+    clean-sample prediction is returned (an anytime decision). Stopped after k calls, the result equals a run on
+    the first k timesteps alone, whose last step lands on exactly that prediction.
 
     method: "ddpm" (fixed_small variance), "ddim" (`eta` scales its noise; 0 is deterministic) or
     "dpmpp_2m" (DPM-Solver++ 2M, data prediction, first-order on the first and the last step).
@@ -102,11 +107,12 @@ def sample(
     def noise(i: int, x: torch.Tensor) -> torch.Tensor:
         return step_noise[i] if step_noise is not None else _noise_like(x, generator)
 
+    stop = stop or (lambda calls: False)
     if method == "ddpm":
-        return _ddpm(model_fn, x_init, schedule, ts, noise, until)
+        return _ddpm(model_fn, x_init, schedule, ts, noise, until, stop)
     if method == "ddim":
-        return _ddim(model_fn, x_init, schedule, ts, noise, eta, until)
-    return _dpmpp_2m(model_fn, x_init, schedule, ts, until)
+        return _ddim(model_fn, x_init, schedule, ts, noise, eta, until, stop)
+    return _dpmpp_2m(model_fn, x_init, schedule, ts, until, stop)
 
 
 def _model_timesteps(ts: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:
@@ -119,7 +125,7 @@ def _clip(x0: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
     return x0
 
 
-def _ddpm(model_fn, x, schedule, ts, noise, until):
+def _ddpm(model_fn, x, schedule, ts, noise, until, stop):
     ab_t, ab_prev = _step_tables(schedule, ts, until)
     alpha_t = ab_t / ab_prev
     beta_t = 1.0 - alpha_t
@@ -132,13 +138,15 @@ def _ddpm(model_fn, x, schedule, ts, noise, until):
     c_x0, c_xt, std = c_x0.to(**to), c_xt.to(**to), std.to(**to)
     for i, t in enumerate(_model_timesteps(ts, x)):
         x0, _ = schedule.to_x0_eps(model_fn(x, t), x, a[i], s[i])
+        if stop(i + 1):
+            return _clip(x0, schedule)
         x = c_x0[i] * _clip(x0, schedule) + c_xt[i] * x
         if add_noise[i]:
             x = x + std[i] * noise(i, x)
     return x
 
 
-def _ddim(model_fn, x, schedule, ts, noise, eta, until):
+def _ddim(model_fn, x, schedule, ts, noise, eta, until, stop):
     ab_t, ab_prev = _step_tables(schedule, ts, until)
     std = eta * ((1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev)).sqrt()
     c_eps = (1.0 - ab_prev - std**2).sqrt()
@@ -147,13 +155,15 @@ def _ddim(model_fn, x, schedule, ts, noise, eta, until):
     c_x0, c_eps, std = ab_prev.sqrt().to(**to), c_eps.to(**to), std.to(**to)
     for i, t in enumerate(_model_timesteps(ts, x)):
         x0, eps = schedule.to_x0_eps(model_fn(x, t), x, a[i], s[i])
+        if stop(i + 1):
+            return _clip(x0, schedule)
         x = c_x0[i] * _clip(x0, schedule) + c_eps[i] * eps
         if eta > 0:
             x = x + std[i] * noise(i, x)
     return x
 
 
-def _dpmpp_2m(model_fn, x, schedule, ts, until):
+def _dpmpp_2m(model_fn, x, schedule, ts, until, stop):
     ab_t, ab_next = _step_tables(schedule, ts, until)
     alpha_s, sigma_s = ab_t.sqrt(), (1.0 - ab_t).sqrt()
     alpha_t, sigma_t = ab_next.sqrt(), (1.0 - ab_next).sqrt()
@@ -174,6 +184,8 @@ def _dpmpp_2m(model_fn, x, schedule, ts, until):
     d_prev = None
     for i, t in enumerate(_model_timesteps(ts, x)):
         d, _ = schedule.to_x0_eps(model_fn(x, t), x, a[i], s[i])
+        if stop(i + 1):
+            return d
         blended = d if d_prev is None else w0[i] * d + w1[i] * d_prev
         x = c_x[i] * x + c_d[i] * blended
         d_prev = d
