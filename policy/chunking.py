@@ -1,0 +1,238 @@
+"""Chunks that join the one being executed, and decisions that stop at a deadline: wrappers of any denoising
+policy (policy/denoising.py), on any sampler.
+
+Prefix-conditioned chunks (real-time chunking, Black et al. 2025). While a decision runs, the robot keeps
+executing the previous chunk; the new one's first `delay` actions belong to ticks that will have passed when it
+arrives. Denoised freely, the new chunk may sit in another mode than the one being executed, and the loop's splice
+jumps. Here the new chunk is denoised with those actions held to the previous chunk's (shifted by the actions
+executed since its observation):
+- `inpaint`: replacement (RePaint's injection). Before every denoiser call the frozen positions of the sample are
+  set to the previous chunk forward-noised to the call's level; the clean chunk's frozen positions are then exactly
+  the previous chunk's. The rest sees the prefix only through the network, and at the noisy steps where the mode
+  is chosen it sees little of it: on a two-mode toy the rest agrees with the prefix 0.6-0.7 of the time.
+- `guidance`: RTC's soft-masked guidance (guided_denoiser): every prediction is pulled toward the previous chunk
+  through the denoiser's vector-Jacobian product, weighted 1 on the frozen positions, decaying exponentially over
+  the rest of the overlap (where the previous chunk still holds a prediction) and 0 after it. The frozen positions
+  end near, not at, the previous chunk; the overlap blends into the new plan.
+The delay is `delay` actions when set, else the measured decision latency over the control period, rounded up.
+
+Anytime decisions. `AnytimePolicy` stops a decision's chain when its time budget would not cover one more step
+(from the measured step latency) and returns the last clean-sample prediction as the chunk: stopped after k
+steps, the same chunk as a run on the first k steps alone. A budget shorter than one step returns no chunk
+(`chunk.kind == "skipped"`, empty action), which the loop treats as no new chunk: it keeps executing the previous
+one, or holds.
+
+    policy = PrefixConditionedPolicy(policy, ChunkingConfig(method="inpaint", period_ms=20))
+    policy = AnytimePolicy(policy, budget_ms=lambda: 30.0)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .contract import Chunk
+from .denoising import Denoised, DenoisingWrapper
+
+CHUNKING_METHODS = ("inpaint", "guidance")
+
+
+@dataclass
+class ChunkingConfig:
+    method: str = "inpaint"  # inpaint | guidance
+    delay: int | None = None  # actions of a new chunk executed before it arrives; None: from measured latency
+    period_ms: float = 20.0  # the control period, to turn latency into actions
+    guidance_max: float = 5.0  # RTC's beta: the largest guidance weight
+    latency_smoothing: float = 0.3  # the weight of the newest decision in the latency estimate
+
+
+def base_denoiser(policy) -> Callable:
+    """The (x, t, cond) -> prediction function under any wrappers: the backend's where one runs the model."""
+    while True:
+        backend = getattr(policy, "backend", None)
+        if backend is not None:
+            return backend.denoise
+        if not hasattr(policy, "inner"):
+            return policy.denoise
+        policy = policy.inner
+
+
+def prefix_weights(horizon: int, frozen: int, overlap: int) -> torch.Tensor:
+    """RTC's soft mask (Eq. 5) over a chunk: 1 on [0, frozen), c (e^c - 1) / (e - 1) with
+    c = (overlap - i) / (overlap - frozen + 1) on [frozen, overlap), 0 after."""
+    w = torch.zeros(horizon)
+    w[:frozen] = 1.0
+    span = overlap - frozen
+    if span > 0:
+        c = (overlap - torch.arange(frozen, overlap, dtype=torch.float64)) / (span + 1)
+        w[frozen:overlap] = (c * torch.expm1(c) / (math.e - 1.0)).float()
+    return w
+
+
+def replacement_denoiser(denoise: Callable, schedule, target: torch.Tensor, frozen: int,
+                         generator: torch.Generator | None = None) -> Callable:
+    """RePaint's injection before every call: the frozen positions set to the target forward-noised to the call's
+    level with fresh noise, (x, t, cond) -> the model's prediction on that input."""
+
+    def fn(x, t, cond):
+        x = x.clone()
+        noise = torch.randn(x[:, :frozen].shape, generator=generator, dtype=x.dtype).to(x.device)
+        x[:, :frozen] = schedule.add_noise(target[:, :frozen], noise, t)
+        return denoise(x, t, cond)
+
+    return fn
+
+
+def guided_denoiser(denoise: Callable, schedule, target: torch.Tensor, weights: torch.Tensor,
+                    beta: float) -> Callable:
+    """RTC's soft-masked guidance in the epsilon form (algorithms.md 9.3 d): with x0 = (x - sigma eps) / alpha and
+    g = J^T (W * (Y - x0)), J = dx0/dx_t (one backward pass through the denoiser), the prediction becomes the pair
+    x0 + sigma w g, eps - alpha w g, w = min(beta, 1 / (alpha sigma)): RTC's weight at tau = alpha / (alpha + sigma)
+    (DDIM fed it is RTC's Euler step). Returned in the schedule's prediction type."""
+    ab_table = schedule.alphas_cumprod
+    weights = weights.reshape(1, -1, *([1] * (target.dim() - 2)))
+
+    def fn(x, t, cond):
+        ab = ab_table.to(x)[t].reshape(-1, *([1] * (x.dim() - 1)))
+        a, s = ab.sqrt(), (1.0 - ab).sqrt()
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            x0, eps = schedule.to_x0_eps(denoise(xg, t, cond), xg, a, s)
+            (g,) = torch.autograd.grad(x0, xg, grad_outputs=weights.to(x) * (target - x0))
+        w = torch.clamp(1.0 / (a * s), max=beta)
+        x0, eps = x0.detach() + s * w * g, eps.detach() - a * w * g
+        if schedule.prediction_type == "epsilon":
+            return eps
+        if schedule.prediction_type == "sample":
+            return x0
+        return a * eps - s * x0  # v_prediction
+
+    return fn
+
+
+class PrefixConditionedPolicy(DenoisingWrapper):
+    """Each decision after the first is denoised with its first actions held to the previous chunk's; the same
+    contract. Decisions are `full` (the episode's first, or after a gap longer than the chunk) or `prefix`."""
+
+    def __init__(self, policy, cfg: ChunkingConfig | None = None):
+        super().__init__(policy)
+        self.cfg = cfg = cfg or ChunkingConfig()
+        if cfg.method not in CHUNKING_METHODS:
+            raise ValueError(f"chunking method must be one of {CHUNKING_METHODS}, got {cfg.method!r}")
+        if cfg.delay is not None and cfg.delay < 0:
+            raise ValueError(f"chunking delay must be >= 0 actions, got {cfg.delay}")
+        if not cfg.period_ms > 0:
+            raise ValueError(f"chunking period_ms must be > 0, got {cfg.period_ms}")
+        p = policy.spec
+        self.exec_start = p.exec_start
+        self.max_shift = p.horizon - p.exec_start - 1
+        self._denoise = base_denoiser(policy)
+        self.reset()
+
+    def reset(self) -> None:
+        self._chunk: torch.Tensor | None = None  # the previous clean chunk, normalised
+        self.latency_ms: float | None = None
+        self.stats = {"full": 0, "prefix": 0, "gap_fallbacks": 0}
+        self.inner.reset()
+
+    def delay_actions(self) -> int:
+        if self.cfg.delay is not None:
+            return self.cfg.delay
+        return 0 if self.latency_ms is None else math.ceil(self.latency_ms / self.cfg.period_ms)
+
+    def describe(self) -> dict:
+        return {"method": self.cfg.method, "delay": self.cfg.delay, "period_ms": self.cfg.period_ms,
+                "guidance_max": self.cfg.guidance_max if self.cfg.method == "guidance" else None}
+
+    @torch.no_grad()
+    def predict_chunk(self, obs: dict[str, torch.Tensor], *, executed: int | None = None,
+                      generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> Chunk:
+        start = time.perf_counter()
+        cond = self.inner.condition(obs)
+        x_init = self.inner.initial_noise(cond, generator, noise)
+        executed = self.spec.n_action_steps if executed is None else int(executed)
+        if executed < 0:
+            raise ValueError(f"executed must be >= 0 actions, got {executed}")
+        extras: dict = {}
+        if self._chunk is not None and self._chunk.shape[0] != cond.shape[0]:
+            raise ValueError(f"observation batch {cond.shape[0]} differs from the previous chunk's "
+                             f"{self._chunk.shape[0]}; call reset() first")
+        if self._chunk is None or executed > self.max_shift:
+            if self._chunk is not None:
+                extras["fallback"] = "gap"
+                self.stats["gap_fallbacks"] += 1
+            denoised = self.inner.sample_normalized(cond, x_init, self.timesteps, self.method, generator)
+            kind = "full"
+        else:
+            horizon = self._chunk.shape[1]
+            target = torch.cat([self._chunk[:, executed:], self._chunk[:, -1:].expand(-1, executed, -1)], dim=1)
+            overlap = horizon - executed  # positions where the previous chunk holds a prediction
+            frozen = min(self.exec_start + self.delay_actions(), overlap)
+            denoised = self._conditioned(cond, x_init, target, frozen, overlap, generator)
+            kind = "prefix"
+            extras.update(frozen=frozen - self.exec_start, overlap=overlap - self.exec_start)
+        self.stats[kind] += 1
+        self._chunk = denoised.x0.clone()
+        ms = (time.perf_counter() - start) * 1e3
+        a = self.cfg.latency_smoothing
+        self.latency_ms = ms if self.latency_ms is None else (1 - a) * self.latency_ms + a * ms
+        return self.inner.to_chunk(denoised, kind, extras)
+
+    def _conditioned(self, cond, x_init, target, frozen: int, overlap: int, generator) -> Denoised:
+        if self.cfg.method == "inpaint":
+            fn = replacement_denoiser(self._denoise, self.schedule, target, frozen, generator)
+            out = self.inner.sample_normalized(cond, x_init, self.timesteps, self.method, generator, denoiser=fn)
+            out.x0[:, :frozen] = target[:, :frozen]
+            return out
+        weights = prefix_weights(target.shape[1], frozen, overlap)
+        fn = guided_denoiser(self._denoise, self.schedule, target, weights, self.cfg.guidance_max)
+        return self.inner.sample_normalized(cond, x_init, self.timesteps, self.method, generator, denoiser=fn)
+
+
+class AnytimePolicy(DenoisingWrapper):
+    """Decisions that stop at a deadline: `budget_ms()` is read when a decision starts; the chain stops after the
+    last step the budget covers, at the measured step latency (the first decision runs to the end and measures it).
+    The chunk's `extras["steps"]` says how many steps it got."""
+
+    def __init__(self, policy, budget_ms: Callable[[], float], margin_ms: float = 1.0, smoothing: float = 0.3):
+        super().__init__(policy)
+        self.budget_ms, self.margin_ms, self.smoothing = budget_ms, margin_ms, smoothing
+        self.step_ms: float | None = None
+        self.stats = {"decisions": 0, "stopped_early": 0, "skipped": 0}
+
+    def reset(self) -> None:
+        self.stats = {"decisions": 0, "stopped_early": 0, "skipped": 0}
+        self.inner.reset()
+
+    def affordable_steps(self, budget_ms: float) -> int:
+        steps = len(self.timesteps)
+        if self.step_ms is None:
+            return steps
+        return max(0, min(steps, int((budget_ms - self.margin_ms) // self.step_ms)))
+
+    @torch.no_grad()
+    def predict_chunk(self, obs: dict[str, torch.Tensor], *, executed: int | None = None,
+                      generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> Chunk:
+        start = time.perf_counter()
+        budget = float(self.budget_ms())
+        steps = self.affordable_steps(budget)
+        self.stats["decisions"] += 1
+        if steps == 0:
+            self.stats["skipped"] += 1
+            empty = torch.zeros(1, 0, self.spec.action_dim)
+            return Chunk(empty, empty, empty, 0, "skipped", extras={"steps": 0, "budget_ms": budget})
+        cond = self.inner.condition(obs)
+        x_init = self.inner.initial_noise(cond, generator, noise)
+        denoised = self.inner.sample_normalized(cond, x_init, self.timesteps, self.method, generator,
+                                                stop=lambda calls: calls >= steps)
+        ms = (time.perf_counter() - start) * 1e3
+        per_step = ms / max(denoised.nfe, 1)
+        s = self.smoothing
+        self.step_ms = per_step if self.step_ms is None else (1 - s) * self.step_ms + s * per_step
+        if denoised.nfe < len(self.timesteps):
+            self.stats["stopped_early"] += 1
+        return self.inner.to_chunk(denoised, "anytime", {"steps": denoised.nfe, "budget_ms": budget})
