@@ -13,11 +13,17 @@ from .runtime import RuntimeSettings, build_policy
 
 
 class ChunkDecider:
-    def __init__(self, settings: RuntimeSettings, inference_delay_ms: float = 0.0, threads: int = 1):
+    def __init__(self, settings: RuntimeSettings, inference_delay_ms: float = 0.0, threads: int = 1,
+                 period_ms: float | None = None):
+        """`period_ms`: the loop's control period, which an anytime decision's budget is counted in (default: the
+        chunking settings' period, else 20 ms)."""
         import torch
 
         torch.set_num_threads(threads)
         self.runtime = build_policy(settings)
+        chunking = settings.chunking or {}
+        self.period_ms = period_ms or (settings.anytime or {}).get("period_ms") or chunking.get("period_ms") or 20.0
+        self._actions_left = None  # actions of the last chunk returned, counted from its observation's tick
         self.policy = self.runtime.policy
         self.spec = self.policy.spec
         self.config = self.runtime.config
@@ -30,13 +36,28 @@ class ChunkDecider:
         with self._lock:
             self.generator.manual_seed(seed)
             self.policy.reset()
+            self._actions_left = None
+
+    def budget_ms(self, executed: int | None) -> float:
+        """The time until the chunk being executed runs out, less the delay this decider adds: what an anytime
+        decision may take. Unbounded for an episode's first decision (nothing is executing yet)."""
+        if executed is None or self._actions_left is None:
+            return float("inf")
+        return (self._actions_left - executed) * self.period_ms - self.inference_delay_ms
 
     def __call__(self, history: dict[str, np.ndarray], executed: int | None) -> np.ndarray:
         import torch
 
         with self._lock:
             obs = {k: torch.from_numpy(np.ascontiguousarray(v))[None] for k, v in history.items()}
+            anytime = self.runtime.anytime_policy
+            if anytime is not None:
+                budget = self.budget_ms(executed)
+                anytime.budget_ms = lambda: budget
             chunk = self.policy.predict_chunk(obs, executed=executed, generator=self.generator)
             if self.inference_delay_ms:
                 time.sleep(self.inference_delay_ms / 1e3)
-            return chunk.action_ahead[0].numpy()
+            actions = chunk.action_ahead[0].numpy()
+            if len(actions):  # a skipped decision leaves the loop on the chunk it has, and `executed` counts from it
+                self._actions_left = len(actions)
+            return actions

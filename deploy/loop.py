@@ -18,7 +18,12 @@ a pipe and the loop never waits for the GIL):
 - a chunk with a NaN or Inf action, or one the policy's own guard refused (policy.guard), is a policy fault: none
   of it is executed, the loop holds and counts it apart from the other inference errors;
 - with RTI the warm start comes from the chunk actually being executed: the worker tells the policy how many
-  ticks passed since the previous decision's observation.
+  ticks passed since the previous decision's observation (so does prefix-conditioned chunking, policy/chunking.py);
+- `chunking="ensemble"`: ACT's temporal ensembling, the classical baseline. Each tick's action is the average of
+  every recent chunk's action for that tick, weighted exp(-m i) with i = 0 the oldest; discrete dims (a gripper)
+  take the newest chunk's command, since an average of two commands is neither;
+- an anytime decider that had no time for a single step returns no actions: the loop keeps the chunk it has and
+  counts the decision as skipped.
 
 The robot is anything with `observe() -> dict` and `act(action) -> bool (done)` (evaluation.control's SimRobot
 steps a simulated task at the control rate).
@@ -43,6 +48,7 @@ SPIN_S = 0.0015  # the last stretch before a deadline is busy-waited: sleep() ca
 # switch interval the loop thread can wait that long to run after its deadline. The loop shortens it while it runs
 # (RTI at 50 Hz on a thread: p99 period error 1.6 ms with the default, 0.18 ms with this).
 SWITCH_INTERVAL_S = 0.0002
+CHUNKING = ("naive", "ensemble")
 
 
 @dataclass
@@ -52,6 +58,8 @@ class LoopSettings:
     replan_every: int | None = None  # ticks between decisions; None: the policy's actions per decision
     miss_tolerance_ms: float | None = None  # a tick later than this is a deadline miss; None: half a period
     watchdog_s: float = 1.0
+    chunking: str = "naive"  # naive: the newest chunk replaces the last | ensemble: ACT's temporal ensembling
+    ensemble_m: float = 0.01  # ACT's exp(-m i) weights, i = 0 the oldest prediction
 
 
 @dataclass
@@ -64,6 +72,7 @@ class LoopStats:
     watchdog_trips: int = 0
     inference_errors: int = 0  # decisions the policy raised on: the loop held and carried on
     policy_faults: int = 0  # chunks refused before execution: non-finite or out-of-bounds actions
+    skipped_decisions: int = 0  # anytime decisions whose budget did not cover one step: the chunk was kept
     last_error: str | None = None
     decisions: int = 0
     period_error_ms: list[float] = field(default_factory=list)
@@ -72,7 +81,7 @@ class LoopStats:
     def summary(self) -> dict:
         out = {k: getattr(self, k) for k in ("ticks", "deadline_misses", "held_ticks", "stale_skipped",
                                              "bad_observations", "watchdog_trips", "inference_errors",
-                                             "policy_faults", "last_error", "decisions")}
+                                             "policy_faults", "skipped_decisions", "last_error", "decisions")}
         out["period_error_ms"] = percentiles(self.period_error_ms or [0.0], ("p50", "p99"))
         # Decisions that never finished have no latency: no number is reported, rather than a 0 that looks fast.
         out["inference_ms"] = percentiles(self.inference_ms, ("p50", "p99")) or {"p50": None, "p99": None,
@@ -101,6 +110,33 @@ class _Chunk:
     def action_for(self, tick: int) -> np.ndarray | None:
         i = tick - self.obs_tick
         return self.actions[i] if 0 <= i < len(self.actions) else None
+
+
+class _Ensemble:
+    """The recent chunks that still cover a tick, averaged as ACT's temporal ensembling does."""
+
+    def __init__(self, m: float, discrete_dims: list[int]):
+        self.m, self.discrete_dims = m, discrete_dims
+        self.chunks: deque[_Chunk] = deque()
+        self.obs_tick = 0
+        self.actions: list = []  # the newest chunk's, for the loop's `remaining` arithmetic
+
+    def add(self, chunk: _Chunk) -> None:
+        self.chunks.append(chunk)
+        self.obs_tick, self.actions = chunk.obs_tick, chunk.actions
+
+    def action_for(self, tick: int) -> np.ndarray | None:
+        while self.chunks and self.chunks[0].action_for(tick) is None and \
+                tick >= self.chunks[0].obs_tick + len(self.chunks[0].actions):
+            self.chunks.popleft()  # it covers no tick from here on
+        votes = [a for a in (c.action_for(tick) for c in self.chunks) if a is not None]
+        if not votes:
+            return None
+        w = np.exp(-self.m * np.arange(len(votes)))
+        action = (np.stack(votes) * (w / w.sum())[:, None]).sum(0).astype(np.float32)
+        if self.discrete_dims:
+            action[self.discrete_dims] = votes[-1][self.discrete_dims]
+        return action
 
 
 class InferenceWorker:
@@ -186,7 +222,8 @@ class InferenceWorker:
                 self._busy_since = None
                 if actions is not None and episode == self._episode:
                     self._result = (_Chunk(actions, tick), ms)
-                    self._prev_tick = tick
+                    if len(actions):  # a skipped decision leaves the chunk being executed, and its tick, in force
+                        self._prev_tick = tick
 
 
 def checked(actions) -> np.ndarray:
@@ -224,6 +261,9 @@ class ControlLoop:
         self.obs_shapes, self.n_obs_steps = obs_shapes, n_obs_steps
         self.replan_every = settings.replan_every or actions_per_decision
         self.action_dim, self.discrete_dims = action_dim, list(discrete_dims)
+        if settings.chunking not in CHUNKING:
+            raise ValueError(f"loop chunking must be one of {CHUNKING} (inpaint and guidance condition the policy's "
+                             f"chunks, the loop splices them naively), got {settings.chunking!r}")
         self.worker = InferenceWorker(decide)
         self.stats = LoopStats()
 
@@ -254,7 +294,8 @@ class ControlLoop:
         s, stats = self.settings, self.stats
         self.worker.reset()
         history: deque = deque(maxlen=self.n_obs_steps)
-        chunk: _Chunk | None = None
+        chunk: _Chunk | _Ensemble | None = None
+        ensemble = _Ensemble(s.ensemble_m, self.discrete_dims) if s.chunking == "ensemble" else None
         last_action: np.ndarray | None = None
         last_request = -(10**9)
         first = robot.observe()
@@ -264,6 +305,9 @@ class ControlLoop:
             history.extend([first] * self.n_obs_steps)
             try:
                 chunk, _ = self.worker.prime({k: np.stack([o[k] for o in history]) for k in self.obs_shapes}, 0)
+                if ensemble is not None:
+                    ensemble.add(chunk)
+                    chunk = ensemble
                 stats.decisions += 1
                 last_request = 0
             except Exception as e:  # noqa: BLE001  held and reported like any failed decision
@@ -287,8 +331,14 @@ class ControlLoop:
                 new, ms = result
                 stats.inference_ms.append(ms)
                 stats.decisions += 1
-                stats.stale_skipped += max(0, tick - new.obs_tick)
-                chunk = new
+                if len(new.actions) == 0:
+                    stats.skipped_decisions += 1
+                else:
+                    stats.stale_skipped += max(0, tick - new.obs_tick)
+                    if ensemble is not None:
+                        ensemble.add(new)
+                        new = ensemble
+                    chunk = new
                 watchdog_armed = True
             error = self.worker.take_error()
             if error is not None:

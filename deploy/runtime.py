@@ -24,6 +24,7 @@ from policy.cache import (
     transformer_of,
 )
 from policy.checkpoint import weights_sha256
+from policy.chunking import AnytimePolicy, ChunkingConfig, PrefixConditionedPolicy
 from policy.guard import ActionGuard
 from policy.rti import RTIPolicy, rti_config
 
@@ -49,6 +50,12 @@ class RuntimeSettings:
     # The action dims that are binary commands, for a checkpoint written before its config recorded them (the
     # caller knows the task; the runtime does not import the tasks).
     discrete_action_dims: list[int] | None = None
+    # Real-time chunking (policy.chunking.ChunkingConfig fields: method inpaint | guidance, delay, period_ms, ...):
+    # each chunk denoised with the actions that run while it is computed held to the previous chunk's.
+    chunking: dict | None = None
+    # Anytime decisions: {"margin_ms": ..., "period_ms": the control period}; the decider gives each decision the
+    # time until the actions it has run out.
+    anytime: dict | None = None
 
 
 @dataclass
@@ -63,6 +70,7 @@ class Runtime:
     branches_per_call: int | None = None  # residual branches in one uncached call, for a transformer denoiser
     backend: object = None  # the engine or torch backend the policy runs on; None: the model's own torch modules
     rti_policy: object = None  # the RTI wrapper, when on (calibration reads its logged pairs and warm guesses)
+    anytime_policy: object = None  # the anytime wrapper, when on (the decider sets each decision's budget)
 
 
 def parse_cache(spec: str) -> tuple[str, int]:
@@ -119,6 +127,20 @@ def validate(settings: RuntimeSettings) -> None:
                              "fused graph with the schedule (rtdp export --cache ...)")
     if settings.rti is not None:
         rti_config(settings.rti)
+    if settings.chunking is not None:
+        ChunkingConfig(**settings.chunking)
+        if settings.chunking.get("method") == "guidance" and settings.backend != "torch":
+            raise ValueError(f"chunking by guidance differentiates through the denoiser: run it on the torch "
+                             f"backend, not {settings.backend} (inpainting runs on any)")
+        if settings.rti is not None:
+            raise ValueError("prefix-conditioned chunking re-denoises every chunk from noise; it does not combine "
+                             "with RTI's warm start yet: pass one of them")
+    if settings.anytime is not None and set(settings.anytime) - {"margin_ms", "period_ms"}:
+        raise ValueError(f"anytime settings are margin_ms and period_ms, got {sorted(settings.anytime)}")
+    if settings.anytime is not None and settings.chunking is not None:
+        raise ValueError("anytime decisions and prefix-conditioned chunking do not combine yet: pass one")
+    if settings.anytime is not None and settings.rti is not None:
+        raise ValueError("anytime decisions stop a full denoise early; RTI's warm tail is already short: pass one")
     if settings.export is not None and not settings.backend.startswith(("onnxruntime", "tensorrt")):
         raise ValueError(f"--export names the folder an engine backend reads; backend {settings.backend!r} runs "
                          f"the checkpoint's torch weights")
@@ -130,9 +152,10 @@ def build_policy(settings: RuntimeSettings, model=None, run_cfg=None, record_pai
     k0 calibration."""
     validate(settings)
     kind = kind_of(settings.checkpoint)
-    if not kind.denoising_wrappers and (settings.rti is not None or settings.cache is not None):
-        raise ValueError(f"RTI and the block cache re-enter a denoising policy's sampler; a {kind.name} checkpoint "
-                         f"decides in its own way: run it without --rti and --cache")
+    if not kind.denoising_wrappers and any(x is not None for x in (settings.rti, settings.cache, settings.chunking,
+                                                                   settings.anytime)):
+        raise ValueError(f"RTI, the block cache, chunking and anytime decisions re-enter a denoising policy's "
+                         f"sampler; a {kind.name} checkpoint decides in its own way: run it without them")
     if model is None:
         model, run_cfg = load_model(settings)
     policy, backend = model, None
@@ -156,6 +179,12 @@ def build_policy(settings: RuntimeSettings, model=None, run_cfg=None, record_pai
     if rti_cfg is not None:
         policy = rti_policy = RTIPolicy(policy, rti_cfg, record_pairs=record_pairs)
         rti = policy.describe()
+    chunking = anytime_policy = None
+    if settings.chunking is not None:
+        policy = PrefixConditionedPolicy(policy, ChunkingConfig(**settings.chunking))
+        chunking = policy.describe()
+    if settings.anytime is not None:
+        policy = anytime_policy = AnytimePolicy(policy, margin_ms=settings.anytime.get("margin_ms", 1.0))
     config = {**model.inference_config(), "sampler": policy.method, "steps": len(policy.timesteps),
               "kind": model.spec.kind, "backend": settings.backend, "precision": settings.precision,
               "export": settings.export}
@@ -163,11 +192,15 @@ def build_policy(settings: RuntimeSettings, model=None, run_cfg=None, record_pai
         config["rti"] = rti
     if cache is not None:
         config["cache"] = cache
+    if chunking is not None:
+        config["prefix_conditioning"] = chunking
+    if anytime_policy is not None:
+        config["anytime"] = dict(settings.anytime)
     stats = model.normalizer["action"].stats
     guard = ActionGuard(policy, stats.get("min"), stats.get("max")) if "min" in stats else ActionGuard(policy)
     config["action_bounds"] = guard.bounds()
     return Runtime(guard, model, run_cfg, settings, rti, cache, config, residual_branches(model), backend,
-                   rti_policy)
+                   rti_policy, anytime_policy)
 
 
 def residual_branches(model) -> int | None:

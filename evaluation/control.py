@@ -23,6 +23,7 @@ from .report import wilson_interval
 from .tasks import open_env, resolve_task
 
 WORKERS = ("process", "thread")
+CHUNKING = ("naive", "ensemble", "inpaint", "guidance")
 CONTROL_SEED_OFFSET = 300_000  # control episodes use their own seeds, apart from demos, evaluation, calibration
 
 
@@ -47,11 +48,21 @@ class ControlSettings:
     task: str | None = None
     # "process": inference in its own process, so the loop never waits for the GIL; "thread": in this one.
     worker: str = "process"
+    # naive: the newest chunk replaces the last; ensemble: ACT's temporal ensembling in the loop; inpaint |
+    # guidance: each chunk denoised with the actions that run during its decision held (policy/chunking.py)
+    chunking: str = "naive"
+    anytime: bool = False  # each decision stops when the actions it has would run out
 
     def runtime(self, task: str) -> RuntimeSettings:
+        if self.chunking not in CHUNKING:
+            raise ValueError(f"chunking must be one of {CHUNKING}, got {self.chunking!r}")
+        period_ms = 1e3 / self.rate_hz
+        chunking = ({"method": self.chunking, "period_ms": period_ms, "added_latency_ms": self.inference_delay_ms}
+                    if self.chunking in ("inpaint", "guidance") else None)
         return RuntimeSettings(checkpoint=self.checkpoint, sampler=self.sampler, steps=self.steps, rti=self.rti,
                                cache=self.cache, backend=self.backend, precision=self.precision, export=self.export,
-                               discrete_action_dims=discrete_action_dims(task))
+                               discrete_action_dims=discrete_action_dims(task), chunking=chunking,
+                               anytime={"period_ms": period_ms} if self.anytime else None)
 
 
 class SimRobot:
@@ -104,8 +115,9 @@ def run_control(settings: ControlSettings, progress: bool = True) -> dict:
         env.close()
         raise
     spec = decider.spec
-    loop = ControlLoop.for_spec(decider, LoopSettings(rate_hz=settings.rate_hz, replan_every=settings.replan_every),
-                                spec)
+    loop_chunking = "ensemble" if settings.chunking == "ensemble" else "naive"
+    loop = ControlLoop.for_spec(decider, LoopSettings(rate_hz=settings.rate_hz, replan_every=settings.replan_every,
+                                                      chunking=loop_chunking), spec)
     episodes = []
     bar = tqdm(desc=f"control {task} @ {settings.rate_hz:g} Hz", unit="tick", disable=not progress,
                dynamic_ncols=True)
@@ -136,6 +148,7 @@ def run_control(settings: ControlSettings, progress: bool = True) -> dict:
         "episodes": len(episodes),
         "config": {**decider.config, "rti": decider.config.get("rti"), "worker": settings.worker,
                    "replan_every": loop.replan_every, "inference_delay_ms": settings.inference_delay_ms,
+                   "chunking": settings.chunking, "anytime": settings.anytime,
                    "bad_obs_every": settings.bad_obs_every, "miss_tolerance_ms": loop.tolerance * 1e3},
         "per_episode": episodes, "seconds": time.perf_counter() - t0,
         "date": datetime.date.today().isoformat(), "machine": platform.node(),
@@ -150,5 +163,6 @@ def control_summary(r: dict) -> str:
     return (f"{r['task']} @ {r['rate_hz']:g} Hz: {r['ticks']} ticks, {r['deadline_misses']} deadline misses, "
             f"period error p50 {pe['p50']:.3f} p99 {pe['p99']:.3f} max {pe['max']:.3f} ms, {latency}, "
             f"held {r['held_ticks']}, stale skipped {r['stale_skipped']}, bad observations {r['bad_observations']}"
-            f", success {r['success_rate']:.2f} ({r['episodes']} episodes); faults: {faults}"
+            + (f", skipped decisions {r['skipped_decisions']}" if r.get("skipped_decisions") else "")
+            + f", success {r['success_rate']:.2f} ({r['episodes']} episodes); faults: {faults}"
             + (f" (last: {r['last_error']})" if r["last_error"] else ""))

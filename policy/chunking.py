@@ -14,7 +14,8 @@ executed since its observation):
   through the denoiser's vector-Jacobian product, weighted 1 on the frozen positions, decaying exponentially over
   the rest of the overlap (where the previous chunk still holds a prediction) and 0 after it. The frozen positions
   end near, not at, the previous chunk; the overlap blends into the new plan.
-The delay is `delay` actions when set, else the measured decision latency over the control period, rounded up.
+The delay is `delay` actions when set, else the measured decision latency (plus `added_latency_ms`, a delay the
+caller adds) over the control period, rounded up.
 
 Anytime decisions. `AnytimePolicy` stops a decision's chain when its time budget would not cover one more step
 (from the measured step latency) and returns the last clean-sample prediction as the chunk: stopped after k
@@ -48,6 +49,7 @@ class ChunkingConfig:
     period_ms: float = 20.0  # the control period, to turn latency into actions
     guidance_max: float = 5.0  # RTC's beta: the largest guidance weight
     latency_smoothing: float = 0.3  # the weight of the newest decision in the latency estimate
+    added_latency_ms: float = 0.0  # latency outside the policy that delays its chunks (an injected delay, transport)
 
 
 def base_denoiser(policy) -> Callable:
@@ -142,7 +144,9 @@ class PrefixConditionedPolicy(DenoisingWrapper):
     def delay_actions(self) -> int:
         if self.cfg.delay is not None:
             return self.cfg.delay
-        return 0 if self.latency_ms is None else math.ceil(self.latency_ms / self.cfg.period_ms)
+        if self.latency_ms is None:
+            return 0
+        return math.ceil((self.latency_ms + self.cfg.added_latency_ms) / self.cfg.period_ms)
 
     def describe(self) -> dict:
         return {"method": self.cfg.method, "delay": self.cfg.delay, "period_ms": self.cfg.period_ms,
@@ -198,8 +202,11 @@ class AnytimePolicy(DenoisingWrapper):
     last step the budget covers, at the measured step latency (the first decision runs to the end and measures it).
     The chunk's `extras["steps"]` says how many steps it got."""
 
-    def __init__(self, policy, budget_ms: Callable[[], float], margin_ms: float = 1.0, smoothing: float = 0.3):
+    def __init__(self, policy, budget_ms: Callable[[], float] = lambda: math.inf, margin_ms: float = 1.0,
+                 smoothing: float = 0.3):
         super().__init__(policy)
+        if margin_ms < 0:
+            raise ValueError(f"anytime margin_ms must be >= 0, got {margin_ms}")
         self.budget_ms, self.margin_ms, self.smoothing = budget_ms, margin_ms, smoothing
         self.step_ms: float | None = None
         self.stats = {"decisions": 0, "stopped_early": 0, "skipped": 0}

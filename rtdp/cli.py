@@ -411,7 +411,7 @@ def cmd_control(args: argparse.Namespace) -> int:
                                rti=_rti_settings(args), cache=args.cache, backend=args.backend,
                                replan_every=args.replan_every, inference_delay_ms=args.inference_delay_ms,
                                bad_obs_every=args.bad_obs_every, worker=args.worker, precision=args.precision,
-                               export=args.export)
+                               export=args.export, chunking=args.chunking, anytime=args.anytime)
     report = run_control(settings, progress=not args.no_progress)
     print(control_summary(report))
     _write_report(args.report, report)
@@ -593,6 +593,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cache", metavar="bac:S|uniform:S", help="transformer block caching (see rtdp eval --cache)")
     c.add_argument("--replan-every", type=POSITIVE, help="ticks between decisions (default: n_action_steps; RTI: 1)")
     c.add_argument("--inference-delay-ms", type=float, default=0.0, help="add this to every decision (stress test)")
+    c.add_argument("--chunking", choices=("naive", "ensemble", "inpaint", "guidance"), default="naive",
+                   help="how a new chunk joins the one being executed: naive splice, ACT's temporal ensembling, or "
+                        "denoised with the actions that run during the decision held (replacement inpainting, RTC "
+                        "soft-masked guidance)")
+    c.add_argument("--anytime", action="store_true", help="stop each decision's denoising when the actions it has "
+                   "would run out, and use the clean prediction so far")
     c.add_argument("--bad-obs-every", type=NON_NEGATIVE, default=0, help="corrupt every n-th observation with NaN")
     c.add_argument("--worker", choices=("process", "thread"), default="process",
                    help="run inference in its own process (default: the loop never waits for the GIL) or on a "

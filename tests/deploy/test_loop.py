@@ -118,8 +118,50 @@ def test_the_policy_is_told_how_many_ticks_passed_since_its_last_observation():
         assert executed == step - prev
 
 
+def test_temporal_ensembling_averages_every_chunk_that_covers_the_tick():
+    loop = make_loop(chunk_policy(16, delay_s=0.5 * PERIOD), replan_every=2, chunking="ensemble", ensemble_m=0.5)
+    robot = TickRobot(60)
+    loop.run(robot)
+    loop.close()
+    executed = [(tick, a) for tick, a in enumerate(robot.sent) if a[2] == 1.0]
+    assert len(executed) >= 50
+    for tick, a in executed:
+        assert abs(a[0] + a[1] - tick) < 1e-3  # every chunk's vote is meant for this tick
+    # with chunks every 2 ticks, up to 8 overlap: the observation tick is a weighted mean, older ones heavier
+    blended = [a for _, a in executed[10:] if abs(a[0] - round(a[0])) > 1e-3]
+    assert len(blended) >= 0.8 * len(executed[10:])
+    tick, a = executed[30]
+    assert a[0] < tick - 1  # older chunks, made from earlier observations, weigh more (ACT's m > 0)
+
+
+def test_an_anytime_decision_with_no_time_is_skipped_and_the_chunk_kept():
+    calls = []
+    base = chunk_policy(16, calls=calls)
+
+    def sometimes_skipped(history, executed):
+        actions = base(history, executed)
+        return actions if len(calls) % 2 == 1 else actions[:0]
+
+    loop = make_loop(sometimes_skipped, replan_every=2)
+    robot = TickRobot(60)
+    loop.run(robot)
+    loop.close()
+    stats = loop.stats
+    assert stats.skipped_decisions >= 5 and stats.held_ticks == 0 and stats.inference_errors == 0
+    for tick, a in enumerate(robot.sent):
+        assert a[0] + a[1] == tick
+    # the tick count the policy is told runs from the chunk in force, not from a skipped decision
+    in_force = None
+    for k, (step, executed) in enumerate(calls):
+        assert executed == (None if in_force is None else step - in_force)
+        if k % 2 == 0:  # this call's chunk was kept
+            in_force = step
+
+
 @pytest.mark.parametrize("extra", [[], ["--rti", "2"], ["--worker", "thread"],
-                                   ["--backend", "onnxruntime", "--precision", "fp16"]])
+                                   ["--backend", "onnxruntime", "--precision", "fp16"],
+                                   ["--chunking", "guidance"], ["--chunking", "ensemble", "--worker", "thread"],
+                                   ["--anytime"]])
 def test_control_cli_reports_what_design_md_lists(extra, tmp_path, capsys):
     from deploy.export import ExportSettings, export_policy
     from tests.deploy.test_export import saved_policy
@@ -141,3 +183,9 @@ def test_control_cli_reports_what_design_md_lists(extra, tmp_path, capsys):
         ("onnxruntime", "fp16") if "--backend" in extra else ("torch", "fp32"))
     assert r["inference_errors"] == 0 and r["decisions"] > 1
     assert "deadline misses" in capsys.readouterr().out
+    if "--chunking" in extra:
+        assert r["config"]["chunking"] == extra[1]
+    if extra[:2] == ["--chunking", "guidance"]:
+        assert r["config"]["prefix_conditioning"]["method"] == "guidance"
+    if "--anytime" in extra:
+        assert r["config"]["anytime"] is True and "skipped_decisions" in r

@@ -203,7 +203,7 @@ def test_a_planner_refuses_a_task_with_another_scene_layout(drives):
     model, run_cfg = load_planner(drives["checkpoint"])
     with pytest.raises(ValueError, match="another scene layout.*agents"):
         check_scene(run_cfg.planner, DrivingTask("highway-v0", SceneConfig(agents=4)), "ckpt", TASK)
-    with pytest.raises(ValueError, match="RTI and the block cache"):
+    with pytest.raises(ValueError, match="RTI, the block cache"):
         build_policy(RuntimeSettings(str(drives["checkpoint"]), rti={"k0": 3}))
 
 
