@@ -86,6 +86,7 @@ def squ9(tmp_path_factory):
             p.train_timesteps, p.beta_schedule, p.beta_start, p.beta_end = 5, "scaled_linear", 1e-3, 0.99
         t = cfg.train
         t.steps, t.lr, t.threads, t.checkpoint_every, t.log_every = SQU9_STEPS, 1e-3, 1, SQU9_STEPS, 500
+        t.batch_size = 128
         train(cfg, data, root / name, progress=False, build=kind_named(cfg.kind).build_for_training)
         runs[name] = kind_named(cfg.kind).load(root / name)[0].eval()
     return runs
