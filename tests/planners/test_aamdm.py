@@ -79,9 +79,9 @@ def squ9(tmp_path_factory):
     runs = {}
     for name, cfg in (("aamdm", AAMDMRunConfig()), ("amdm5", AMDMRunConfig())):
         p = cfg.planner
-        p.hidden, p.layers, p.control_dims = 128, 3, [0, 1]
+        p.hidden, p.layers, p.control_dims = 96, 3, [0, 1]
         if name == "aamdm":
-            p.disc_hidden, p.disc_layers = 128, 3
+            p.disc_hidden, p.disc_layers = 96, 3
         else:  # AAMDM's 5-step schedule
             p.train_timesteps, p.beta_schedule, p.beta_start, p.beta_end = 5, "scaled_linear", 1e-3, 0.99
         t = cfg.train
@@ -92,7 +92,7 @@ def squ9(tmp_path_factory):
     return runs
 
 
-SQU9_STEPS = 2000
+SQU9_STEPS = 1500
 
 
 def successors(model, cell: int, n: int = 10_000, seed: int = 1, **obs) -> np.ndarray:

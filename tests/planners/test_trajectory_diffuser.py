@@ -144,6 +144,7 @@ def minor_share(y: np.ndarray) -> float:
     return float(np.mean(spectrum[:, 3] > spectrum[:, 5]))
 
 
+@pytest.mark.slow  # 1,200 training steps of the draft and U-Net: 4-5 minutes on 2 cores
 def test_toy_refinement_halves_the_drafts_mmd_matches_full_diffusion_and_keeps_the_minor_mode():
     """The reference's toy (toy_exp.py) with the planner's own draft, U-Net and sampler: the draft continues each
     trajectory from its first 8 values (from the first value alone, the MSE-trained draft follows the major mode
@@ -220,7 +221,7 @@ def test_bad_observations_are_refused_by_name(maze):
         td.predict_chunk({"obs": obs["state"]})
     with pytest.raises(ValueError, match="holds a 'trajectory_diffuser' planner, not a 'decision_diffuser'"):
         load_planner(maze["td"], DecisionDiffuser)
-    with pytest.raises(ValueError, match="RTI and the block cache"):
+    with pytest.raises(ValueError, match="RTI, the block cache"):
         build_policy(RuntimeSettings(str(maze["td"]), rti={"k0": 3}))
     with pytest.raises(ValueError, match="at least one step"):
         build_policy(RuntimeSettings(str(maze["dd"]), steps=0))
