@@ -251,7 +251,7 @@ class MotionSession:
 
 
 def open_motion_session(checkpoint: str, data: str | None = None, start_clip: str = "walk",
-                        backend: str = "torch") -> MotionSession:
+                        backend: str = "torch", guidance_scale: float | None = None) -> MotionSession:
     """A motion checkpoint with the autoencoder it was trained through (its weights checked against the recorded
     sha256), the skeleton, and a start frame: the first frame of the first clip of the dataset whose name contains
     `start_clip`."""
@@ -261,6 +261,10 @@ def open_motion_session(checkpoint: str, data: str | None = None, start_clip: st
     from policy.checkpoint import weights_sha256
 
     runtime = build_policy(RuntimeSettings(checkpoint, backend=backend))
+    if guidance_scale is not None:  # how hard the commands pull: a setting of synthesis, not of the weights
+        if not guidance_scale >= 0:
+            raise ValueError(f"guidance scale must be >= 0, got {guidance_scale}")
+        runtime.model.cfg.guidance_scale = runtime.config["guidance_scale"] = guidance_scale
     d = runtime.run_cfg.data
     if not getattr(d, "autoencoder", None):
         raise ValueError(f"{checkpoint} was not trained through a motion autoencoder (data.autoencoder): it "

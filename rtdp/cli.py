@@ -223,7 +223,7 @@ def cmd_motion(args: argparse.Namespace) -> int:
 
     commands = parse_control(args.control)  # refused before anything is loaded
     torch.set_num_threads(args.threads)
-    session = open_motion_session(args.checkpoint, args.data, args.start_clip)
+    session = open_motion_session(args.checkpoint, args.data, args.start_clip, guidance_scale=args.guidance_scale)
     run = synthesize(session.policy, session.decode, session.start_frame, session.skeleton, args.seconds, commands,
                      guided=not args.no_guidance, seed=args.seed, progress=not args.no_progress)
     report = {"checkpoint": args.checkpoint, "control": args.control, "threads": args.threads,
@@ -613,6 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--control", default="walk 1.2 m/s", help="e.g. 'walk 1.2 m/s, turn left at 5 s, turn right by "
                    "45 deg at 10 s, face 180 deg at 14 s, speed 0.5 m/s at 17 s'")
     m.add_argument("--no-guidance", action="store_true", help="free synthesis: the commands are only measured")
+    m.add_argument("--guidance-scale", type=float, help="how hard the commands pull each frame (default: the "
+                   "checkpoint's planner.guidance_scale)")
     m.add_argument("--data", help="the motion dataset the start frame comes from (default: the training data)")
     m.add_argument("--start-clip", default="walk", help="start from the first frame of the clip with this name")
     m.add_argument("--seed", type=int, default=0)

@@ -186,10 +186,11 @@ def test_collect_autoencoder_aamdm_and_rtdp_motion_end_to_end(tmp_path, capsys):
     assert model.cfg.frame_dim == 12 + 52 and model.cfg.control_dims == list(range(12))
     report, video = tmp_path / "motion.json", tmp_path / "motion.mp4"
     assert main(["motion", "--checkpoint", str(run), "--seconds", "2", "--control", "walk 1.0 m/s, turn left at 1 s",
-                 "--report", str(report), "--video", str(video), "--no-progress"]) == 0
+                 "--report", str(report), "--video", str(video), "--guidance-scale", "4", "--no-progress"]) == 0
     r = json.loads(report.read_text())
     assert r["frames"] == 60 and r["nfe_per_frame"] == {"total": 5, "generator_calls": 3, "polisher_calls": 2}
     assert r["fps"] > 0 and r["guidance_error"]["mean_deg"] is not None
+    assert r["config"]["guidance_scale"] == 4.0
     assert video.stat().st_size > 10_000
     assert main(["motion", "--checkpoint", str(run), "--control", "fly to the moon", "--no-progress"]) == 2
     assert "cannot read the control clause 'fly to the moon'" in capsys.readouterr().err
