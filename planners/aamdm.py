@@ -35,14 +35,13 @@ from torch.func import functional_call
 
 from policy.checkpoint import load_planner_checkpoint, load_run_config
 from policy.config import TrainConfig
-from policy.contract import Chunk, GraphSpec, ObservationField, PolicySpec
 from policy.diffusion import NoiseSchedule, sample
 from policy.normalizer import FieldNormalizer, Normalizer
 
 from .frame_diffusion import (
     FrameDenoiser,
+    FrameModel,
     StepEmbedding,
-    frame_observation,
     guided,
     one_step_forward,
     posterior_sample,
@@ -118,7 +117,7 @@ class Discriminator(nn.Module):
         return self.body(torch.cat([x_prev_level, x_t, self.step(t), prev_frame], dim=-1))[:, 0]
 
 
-class AAMDM(nn.Module):
+class AAMDM(FrameModel, nn.Module):
     kind = KIND
     method = "ddpm"
 
@@ -159,20 +158,6 @@ class AAMDM(nn.Module):
                 "generator_steps": self.gan_timesteps, "polisher_steps": self.polish_timesteps,
                 "guidance_scale": self.cfg.guidance_scale}
 
-    @property
-    def spec(self) -> PolicySpec:
-        d = self.cfg.frame_dim
-        return PolicySpec(self.kind, (ObservationField("frame", (1, d), "float32"),), 1, d, 1, 0, 1, ())
-
-    @property
-    def model(self) -> AAMDM:
-        return self
-
-    # -- outside the graph --
-
-    def normalize_obs(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return frame_observation(obs, self.normalizer, self.cfg.frame_dim, self.cfg.control_dims, self.kind)
-
     # -- one frame --
 
     def generator_fn(self, prev: torch.Tensor, latents: torch.Tensor):
@@ -199,46 +184,14 @@ class AAMDM(nn.Module):
             x = sample(polish, x, self.schedule, self.polish_timesteps, "ddpm", step_noise=steps[n_gan:])
         return x
 
-    # -- the decision contract --
-
-    def reset(self) -> None:
-        """The model keeps nothing between frames: the previous frame is the observation."""
-
     def noise_inputs(self, batch: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         d = self.cfg.frame_dim
         return {"noise": torch.randn((batch, d), generator=generator),
                 "chain_noise": torch.randn((batch, self.cfg.train_timesteps, d), generator=generator),
                 "latents": torch.randn((batch, len(self.gan_timesteps), self.cfg.latent_dim), generator=generator)}
 
-    decision_graph = "frame_step"
-
-    def graph_inputs(self, obs: dict[str, torch.Tensor], generator: torch.Generator | None = None,
-                     noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        prev, target = self.normalize_obs(obs)
-        if target is not None:
-            raise ValueError("a guided frame differentiates through the networks: run it on torch")
-        return {"prev": prev, **self.noise_inputs(prev.shape[0], generator)}
-
-    @torch.no_grad()
-    def predict_chunk(self, obs: dict[str, torch.Tensor], *, executed: int | None = None,
-                      generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> Chunk:
-        prev, target = self.normalize_obs(obs)
-        inputs = self.noise_inputs(prev.shape[0], generator)
-        if noise is not None:
-            inputs["noise"] = noise.reshape(prev.shape)
-        return self.chunk_from_graph(self.next_frame(prev, **inputs, target=target))
-
-    def chunk_from_graph(self, frame: torch.Tensor) -> Chunk:
-        raw = self.normalizer["frame"].unnormalize(frame)[:, None]
-        return Chunk(raw, raw, raw, len(self.timesteps), "full",
-                     extras={"generator_calls": len(self.gan_timesteps),
-                             "polisher_calls": len(self.polish_timesteps)})
-
-    def export_graphs(self, batch: int = 2, generator: torch.Generator | None = None) -> dict[str, GraphSpec]:
-        """One graph per frame: the generator's steps and the polisher's (unguided)."""
-        inputs = {"prev": torch.randn(batch, self.cfg.frame_dim, generator=generator),
-                  **self.noise_inputs(batch, generator)}
-        return {self.decision_graph: GraphSpec(self.next_frame, inputs, ("frame",))}
+    def chunk_extras(self) -> dict:
+        return {"generator_calls": len(self.gan_timesteps), "polisher_calls": len(self.polish_timesteps)}
 
     # -- training --
 

@@ -15,12 +15,11 @@ from torch import nn
 
 from policy.checkpoint import load_planner_checkpoint, load_run_config
 from policy.config import TrainConfig
-from policy.contract import Chunk, GraphSpec, ObservationField, PolicySpec
 from policy.diffusion import NoiseSchedule, sample
 from policy.normalizer import Normalizer
 
 from .aamdm import MotionDataConfig, frame_normalizer
-from .frame_diffusion import FrameDenoiser, frame_observation, guided, rollout_loss
+from .frame_diffusion import FrameDenoiser, FrameModel, guided, rollout_loss
 
 KIND = "amdm"
 
@@ -53,7 +52,7 @@ class AMDMRunConfig:
                                                                    warmup_steps=100, ema=True))
 
 
-class AMDM(nn.Module):
+class AMDM(FrameModel, nn.Module):
     kind = KIND
     method = "ddpm"
 
@@ -83,56 +82,16 @@ class AMDM(nn.Module):
         return {"sampler": self.method, "steps": len(self.timesteps), "timesteps": self.timesteps,
                 "guidance_scale": self.cfg.guidance_scale}
 
-    @property
-    def spec(self) -> PolicySpec:
-        d = self.cfg.frame_dim
-        return PolicySpec(self.kind, (ObservationField("frame", (1, d), "float32"),), 1, d, 1, 0, 1, ())
-
-    @property
-    def model(self) -> AMDM:
-        return self
-
-    def normalize_obs(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return frame_observation(obs, self.normalizer, self.cfg.frame_dim, self.cfg.control_dims, self.kind)
-
     def next_frame(self, prev, noise, chain_noise, target=None) -> torch.Tensor:
         fn = lambda x, t: self.denoiser(x, prev, t)  # noqa: E731
         if target is not None:
             fn = guided(fn, self.schedule, self.cfg.control_dims, target, self.cfg.guidance_scale)
         return sample(fn, noise, self.schedule, self.timesteps, self.method, step_noise=chain_noise.transpose(0, 1))
 
-    def reset(self) -> None:
-        """Nothing is kept between frames."""
-
     def noise_inputs(self, batch: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         d = self.cfg.frame_dim
         return {"noise": torch.randn((batch, d), generator=generator),
                 "chain_noise": torch.randn((batch, len(self.timesteps), d), generator=generator)}
-
-    decision_graph = "frame_step"
-
-    def graph_inputs(self, obs, generator=None, noise=None) -> dict[str, torch.Tensor]:
-        prev, target = self.normalize_obs(obs)
-        if target is not None:
-            raise ValueError("a guided frame differentiates through the network: run it on torch")
-        return {"prev": prev, **self.noise_inputs(prev.shape[0], generator)}
-
-    @torch.no_grad()
-    def predict_chunk(self, obs, *, executed=None, generator=None, noise=None) -> Chunk:
-        prev, target = self.normalize_obs(obs)
-        inputs = self.noise_inputs(prev.shape[0], generator)
-        if noise is not None:
-            inputs["noise"] = noise.reshape(prev.shape)
-        return self.chunk_from_graph(self.next_frame(prev, **inputs, target=target))
-
-    def chunk_from_graph(self, frame: torch.Tensor) -> Chunk:
-        raw = self.normalizer["frame"].unnormalize(frame)[:, None]
-        return Chunk(raw, raw, raw, len(self.timesteps), "full")
-
-    def export_graphs(self, batch: int = 2, generator=None) -> dict[str, GraphSpec]:
-        inputs = {"prev": torch.randn(batch, self.cfg.frame_dim, generator=generator),
-                  **self.noise_inputs(batch, generator)}
-        return {self.decision_graph: GraphSpec(self.next_frame, inputs, ("frame",))}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         cfg = self.cfg

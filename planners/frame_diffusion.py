@@ -4,6 +4,9 @@ x0 prediction into the next sample, and gradient guidance of the x0 prediction t
 
     net = FrameDenoiser(frame_dim=64, hidden=512, layers=4, time_embed_dim=64, train_timesteps=5, latent_dim=0)
     x0 = net(x_t, prev, t)                  # latent_dim > 0 (a DD-GAN generator): net(x_t, prev, t, r)
+
+`FrameModel` is the decision contract both kinds share: observe the previous frame (and optionally a control
+target), return the next frame as a one-action chunk, export the frame step as one graph.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from policy.contract import Chunk, GraphSpec, ObservationField, PolicySpec
 from policy.diffusion import NoiseSchedule
 from policy.normalizer import Normalizer
 
@@ -154,3 +158,55 @@ def frame_observation(obs: dict[str, torch.Tensor], normalizer: Normalizer, fram
     full = torch.zeros(frame.shape[0], frame_dim)
     full[:, control_dims] = target[:, 0]
     return prev, normalizer["frame"].normalize(full)[:, control_dims]
+
+
+class FrameModel:
+    """The decision contract of a per-frame motion model. A subclass has `cfg` (frame_dim, control_dims),
+    `normalizer`, `kind`, `timesteps`, `noise_inputs(batch, generator)` and `next_frame(prev, **noise_inputs,
+    target=None)`; `chunk_extras()` adds what its chunks report."""
+
+    decision_graph = "frame_step"
+
+    @property
+    def spec(self) -> PolicySpec:
+        d = self.cfg.frame_dim
+        return PolicySpec(self.kind, (ObservationField("frame", (1, d), "float32"),), 1, d, 1, 0, 1, ())
+
+    @property
+    def model(self):
+        return self
+
+    def reset(self) -> None:
+        """The model keeps nothing between frames: the previous frame is the observation."""
+
+    def normalize_obs(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return frame_observation(obs, self.normalizer, self.cfg.frame_dim, self.cfg.control_dims, self.kind)
+
+    def graph_inputs(self, obs: dict[str, torch.Tensor], generator: torch.Generator | None = None,
+                     noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        prev, target = self.normalize_obs(obs)
+        if target is not None:
+            raise ValueError("a guided frame differentiates through the networks: run it on torch")
+        return {"prev": prev, **self.noise_inputs(prev.shape[0], generator)}
+
+    @torch.no_grad()
+    def predict_chunk(self, obs: dict[str, torch.Tensor], *, executed: int | None = None,
+                      generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> Chunk:
+        prev, target = self.normalize_obs(obs)
+        inputs = self.noise_inputs(prev.shape[0], generator)
+        if noise is not None:
+            inputs["noise"] = noise.reshape(prev.shape)
+        return self.chunk_from_graph(self.next_frame(prev, **inputs, target=target))
+
+    def chunk_extras(self) -> dict:
+        return {}
+
+    def chunk_from_graph(self, frame: torch.Tensor) -> Chunk:
+        raw = self.normalizer["frame"].unnormalize(frame)[:, None]
+        return Chunk(raw, raw, raw, len(self.timesteps), "full", extras=self.chunk_extras())
+
+    def export_graphs(self, batch: int = 2, generator: torch.Generator | None = None) -> dict[str, GraphSpec]:
+        """One graph per frame, unguided."""
+        inputs = {"prev": torch.randn(batch, self.cfg.frame_dim, generator=generator),
+                  **self.noise_inputs(batch, generator)}
+        return {self.decision_graph: GraphSpec(self.next_frame, inputs, ("frame",))}

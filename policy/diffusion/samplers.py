@@ -107,7 +107,6 @@ def sample(
     def noise(i: int, x: torch.Tensor) -> torch.Tensor:
         return step_noise[i] if step_noise is not None else _noise_like(x, generator)
 
-    stop = stop or (lambda calls: False)
     if method == "ddpm":
         return _ddpm(model_fn, x_init, schedule, ts, noise, until, stop)
     if method == "ddim":
@@ -138,7 +137,7 @@ def _ddpm(model_fn, x, schedule, ts, noise, until, stop):
     c_x0, c_xt, std = c_x0.to(**to), c_xt.to(**to), std.to(**to)
     for i, t in enumerate(_model_timesteps(ts, x)):
         x0, _ = schedule.to_x0_eps(model_fn(x, t), x, a[i], s[i])
-        if stop(i + 1):
+        if stop is not None and stop(i + 1):
             return _clip(x0, schedule)
         x = c_x0[i] * _clip(x0, schedule) + c_xt[i] * x
         if add_noise[i]:
@@ -155,7 +154,7 @@ def _ddim(model_fn, x, schedule, ts, noise, eta, until, stop):
     c_x0, c_eps, std = ab_prev.sqrt().to(**to), c_eps.to(**to), std.to(**to)
     for i, t in enumerate(_model_timesteps(ts, x)):
         x0, eps = schedule.to_x0_eps(model_fn(x, t), x, a[i], s[i])
-        if stop(i + 1):
+        if stop is not None and stop(i + 1):
             return _clip(x0, schedule)
         x = c_x0[i] * _clip(x0, schedule) + c_eps[i] * eps
         if eta > 0:
@@ -184,7 +183,7 @@ def _dpmpp_2m(model_fn, x, schedule, ts, until, stop):
     d_prev = None
     for i, t in enumerate(_model_timesteps(ts, x)):
         d, _ = schedule.to_x0_eps(model_fn(x, t), x, a[i], s[i])
-        if stop(i + 1):
+        if stop is not None and stop(i + 1):
             return d
         blended = d if d_prev is None else w0[i] * d + w1[i] * d_prev
         x = c_x[i] * x + c_d[i] * blended
