@@ -64,7 +64,8 @@ class TorchBackend:
 
     @torch.no_grad()
     def encode(self, nobs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model.encode_obs({k: v.to(self.device, self.dtype) for k, v in nobs.items()}).float()
+        return self.model.encode_obs({k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)
+                                      for k, v in nobs.items()}).float()
 
     @torch.no_grad()
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -134,7 +135,8 @@ class OnnxRuntimeBackend:
 
     def encode(self, nobs: dict[str, torch.Tensor]) -> torch.Tensor:
         spec = self.manifest["graphs"]["encoder"]
-        inputs = {i["name"]: nobs[i["name"]].detach().float().numpy() for i in spec["inputs"]}
+        inputs = {i["name"]: nobs[i["name"]].detach().float().numpy() if nobs[i["name"]].is_floating_point()
+                  else nobs[i["name"]].detach().numpy() for i in spec["inputs"]}
         batch = next(iter(inputs.values())).shape[0]
         out = spec["outputs"][0]
         shape = tuple(batch if isinstance(d, str) else d for d in out["shape"])

@@ -230,8 +230,7 @@ def _check_decision_graphs(model, backend, manifest: dict, samples: int, g: torc
 
 
 def _check_denoising_graphs(model, backend, manifest: dict, checkpoint, samples: int, g: torch.Generator) -> dict:
-    enc = manifest["graphs"]["encoder"]
-    nobs = {i["name"]: torch.rand(samples, *i["shape"][1:], generator=g) * 2 - 1 for i in enc["inputs"]}
+    nobs = model.export_graphs(batch=samples, generator=g)["encoder"].inputs  # the kind knows which are indices
     shape = model.chunk_shape(samples)
     errors = {}
     with torch.no_grad():

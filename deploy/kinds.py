@@ -23,6 +23,7 @@ from planners import (
     regression_planner,
     trajectory_diffuser,
 )
+from policy import pad
 from policy.checkpoint import CheckpointError, checkpoint_kind, load_config_file, load_policy
 from policy.config import RunConfig
 from policy.diffusion_policy import KIND as DIFFUSION_POLICY
@@ -49,6 +50,7 @@ KINDS: dict[str, ModelKind] = {
                                    diffusiondrive.read_config, diffusiondrive.DiffusionDrive,
                                    diffusiondrive.load_planner, diffusiondrive.build_for_training,
                                    denoising_wrappers=False),
+    pad.KIND: ModelKind(pad.KIND, pad.PADRunConfig, pad.read_config, pad.PAD, pad.load_pad, pad.build_for_training),
 }
 # DiffusionDrive's baselines: the same scene encoder and decoder, other starting points.
 for _module, _planner in ((diffusion_planner, diffusion_planner.DiffusionPlanner),

@@ -53,11 +53,14 @@ class ProfileSettings:
 
 def raw_observation(spec, normalizer, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """One raw observation history per the spec: floats uniform inside the normaliser's training range, frames
-    uniform bytes."""
+    uniform bytes, indices 0."""
     obs = {}
     for f in spec.observations:
         if f.dtype == "uint8":
             obs[f.name] = torch.randint(0, 256, (1, *f.shape), generator=generator, dtype=torch.uint8)
+            continue
+        if f.dtype == "int64":  # an index (a task): the first one
+            obs[f.name] = torch.zeros((1, *f.shape), dtype=torch.int64)
             continue
         dim = f.shape[-1]
         stats = normalizer[f.name].stats

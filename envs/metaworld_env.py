@@ -21,6 +21,9 @@ warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high", cate
 STATE_DIM = 39
 EPISODE_LIMIT = 500  # metaworld's max_path_length
 GRIPPER_DIM = 3  # actions are [dx, dy, dz, grip]; grip > 0 closes
+POSE_DIMS = (0, 1, 2, 3)  # the state's hand position (x, y, z) and gripper opening
+# The hand's mocap target moves by action * ACTION_SCALE metres a step (metaworld's SawyerXYZEnv.action_scale).
+ACTION_SCALE = 1.0 / 100
 
 
 def _metaworld():

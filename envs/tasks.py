@@ -35,6 +35,20 @@ def discrete_action_dims(task: str | None) -> list[int]:
     return []
 
 
+def pose_dims(task: str) -> list[int]:
+    """The state dims that are the robot's own pose (an effector's position, a gripper's opening): what a visual
+    policy that sees the scene only through its camera is given besides the image."""
+    if task.startswith("metaworld/"):
+        from .metaworld_env import POSE_DIMS
+
+        return list(POSE_DIMS)
+    if task == "point_mass/reach":
+        from .point_mass import POSE_DIMS
+
+        return list(POSE_DIMS)
+    raise ValueError(f"{task} names no pose in its state; tasks with one: metaworld/*, point_mass/reach")
+
+
 def make_env(task: str, image: bool = False, image_size: int = 96, max_episode_steps: int | None = None) -> gym.Env:
     family, _, name = task.partition("/")
     if family == "metaworld":
@@ -58,11 +72,10 @@ def make_env(task: str, image: bool = False, image_size: int = 96, max_episode_s
         if name in MAZES:
             return PointMazeTask(name, max_episode_steps=max_episode_steps)
     elif task == "point_mass/reach":
-        if image:
-            raise ValueError("point_mass/reach has no image observation")
         from .point_mass import PointMassReach
 
-        return PointMassReach(**({"max_episode_steps": max_episode_steps} if max_episode_steps else {}))
+        return PointMassReach(**({"max_episode_steps": max_episode_steps} if max_episode_steps else {}),
+                              image=image, image_size=image_size)
     elif task == "point_mass/obstacle":
         if image:
             raise ValueError("point_mass/obstacle has no image observation")

@@ -80,12 +80,18 @@ def run_episodes(policy, env, n_obs_steps: int, seeds: list[int], task: str, emi
     draws_decisions = isinstance(env, DrivingTask)
     for seed in seeds:
         frames: list[np.ndarray] = []
-        act.reset(seed, decision_drawer(env, frames) if draws_decisions and seed in video_seeds else None)
+        predictions: list[np.ndarray] = []  # a frame-predicting policy's (PAD's) predicted frames per decision
+        on_decision = None
+        if seed in video_seeds:
+            on_decision = decision_drawer(env, frames) if draws_decisions else prediction_recorder(predictions)
+        act.reset(seed, on_decision)
         try:
             result = run_episode(env, act, n_obs_steps, seed,
                                  record_frames=seed in video_seeds and not draws_decisions)
         except PolicyFault as e:
             raise PolicyFault(f"{e} (episode seed {seed}, decision {len(act.nfes) + 1})") from None
+        if predictions:
+            result.frames = beside_predictions(result.frames, predictions, policy.spec.n_action_steps)
         frames = frames or result.frames
         fps = env.scene.policy_frequency if draws_decisions else 30
         video = write_video(frames, Path(video_dir), task, seed, fps) if frames else None
@@ -106,6 +112,31 @@ def decision_drawer(env, frames: list):
         frames.append(draw_decision(scene, extras, chunk.action[0, 0].numpy(), env.scene.bev_x, env.scene.bev_y))
 
     return draw
+
+
+def prediction_recorder(predictions: list):
+    """Keep each decision's predicted frames (chunk.extras["frames"], (frames, H, W, 3) uint8), when it has some."""
+
+    def record(_history: dict[str, np.ndarray], chunk) -> None:
+        if "frames" in chunk.extras:
+            predictions.append(chunk.extras["frames"][0].numpy())
+
+    return record
+
+
+def beside_predictions(frames: list[np.ndarray], predictions: list[np.ndarray], every: int) -> list[np.ndarray]:
+    """Each rollout frame with, to its right, the frames the latest decision predicted, stacked top to bottom
+    (nearest-neighbour scaled to a third of the rollout's height each). Decision d runs steps d*every ... ."""
+    out = []
+    for s, frame in enumerate(frames):
+        pred = predictions[min(max(s - 1, 0) // every, len(predictions) - 1)]
+        n, h = len(pred), frame.shape[0] // len(pred)
+        rows = np.arange(h) * pred.shape[1] // h
+        cols = np.arange(h) * pred.shape[2] // h
+        column = np.concatenate([p[rows][:, cols] for p in pred], axis=0)
+        column = np.pad(column, ((0, frame.shape[0] - n * h), (0, 0), (0, 0)))
+        out.append(np.concatenate([frame, column], axis=1))
+    return out
 
 
 def write_video(frames: list[np.ndarray], directory: Path, task: str, seed: int, fps: int = 30) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from envs.multitask import ConcatenatedState, MultiTaskObservation
 from envs.tasks import make_env
 
 
@@ -35,8 +36,30 @@ def check_compatible(policy_cfg, env, checkpoint: str, task: str) -> None:
         )
 
 
+def trained_tasks(run_cfg) -> list[str]:
+    """The tasks of a multi-task checkpoint, in the order of its task index (PAD's always; a Diffusion Policy's
+    when its dataset held several); empty for a single-task one."""
+    return list(getattr(run_cfg.policy, "tasks", None) or getattr(run_cfg.data, "tasks", None) or []) \
+        if hasattr(run_cfg, "policy") else []
+
+
+def _task_index(checkpoint: str, tasks: list[str], task: str) -> int:
+    if task not in tasks:
+        raise ValueError(f"checkpoint {checkpoint} was trained on {', '.join(tasks)}; it knows no {task}")
+    return tasks.index(task)
+
+
 def open_env(checkpoint: str, run_cfg, task: str, max_episode_steps: int | None = None):
-    """The task's environment, rendering images at the checkpoint's size when it observes them."""
+    """The task's environment, rendering images at the checkpoint's size when it observes them, and observed as
+    a multi-task checkpoint sees it (pose, task index) when it was trained on several tasks or is a PAD."""
+    tasks = trained_tasks(run_cfg)
+    if run_cfg.kind == "pad":
+        p = run_cfg.policy
+        env = make_env(task, image=True, image_size=p.image_shape[0], max_episode_steps=max_episode_steps)
+        if env.action_space.shape[0] != p.action_dim:
+            raise ValueError(f"checkpoint {checkpoint} commands a {p.action_dim}-d action; task {task} takes "
+                             f"{env.action_space.shape[0]}")
+        return MultiTaskObservation(env, _task_index(checkpoint, tasks, task), len(tasks), task)
     if hasattr(run_cfg, "planner"):
         env = make_env(task, max_episode_steps=max_episode_steps)
         if hasattr(run_cfg.planner, "layout"):
@@ -47,5 +70,9 @@ def open_env(checkpoint: str, run_cfg, task: str, max_episode_steps: int | None 
     p = run_cfg.policy
     image_size = p.image_shape[0] if p.image_shape else 96
     env = make_env(task, image=p.image_shape is not None, image_size=image_size, max_episode_steps=max_episode_steps)
+    if tasks:
+        env = MultiTaskObservation(env, _task_index(checkpoint, tasks, task), len(tasks), task)
+    if list(run_cfg.data.state_keys) != ["state"]:
+        env = ConcatenatedState(env, run_cfg.data.state_keys)
     check_compatible(p, env, checkpoint, task)
     return env

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from .denoising import Denoised, DenoisingWrapper
-from .nets.transformer import BRANCH_KINDS, TransformerForDiffusion
+from .nets.dit import DiT
+from .nets.transformer import TransformerForDiffusion
 
 SCHEDULE_FILE = "cache_schedule.json"
 SCHEDULE_VERSION = 1
@@ -85,10 +86,10 @@ def calibrate(policy, cond: torch.Tensor, x_init: torch.Tensor, timesteps, metho
     return CacheCalibration(list(branches), similarity, reuse_error, int(cond.shape[0]), distance)
 
 
-def transformer_of(policy) -> TransformerForDiffusion:
+def transformer_of(policy) -> TransformerForDiffusion | DiT:
     """The transformer denoiser of a denoising policy (or of one wrapped), or a CacheScheduleError."""
     model = getattr(policy.model, "denoiser", None)
-    if not isinstance(model, TransformerForDiffusion):
+    if not isinstance(model, (TransformerForDiffusion, DiT)):
         raise CacheScheduleError(f"block caching needs a transformer denoiser; this policy's is "
                                  f"{type(model).__name__}")
     return model
@@ -275,9 +276,11 @@ def _step_flags(steps: list[int], K: int) -> list[bool]:
 
 class CachedDenoiser:
     """model_fn(x, t, cond) for a transformer policy that recomputes each residual branch only on its scheduled
-    steps. Call `reset()` before each denoise: the cache and the step counter are per decision."""
+    steps: the network's own forward runs, and its `branch` callback hands back the cached output of a branch not
+    due. Call `reset()` before each denoise: the cache and the step counter are per decision."""
 
     def __init__(self, policy, schedule: CacheSchedule):
+        self.policy = policy
         self.model = transformer_of(policy)
         self.schedule = schedule
         names = block_names(self.model)
@@ -285,44 +288,30 @@ class CachedDenoiser:
         if missing:
             raise CacheScheduleError(f"the cache schedule has no entry for blocks {missing[:3]}")
         K = len(schedule.timesteps)
-        # (layer, kind) -> update flag per step, looked up without string formatting in the loop
-        self._update = [[_step_flags(schedule.blocks[f"layers.{i}.{kind}"], K) for kind in BRANCH_KINDS]
-                        for i in range(len(self.model.layers))]
+        self._update = {name: _step_flags(schedule.blocks[name], K) for name in names}
         self.steps = K
         self.block_evals = 0
-        self._cache: list[list[torch.Tensor | None]] = []
+        self._cache: dict[str, torch.Tensor] = {}
         self._step = 0
         self.reset()
 
     def reset(self) -> None:
-        self._cache = [[None] * len(BRANCH_KINDS) for _ in self.model.layers]
+        self._cache = {}
         self._step = 0
         self.block_evals = 0
 
-    def _due(self, layer: int, kind: int) -> bool:
-        due = self._cache[layer][kind] is None or self._update[layer][kind][self._step]
-        self.block_evals += due
-        return due
+    def _branch(self, name: str, compute) -> torch.Tensor:
+        if name not in self._cache or self._update[name][self._step]:
+            self._cache[name] = compute()
+            self.block_evals += 1
+        return self._cache[name]
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         if self._step >= self.steps:
             raise RuntimeError(f"the cache schedule covers {self.steps} steps; call reset() before each denoise")
-        m = self.model
-        memory = m.encode_condition(timestep, cond)
-        x = m.drop(m.input_emb(sample) + m.pos_emb)
-        for i, layer in enumerate(m.layers):
-            cache = self._cache[i]
-            if self._due(i, 0):
-                cache[0] = layer.self_attn(x, m.self_mask)
-            x = x + cache[0]
-            if self._due(i, 1):
-                cache[1] = layer.cross_attn(x, memory, m.memory_mask)
-            x = x + cache[1]
-            if self._due(i, 2):
-                cache[2] = layer.feed_forward(x)
-            x = x + cache[2]
+        out = self.policy.denoise(sample, timestep, cond, branch=self._branch)
         self._step += 1
-        return m.head(m.ln_f(x))
+        return out
 
 
 class CachedPolicy(DenoisingWrapper):

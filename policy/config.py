@@ -86,6 +86,7 @@ class PolicyConfig:
 @dataclass
 class DataConfig:
     task: str | None = None  # the task the data came from; `rtdp train` fills it from the dataset's attributes
+    tasks: list[str] = field(default_factory=list)  # a multi-task dataset's tasks, in the order of its task index
     state_keys: list[str] = field(default_factory=lambda: ["state"])  # concatenated into the state vector
     action_key: str = "action"
     image_key: str | None = None

@@ -23,7 +23,7 @@ class ObservationField:
 
     name: str
     shape: tuple[int, ...]
-    dtype: str  # "float32" | "uint8"
+    dtype: str  # "float32" | "uint8" | "int64" (an index: a task)
 
     @property
     def step_shape(self) -> tuple[int, ...]:

@@ -7,7 +7,7 @@ A denoising policy has a `spec`, a `schedule`, a `normalizer`, the sampler it wa
     condition(obs) -> cond                                   raw observations, validated, normalised, encoded
     sample_normalized(cond, x_init, timesteps, method, generator=None, denoiser=None, stop=None) -> Denoised
     to_chunk(denoised, kind="full", extras=None) -> Chunk    clean normalised chunk -> raw actions
-    chunk_shape(batch), inference_timesteps(steps), reset()
+    chunk_shape(batch), shift_chunk(x0, executed), inference_timesteps(steps), reset()
 
 A wrapper (`DenoisingWrapper`) forwards all of it to the policy it wraps and replaces only what it changes: a
 backend the encoder and the denoiser, a block cache the denoiser on its schedule's step list, RTI the decision.
@@ -40,6 +40,13 @@ class DenoisingPolicy:
         cond = self.condition(obs)
         x_init = self.initial_noise(cond, generator, noise)
         return self.to_chunk(self.sample_normalized(cond, x_init, self.timesteps, self.method, generator))
+
+    def shift_chunk(self, x0: torch.Tensor, executed: int) -> torch.Tensor:
+        """A clean normalised chunk advanced by `executed` actions, its last row repeated to fill it (RTI's warm
+        start). A kind whose rows are not one action each (PAD's, `skip` env steps a row) replaces it."""
+        if executed == 0:
+            return x0.clone()
+        return torch.cat([x0[:, executed:], x0[:, -1:].expand(-1, executed, -1)], dim=1)
 
     def initial_noise(self, cond: torch.Tensor, generator: torch.Generator | None,
                       noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,6 +100,9 @@ class DenoisingWrapper(DenoisingPolicy):
 
     def chunk_shape(self, batch: int) -> tuple[int, ...]:
         return self.inner.chunk_shape(batch)
+
+    def shift_chunk(self, x0: torch.Tensor, executed: int) -> torch.Tensor:
+        return self.inner.shift_chunk(x0, executed)
 
     def inference_timesteps(self, steps: int | None = None) -> torch.Tensor:
         return self.inner.inference_timesteps(steps)

@@ -116,10 +116,11 @@ class DiffusionPolicy(nn.Module, DenoisingPolicy):
         """Normalised observations -> condition features (B, To, F), computed once per decision."""
         return self.obs_encoder(nobs)
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, branch=None) -> torch.Tensor:
+        """One denoiser call; `branch` is a block cache's per-branch hook (transformer denoisers)."""
         if self.cfg.denoiser == "unet":
             return self.denoiser(x, t, cond.flatten(1))
-        return self.denoiser(x, t, cond)
+        return self.denoiser(x, t, cond, branch=branch)
 
     # -- outside the graph: validation and normalisation --
 

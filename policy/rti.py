@@ -253,10 +253,7 @@ class RTIPolicy(DenoisingWrapper):
 
     def shifted_guess(self, executed: int) -> torch.Tensor:
         """The previous chunk advanced by `executed` actions, its last action repeated to fill the horizon."""
-        chunk = self._chunk
-        if executed == 0:
-            return chunk.clone()
-        return torch.cat([chunk[:, executed:], chunk[:, -1:].expand(-1, executed, -1)], dim=1)
+        return self.inner.shift_chunk(self._chunk, executed)
 
     @torch.no_grad()
     def predict_chunk(self, obs: dict[str, torch.Tensor], *, executed: int | None = None,

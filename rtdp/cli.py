@@ -56,6 +56,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     keys = [*d.state_keys, d.action_key, *([d.image_key] if d.image_key else [])]
     buffer = ReplayBuffer.load(args.data, keys=keys)
     d.task = d.task or buffer.attrs.get("task")
+    d.tasks = d.tasks or list(buffer.attrs.get("tasks") or [])
     if p.discrete_action_dims is None:
         from envs.tasks import discrete_action_dims
 
@@ -125,11 +126,36 @@ def _planner_data(args: argparse.Namespace, cfg, kind):
         if d.autoencoder:
             buffer = _embedded(buffer, cfg)
         return MotionDataset(buffer, cfg.planner.rollout, d.key), buffer
+    if kind.name == "pad":
+        return _future_frame_data(args, cfg)
     from envs.datasets.plan_dataset import PlanDataset
 
     buffer = ReplayBuffer.load(args.data)
     cfg.data.task = cfg.data.task or buffer.attrs.get("task")
     return PlanDataset(buffer, cfg.data.branch_labels, cfg.data.val_ratio, cfg.train.seed), buffer
+
+
+def _future_frame_data(args: argparse.Namespace, cfg):
+    """PAD's samples from an image dataset: a multi-task one (pose and task per step) or a single task's, whose
+    pose is read from its state."""
+    import numpy as np
+
+    from envs.datasets import ReplayBuffer
+    from envs.datasets.future_frames import FutureFrameDataset
+    from envs.tasks import pose_dims
+
+    d, p = cfg.data, cfg.policy
+    buffer = ReplayBuffer.load(args.data)
+    d.task = d.task or buffer.attrs.get("task")
+    p.tasks = p.tasks or list(buffer.attrs.get("tasks") or [d.task])
+    if d.pose_key not in buffer.data:
+        if not d.task:
+            raise ValueError(f"{args.data} has no {d.pose_key!r} and names no task to read the pose from")
+        buffer = ReplayBuffer({**buffer.data, d.pose_key: np.asarray(buffer["state"])[:, pose_dims(d.task)]},
+                              buffer.episode_ends, dict(buffer.attrs), source=buffer.source)
+    data = FutureFrameDataset(buffer, p.frames, p.skip, p.position_dims, p.gripper_action_dim, d.image_key,
+                              d.pose_key, d.task_key, d.action_key)
+    return data, buffer
 
 
 def _embedded(buffer, cfg):
@@ -183,6 +209,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
         return _collect_maze(args)
     if args.task.startswith("motion/"):
         return _collect_motion(args)
+    if "," in args.task:
+        return _collect_multitask(args)
     if args.append and args.overwrite:
         raise ValueError("--append adds to the dataset at --out and --overwrite replaces it: pass one")
     existing = None
@@ -213,6 +241,24 @@ def cmd_collect(args: argparse.Namespace) -> int:
     print(f"{args.task}: {what} ({buffer.n_steps} steps) in {args.out}; expert success "
           f"{a['expert_success_rate']:.2f}")
     _write_report(args.report, {"out": str(args.out), "steps": buffer.n_steps, "added": added, **a})
+    return 0
+
+
+def _collect_multitask(args: argparse.Namespace) -> int:
+    """`--task a,b,c`: one dataset over several tasks, each episode labelled with its task (envs.multitask)."""
+    from envs.multitask import collect_multitask, parse_tasks
+
+    if args.append:
+        raise ValueError("--append adds to a single-task dataset; collect a multi-task one in one go")
+    if Path(args.out).exists() and not args.overwrite:
+        raise ValueError(f"{args.out} already exists; nothing was written (choose another --out, or pass "
+                         f"--overwrite to replace it)")
+    tasks = parse_tasks(args.task)
+    buffer = collect_multitask(tasks, args.episodes, seed=args.seed or 0, image=args.image,
+                               image_size=args.image_size, progress=not args.no_progress)
+    buffer.save(args.out, overwrite=args.overwrite)
+    print(f"{len(tasks)} tasks, {args.episodes} expert episodes each ({buffer.n_steps} steps) in {args.out}")
+    _write_report(args.report, {"out": str(args.out), "steps": buffer.n_steps, **buffer.attrs})
     return 0
 
 
@@ -491,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("collect", help="record scripted-expert demonstrations into a zarr dataset")
-    c.add_argument("--task", required=True, help="e.g. metaworld/push-v3 or point_mass/reach")
+    c.add_argument("--task", required=True, help="e.g. metaworld/push-v3 or point_mass/reach; several, comma-"
+                   "separated, make one multi-task dataset whose episodes carry their task's index")
     c.add_argument("--episodes", type=POSITIVE, default=50, help="successful episodes to keep (driving tasks: "
                    "every episode is kept, a crash cut from its labels)")
     c.add_argument("--out", required=True, help="zarr store to write (maze tasks: also .hdf5 for D4RL's layout, or "

@@ -19,6 +19,10 @@ from .unet1d import SinusoidalPosEmb
 BRANCH_KINDS = ("self_attn", "cross_attn", "feed_forward")
 
 
+def _compute(_name: str, compute):
+    return compute()
+
+
 class SelfAttentionBranch(nn.Module):
     def __init__(self, d_model: int, n_head: int, dropout: float):
         super().__init__()
@@ -62,10 +66,13 @@ class DecoderLayer(nn.Module):
         self.cross_attn = CrossAttentionBranch(d_model, n_head, dropout)
         self.feed_forward = FeedForwardBranch(d_model, dropout)
 
-    def forward(self, x, memory, self_mask, memory_mask):
-        x = x + self.self_attn(x, self_mask)
-        x = x + self.cross_attn(x, memory, memory_mask)
-        return x + self.feed_forward(x)
+    def forward(self, x, memory, self_mask, memory_mask, name: str = "", branch=None):
+        """`branch(name, compute) -> output`, when given, decides per residual branch whether it is computed (a
+        block cache reuses an earlier step's output instead)."""
+        branch = branch or _compute
+        x = x + branch(f"{name}.self_attn", lambda: self.self_attn(x, self_mask))
+        x = x + branch(f"{name}.cross_attn", lambda: self.cross_attn(x, memory, memory_mask))
+        return x + branch(f"{name}.feed_forward", lambda: self.feed_forward(x))
 
 
 class TransformerForDiffusion(nn.Module):
@@ -126,8 +133,9 @@ class TransformerForDiffusion(nn.Module):
         tokens = torch.cat([self.time_emb(timestep).unsqueeze(1), self.cond_obs_emb(cond)], dim=1)
         return self.cond_encoder(self.drop(tokens + self.cond_pos_emb))
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """sample (B, T, action_dim), timestep (B,), cond (B, n_obs_steps, cond_dim) -> (B, T, action_dim)."""
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor, branch=None) -> torch.Tensor:
+        """sample (B, T, action_dim), timestep (B,), cond (B, n_obs_steps, cond_dim) -> (B, T, action_dim).
+        `branch`: see DecoderLayer.forward."""
         if sample.shape[1] != self.horizon or cond.shape[1] != self.n_obs_steps:
             raise ValueError(
                 f"TransformerForDiffusion was built for horizon {self.horizon} and {self.n_obs_steps} observation"
@@ -135,6 +143,6 @@ class TransformerForDiffusion(nn.Module):
             )
         memory = self.encode_condition(timestep, cond)
         x = self.drop(self.input_emb(sample) + self.pos_emb)
-        for layer in self.layers:
-            x = layer(x, memory, self.self_mask, self.memory_mask)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, memory, self.self_mask, self.memory_mask, f"layers.{i}", branch)
         return self.head(self.ln_f(x))
