@@ -348,9 +348,10 @@ class PAD(nn.Module, DenoisingPolicy):
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
         t = torch.randint(0, self.schedule.num_train_timesteps, (x0.shape[0],), generator=generator)
         pred = self.denoise(self.schedule.add_noise(x0, noise, t), t, cond)
+        target = self.schedule.training_target(x0, noise, t)
         n_t = cfg.target_dim
-        pose_loss = F.mse_loss(pred[..., :n_t], noise[..., :n_t])
-        loss = cfg.image_loss_weight * self.frame_gate * F.mse_loss(pred[..., n_t:], noise[..., n_t:] *
+        pose_loss = F.mse_loss(pred[..., :n_t], target[..., :n_t])
+        loss = cfg.image_loss_weight * self.frame_gate * F.mse_loss(pred[..., n_t:], target[..., n_t:] *
                                                                     self.frame_gate)
         if self.training:
             self.train_step += 1
