@@ -38,6 +38,8 @@ MODELS = {
                  "data.image_key=image", "train.batch_size=64", "train.steps=2000"],
 }
 RTI = ["--rti", "27", "--rti-exec", "4", "--rti-steps", "4"]
+LATENCY_SETTINGS = {"ddim10": [], "ddpm50": ["--sampler", "ddpm", "--steps", "50"],  # ddpm50: the paper's sampler
+                    "rti4": ["--rti", "27", "--rti-steps", "4"], "rti2": ["--rti", "27", "--rti-steps", "2"]}
 
 
 def rtdp(*args: str, threads: int = 2) -> None:
@@ -142,7 +144,7 @@ def stage_latency(work: Path) -> None:
     for backend in ("torch", "onnxruntime"):
         if backend == "onnxruntime" and not (work / "pad" / "onnx").exists():
             rtdp("export", "--checkpoint", str(work / "pad"), "--check")
-        for label, extra in (("ddim10", []), ("rti", ["--rti", "27", "--rti-steps", "4"])):
+        for label, extra in LATENCY_SETTINGS.items():
             report = OUT / "latency" / f"pad_{label}_{backend}.json"
             if not report.exists():
                 rtdp("profile", "--checkpoint", str(work / "pad"), "--backend", backend, "--iters", "100",
@@ -166,6 +168,31 @@ def table() -> str:
     rows.append("| **mean** | " + " | ".join(f"**{np.mean(v):.2f}**" if len(v) == len(TASKS) else "-"
                                               for v in means.values()) + " |")
     return "\n".join(rows)
+
+
+def plot_success() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {"pad": "PAD", "pad_no_img": "PAD w/o img", "dp_image": "image DP", "pad_rti": "PAD + RTI"}
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    width = 0.8 / len(labels)
+    for i, (m, name) in enumerate(labels.items()):
+        values = []
+        for task in TASKS:
+            path = OUT / "eval" / f"{m}_{task.split('/')[1]}.json"
+            values.append(json.loads(path.read_text())["success_rate"] if path.exists() else np.nan)
+        ax.bar(np.arange(len(TASKS)) + i * width, values, width, label=name)
+    ax.set_xticks(np.arange(len(TASKS)) + 0.4 - width / 2, [t.split("/")[1] for t in TASKS], fontsize=8)
+    ax.set_ylabel("success rate")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("one multi-task policy each, metaworld, DDIM-10 unless RTI")
+    fig.tight_layout()
+    fig.savefig(OUT / "success.png", dpi=110)
+    plt.close(fig)
 
 
 def main() -> int:
@@ -196,6 +223,7 @@ def main() -> int:
         stage_latency(work)
     text = table()
     print(text)
+    plot_success()
     meta = {"machine": f"{platform.node()} ({os.cpu_count()} cores, CPU only)",
             "date": datetime.date.today().isoformat(), "seconds": round(time.perf_counter() - t0, 1),
             "episodes_per_task": args.episodes, "tasks": TASKS}

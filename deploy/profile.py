@@ -35,6 +35,8 @@ class ProfileSettings:
     sampler: str | None = None
     steps: int | None = None
     rti_k0: int | None = None  # profile RTI's warm decision ([k0 .. 0]) instead of a full denoise
+    rti_steps: int | None = None  # the warm tail's calls; None: RTIConfig's default
+    rti_every_step: bool = False  # the tail is every step k0 .. 0
     threads: int = 1
     precision: str = "fp32"  # the network's: fp32 | fp16
     export: str | None = None  # the export folder the engine backends read; None: the checkpoint's
@@ -45,6 +47,8 @@ class ProfileSettings:
         rti = None
         if self.rti_k0 is not None:
             rti = {"k0": self.rti_k0, **({"sampler": self.sampler} if self.sampler else {})}
+            if self.rti_every_step or self.rti_steps is not None:
+                rti["steps"] = None if self.rti_every_step else self.rti_steps
         return RuntimeSettings(checkpoint=self.checkpoint, sampler=self.sampler, steps=self.steps, rti=rti,
                                backend=backend, precision=self.precision,
                                export=self.export if not backend.startswith("torch") else None,

@@ -7,7 +7,8 @@ from envs.tasks import make_env
 
 
 def resolve_task(checkpoint: str, run_cfg, task: str | None = None) -> str:
-    task = task or run_cfg.data.task
+    tasks = trained_tasks(run_cfg)
+    task = task or run_cfg.data.task or (tasks[0] if tasks else None)
     if not task:
         raise ValueError(f"checkpoint {checkpoint} does not record its task: pass --task")
     return task

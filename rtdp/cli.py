@@ -439,8 +439,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     settings = ProfileSettings(checkpoint=args.checkpoint, backends=args.backend or [], iters=args.iters,
                                warmup=args.warmup, sampler=args.sampler, steps=args.steps,
-                               rti_k0=_rti_k0(args), threads=args.threads,
-                               plot=args.plot, precision=args.precision, export=args.export)
+                               rti_k0=_rti_k0(args), threads=args.threads, plot=args.plot,
+                               precision=args.precision, export=args.export,
+                               rti_steps=None if args.rti_steps in (None, "all") else args.rti_steps,
+                               rti_every_step=args.rti_steps == "all")
     report = profile(settings, progress=not args.no_progress)
     print(comparison_table(report))
     _write_report(args.report, report)
@@ -617,7 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--iters", type=POSITIVE, default=200, help="timed decisions per backend")
     f.add_argument("--warmup", type=NON_NEGATIVE, default=20)
     _add_sampler_arguments(f)
-    f.add_argument("--rti", metavar="K0", help="profile the RTI warm decision (K0 + 1 calls)")
+    f.add_argument("--rti", metavar="K0", help="profile the RTI warm decision entered at K0")
+    f.add_argument("--rti-steps", type=_tail_steps, metavar="N|all", help="the warm tail's calls, K0 .. 0 evenly "
+                   "strided (default 4; all: every step)")
     f.add_argument("--threads", type=POSITIVE, default=1)
     _add_export_argument(f)
     _add_precision_argument(f, "the network's precision")
