@@ -21,11 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .transformer import compute_branch
 from .unet1d import SinusoidalPosEmb
-
-
-def _compute(_name: str, compute):
-    return compute()
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -83,7 +80,7 @@ class DiTBlock(nn.Module):
         self.feed_forward = FeedForward(dim, mlp_ratio)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x, c, allowed, name: str, branch=_compute):
+    def forward(self, x, c, allowed, name: str, branch=compute_branch):
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.modulation(c).chunk(6, dim=1)
         x = x + gate_a.unsqueeze(1) * branch(f"{name}.self_attn", lambda: self.self_attn(x, shift_a, scale_a,
                                                                                          allowed))
@@ -165,7 +162,7 @@ class DiT(nn.Module):
         return tokens.reshape(B, g, g, channels, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, channels, g * p, g * p)
 
     def forward(self, frames: torch.Tensor, poses: torch.Tensor, t: torch.Tensor, current_frame: torch.Tensor,
-                current_pose: torch.Tensor, task_vector: torch.Tensor, branch=_compute
+                current_pose: torch.Tensor, task_vector: torch.Tensor, branch=compute_branch
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """frames (B, frames * C, H, W) noisy; poses (B, frames * pose_dim) noisy; t (B,); current_frame
         (B, C, H, W); current_pose (B, current_pose_dim); task_vector (B, hidden) = task_embed(task) ->

@@ -19,7 +19,8 @@ from .unet1d import SinusoidalPosEmb
 BRANCH_KINDS = ("self_attn", "cross_attn", "feed_forward")
 
 
-def _compute(_name: str, compute):
+def compute_branch(_name: str, compute):
+    """The default `branch` hook: every residual branch is computed."""
     return compute()
 
 
@@ -69,7 +70,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x, memory, self_mask, memory_mask, name: str = "", branch=None):
         """`branch(name, compute) -> output`, when given, decides per residual branch whether it is computed (a
         block cache reuses an earlier step's output instead)."""
-        branch = branch or _compute
+        branch = branch or compute_branch
         x = x + branch(f"{name}.self_attn", lambda: self.self_attn(x, self_mask))
         x = x + branch(f"{name}.cross_attn", lambda: self.cross_attn(x, memory, memory_mask))
         return x + branch(f"{name}.feed_forward", lambda: self.feed_forward(x))
