@@ -1,7 +1,7 @@
 """PAD (algorithms.md section 4.5): one network call per step predicts frames and poses together at one t; the
 image tokens cannot read the action token; RTI shifts the joint state by whole frames, the block cache runs on the
 DiT's branches, the step exports to ONNX with parity; bad inputs are refused by name. Trained on a small task
-(the point-mass reach, rendered top-down; `slow`, 3,000 steps, about ten minutes), the predicted frames beat copy-last-frame by
+(the point-mass reach, rendered top-down; `slow`, 3,000 steps), the predicted frames beat copy-last-frame by
 >= 30% MSE on held-out episodes and the effector's displacement in the predicted frame follows the predicted pose
 delta (correlation >= 0.8)."""
 
