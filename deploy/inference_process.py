@@ -163,6 +163,13 @@ class InferenceProcess:
                 raise InferenceError(f"inference process: {reply[0].get('error')}")
             return reply
 
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
     def __call__(self, history: dict[str, np.ndarray], executed: int | None) -> np.ndarray:
         return self._request({"op": "decide", "executed": executed}, history)[1]["actions"]
 

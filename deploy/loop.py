@@ -282,15 +282,17 @@ class ControlLoop:
             action[self.discrete_dims] = last[self.discrete_dims]
         return action
 
-    def run(self, robot, on_tick=None) -> bool:
+    def run(self, robot, on_tick=None, on_chunk=None) -> bool:
+        """`on_tick(tick, action)` after each action is sent; `on_chunk(actions, obs)` when a chunk is adopted, with
+        the observation it was computed from (a node publishes the chunk stamped with it)."""
         previous = sys.getswitchinterval()
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         try:
-            return self._run(robot, on_tick)
+            return self._run(robot, on_tick, on_chunk)
         finally:
             sys.setswitchinterval(previous)
 
-    def _run(self, robot, on_tick) -> bool:
+    def _run(self, robot, on_tick, on_chunk) -> bool:
         s, stats = self.settings, self.stats
         self.worker.reset()
         history: deque = deque(maxlen=self.n_obs_steps)
@@ -298,6 +300,7 @@ class ControlLoop:
         ensemble = _Ensemble(s.ensemble_m, self.discrete_dims) if s.chunking == "ensemble" else None
         last_action: np.ndarray | None = None
         last_request = -(10**9)
+        asked: dict[int, dict] = {}  # the observation each pending request was made from, by its tick
         first = robot.observe()
         if valid_observation(first, self.obs_shapes):
             # The first chunk (a full denoise, the slow one under RTI) is computed before the clock starts, as a
@@ -305,6 +308,8 @@ class ControlLoop:
             history.extend([first] * self.n_obs_steps)
             try:
                 chunk, _ = self.worker.prime({k: np.stack([o[k] for o in history]) for k in self.obs_shapes}, 0)
+                if on_chunk is not None:
+                    on_chunk(chunk.actions, first)
                 if ensemble is not None:
                     ensemble.add(chunk)
                     chunk = ensemble
@@ -339,6 +344,9 @@ class ControlLoop:
                         ensemble.add(new)
                         new = ensemble
                     chunk = new
+                    if on_chunk is not None and new.obs_tick in asked:
+                        on_chunk(new.actions, asked[new.obs_tick])
+                asked = {k: v for k, v in asked.items() if k > new.obs_tick}
                 watchdog_armed = True
             error = self.worker.take_error()
             if error is not None:
@@ -364,6 +372,8 @@ class ControlLoop:
             if good and not self.worker.busy() and (tick - last_request >= self.replan_every or remaining <= 1):
                 self.worker.submit({k: np.stack([o[k] for o in history]) for k in self.obs_shapes}, tick)
                 last_request = tick
+                if on_chunk is not None:
+                    asked[tick] = obs
             if self.worker.busy_for() > s.watchdog_s and watchdog_armed:
                 stats.watchdog_trips += 1
                 watchdog_armed = False

@@ -469,6 +469,91 @@ def cmd_control(args: argparse.Namespace) -> int:
     return 0
 
 
+def _zenoh_settings(args: argparse.Namespace):
+    from deploy.zenoh_graph import ZenohSettings
+
+    return ZenohSettings(router=None if args.router == "none" else args.router, listen=args.listen or [],
+                         multicast_scouting=args.multicast_scouting, domain=args.domain)
+
+
+def _add_zenoh_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--router", default="tcp/127.0.0.1:7447", help="the Zenoh router to connect to (rmw_zenohd's "
+                   "default endpoint by default; `rtdp router` runs one without ROS 2); none: listen only")
+    p.add_argument("--listen", action="append", metavar="ENDPOINT", help="also accept connections here, e.g. "
+                   "tcp/127.0.0.1:7448 (repeat for several)")
+    p.add_argument("--domain", type=NON_NEGATIVE, default=0, help="ROS_DOMAIN_ID")
+    p.add_argument("--multicast-scouting", action="store_true", help="discover peers by UDP multicast (off: a "
+                   "robot's bus has explicit endpoints)")
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    from deploy.zenoh_graph import ZenohSettings, router
+
+    session = router(ZenohSettings(router=None, listen=args.listen or [], multicast_scouting=args.multicast_scouting))
+    print(f"rtdp router: listening on {', '.join(args.listen or ['tcp/127.0.0.1:7447'])} (zid {session.zid()})",
+          flush=True)
+    _wait_for_signal()
+    session.close()
+    return 0
+
+
+def _wait_for_signal(stop=None) -> None:
+    """Blocks until SIGINT/SIGTERM, or until `stop()` returns True."""
+    import signal
+    import threading
+
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    while not done.wait(0.2):
+        if stop is not None and stop():
+            return
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from deploy.node import ControlNode, NodeSettings
+    from deploy.runtime import RuntimeSettings
+
+    _rti_k0(args)  # the loop needs a fixed entry step
+    runtime = RuntimeSettings(checkpoint=args.checkpoint, sampler=args.sampler, steps=args.steps,
+                              rti=_rti_settings(args), cache=args.cache, backend=args.backend,
+                              precision=args.precision, export=args.export, threads=args.threads)
+    settings = NodeSettings(runtime=runtime, rate_hz=args.rate, name=args.name, namespace=args.namespace,
+                            zenoh=_zenoh_settings(args), robot_node=args.robot_node,
+                            max_observation_age_ms=args.max_observation_age_ms,
+                            inference_delay_ms=args.inference_delay_ms, threads=args.threads, record=args.record)
+    node = ControlNode(settings)
+    try:
+        print(f"rtdp node: {args.name} on the bus (state unconfigured); lifecycle by "
+              f"{args.namespace.rstrip('/')}/{args.name}/change_state", flush=True)
+        for transition in ("configure", "activate")[: {"none": 0, "configure": 1, "activate": 2}[args.start]]:
+            if not node.transition(transition):
+                raise RuntimeError(f"{transition} failed: {node.last_error}")
+            print(f"rtdp node: {transition}d", flush=True)
+        _wait_for_signal(stop=lambda: node.wait_finalized(0))
+    finally:
+        node.close()
+        report = node.report()
+        _write_report(args.report, report)
+    print(f"rtdp node: finalized after {report.get('ticks', 0)} ticks, {report.get('deadline_misses', 0)} deadline "
+          f"misses, {report.get('inference_restarts', 0)} inference restarts")
+    return 0
+
+
+def cmd_robot_sim(args: argparse.Namespace) -> int:
+    from evaluation.robot_sim import RobotSimSettings, parse_faults, robot_sim_summary, run_robot_sim
+
+    settings = RobotSimSettings(checkpoint=args.checkpoint, task=args.task, episodes=args.episodes,
+                                min_ticks=args.min_ticks, seed=args.seed, node=args.node, namespace=args.namespace,
+                                zenoh=_zenoh_settings(args), faults=parse_faults(args.faults),
+                                kill_inference_after=args.kill_inference_after, shutdown_node=args.shutdown_node,
+                                max_episode_steps=args.max_episode_steps)
+    report = run_robot_sim(settings, progress=not args.no_progress)
+    print(robot_sim_summary(report))
+    _write_report(args.report, report)
+    return 0
+
+
 def _add_export_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export", metavar="DIR", help="the export folder an engine backend reads (what `rtdp export "
                    "--out DIR` wrote); default: <checkpoint>/onnx, or onnx-fp16")
@@ -657,6 +742,55 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--report", help="write the JSON report here")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_control)
+
+    n = sub.add_parser("node", help="the policy as a ROS 2 managed node over Zenoh (rmw_zenoh's layout)")
+    n.add_argument("--checkpoint", required=True)
+    n.add_argument("--rate", type=RATE, default=50.0, help="control rate in Hz")
+    n.add_argument("--name", default="rtdp_policy", help="the node's name")
+    n.add_argument("--namespace", default="")
+    _add_zenoh_arguments(n)
+    n.add_argument("--start", choices=("none", "configure", "activate"), default="none",
+                   help="transitions to make at start; otherwise by the change_state service")
+    n.add_argument("--robot-node", help="deactivate and hold when the node of this name leaves the graph")
+    n.add_argument("--max-observation-age-ms", type=float, default=100.0,
+                   help="an observation stamped earlier than this is refused as late; none younger: the loop holds")
+    _add_sampler_arguments(n)
+    _add_rti_arguments(n)
+    n.add_argument("--backend", default="torch", choices=BACKEND_CHOICES)
+    _add_export_argument(n)
+    _add_precision_argument(n, "the network's precision")
+    n.add_argument("--cache", metavar="bac:S|uniform:S", help="transformer block caching (see rtdp eval --cache)")
+    n.add_argument("--threads", type=POSITIVE, default=1, help="the inference process's threads")
+    n.add_argument("--inference-delay-ms", type=float, default=0.0, help="add this to every decision (stress test)")
+    n.add_argument("--record", metavar="FILE.mcap", help="every message in and out, as ROS 2 messages in MCAP")
+    n.add_argument("--report", help="write the counters and timing as JSON here when the node finalizes")
+    n.set_defaults(func=cmd_node)
+
+    r = sub.add_parser("robot-sim", help="the simulator as the robot: publishes observations and applies the "
+                       "actions of `rtdp node` over Zenoh, driving its lifecycle per episode")
+    r.add_argument("--checkpoint", required=True, help="the policy the node runs (its observation layout)")
+    r.add_argument("--task", help="default: the checkpoint's task")
+    r.add_argument("--episodes", type=POSITIVE, default=5)
+    r.add_argument("--min-ticks", type=NON_NEGATIVE, default=0, help="keep running episodes until this many steps")
+    r.add_argument("--seed", type=int, default=0, help="episodes use rtdp control's seeds 300000 + seed + i")
+    r.add_argument("--max-episode-steps", type=POSITIVE)
+    r.add_argument("--node", default="rtdp_policy", help="the policy node to drive")
+    r.add_argument("--namespace", default="")
+    _add_zenoh_arguments(r)
+    r.add_argument("--faults", help="inject faults into the observations sent, e.g. drop=0.1,reorder=0.05,"
+                   "duplicate=0.01,garbage=0.01")
+    r.add_argument("--kill-inference-after", type=POSITIVE, metavar="STEPS",
+                   help="SIGKILL the node's inference process after this many steps (same machine)")
+    r.add_argument("--shutdown-node", action="store_true", help="finalize the node when done")
+    r.add_argument("--report", help="write the JSON report here")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=cmd_robot_sim)
+
+    z = sub.add_parser("router", help="a Zenoh router for the node and the robot where ROS 2's rmw_zenohd is not "
+                       "installed")
+    z.add_argument("--listen", action="append", metavar="ENDPOINT", help="default tcp/127.0.0.1:7447")
+    z.add_argument("--multicast-scouting", action="store_true")
+    z.set_defaults(func=cmd_router)
 
     m = sub.add_parser("motion", help="synthesise a character's motion with a motion model, steered by commands")
     m.add_argument("--checkpoint", required=True, help="an aamdm or amdm checkpoint trained through an autoencoder")
