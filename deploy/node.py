@@ -59,6 +59,7 @@ LIFECYCLE = {("unconfigured", "configure"): "inactive", ("inactive", "cleanup"):
              ("inactive", "activate"): "active", ("active", "deactivate"): "inactive",
              ("unconfigured", "shutdown"): "finalized", ("inactive", "shutdown"): "finalized",
              ("active", "shutdown"): "finalized"}
+GAP_MEMORY = 1000  # sequence numbers remembered per stream to tell a drop from a reordering
 REFUSALS = ("garbage", "wrong_type", "wrong_shape", "non_finite", "duplicate", "out_of_order", "late")
 
 
@@ -149,7 +150,11 @@ class ObservationIntake:
         self.counts = {k: 0 for k in ("received", "accepted", "dropped", *REFUSALS)}
         self.latest: dict[str, tuple[np.ndarray, int]] = {}  # field -> (value, stamp ns)
         self.transport_ms: list[float] = []  # source timestamp -> received, accepted samples
+        # per (field, publisher gid): the last accepted sequence number, the numbers skipped by it that have not
+        # shown up since (drops, unless a reordered sample fills one later), and numbers that came but were refused
         self._last_seq: dict[tuple[str, bytes], int] = {}
+        self._missing: dict[tuple[str, bytes], set[int]] = {}
+        self._refused_seqs: dict[tuple[str, bytes], set[int]] = {}
         self._keys: dict[str, tuple[str, str, str]] = {}  # field -> (key, topic, type)
         self._lock = threading.Lock()
 
@@ -169,30 +174,63 @@ class ObservationIntake:
                 return self.refuse("wrong_type")
             try:
                 att = Attachment.decode(sample.attachment)
+            except MessageError:
+                return self.refuse("garbage")
+            stream = (name, att.source_gid)
+            try:
                 msg = decode(sample.payload, msgtype)
             except MessageError:
+                self._note_refused(stream, att.sequence_number)
                 return self.refuse("garbage")
             if self.record is not None:
                 self.record.write(topic, msgtype, sample.payload, att.source_timestamp)
             try:
                 value = observation_value(msg, self.fields[name].step_shape, self.fields[name].dtype)
             except MessageError as e:
+                self._note_refused(stream, att.sequence_number)
                 return self.refuse("non_finite" if "NaN" in str(e) else "wrong_shape")
-            last = self._last_seq.get((name, att.source_gid))
+            last = self._last_seq.get(stream)
             if last is not None and att.sequence_number == last:
                 return self.refuse("duplicate")
             if last is not None and att.sequence_number < last:
+                self._arrived(stream, att.sequence_number)
                 return self.refuse("out_of_order")
             stamp = message_stamp_ns(msg) or att.source_timestamp
             if sample.received_ns - stamp > self.max_age_ns:
+                self._note_refused(stream, att.sequence_number)
                 return self.refuse("late")
             if last is not None:
-                self.counts["dropped"] += att.sequence_number - last - 1
-            self._last_seq[(name, att.source_gid)] = att.sequence_number
+                self._count_gap(stream, last, att.sequence_number)
+            self._last_seq[stream] = att.sequence_number
             self.latest[name] = (value, stamp)
             self.transport_ms.append((sample.received_ns - att.source_timestamp) / 1e6)
             self.counts["accepted"] += 1
             return "accepted"
+
+    def _count_gap(self, stream, last: int, seq: int) -> None:
+        refused, missing = self._refused_seqs.get(stream, set()), self._missing.setdefault(stream, set())
+        gap = [n for n in range(last + 1, min(seq, last + 1 + GAP_MEMORY)) if n not in refused]
+        self.counts["dropped"] += len(gap) + max(0, seq - last - 1 - GAP_MEMORY)
+        missing.update(gap)
+        for numbers in (missing, refused):  # only the recent past can still show up
+            numbers.difference_update([n for n in numbers if n < seq - GAP_MEMORY])
+
+    def _note_refused(self, stream, seq: int) -> None:
+        """A sample that came but was refused is not a drop. Kept only for streams with an accepted sample, and
+        only the most recent: garbage with made-up publisher ids cannot grow this."""
+        if stream not in self._last_seq:
+            return
+        refused = self._refused_seqs.setdefault(stream, set())
+        refused.add(seq)
+        if len(refused) > GAP_MEMORY:
+            refused.difference_update(sorted(refused)[: len(refused) - GAP_MEMORY])
+
+    def _arrived(self, stream, seq: int) -> None:
+        """A late sample fills a gap: it was reordered, not dropped."""
+        missing = self._missing.get(stream, set())
+        if seq in missing:
+            missing.discard(seq)
+            self.counts["dropped"] -= 1
 
     def observation(self, now_ns: int) -> dict:
         """The newest observation of every field with its stamp (the oldest field's), or {} when a field has none
@@ -237,7 +275,8 @@ class ControlNode:
         validate(settings.runtime)
         self.settings = settings
         self.state = "unconfigured"
-        self.counts = {"transitions": 0, "rejected_transitions": 0, "robot_disconnects": 0, "activations": 0}
+        self.counts = {"transitions": 0, "rejected_transitions": 0, "robot_disconnects": 0, "activations": 0,
+                       "inference_restarts": 0}  # of inference processes since cleaned up; the live one's below
         self.recorder = McapRecorder(settings.record) if settings.record else None
         self.session = open_session(settings.zenoh)
         self.ros = RosNode(self.session, settings.name, settings.namespace, settings.zenoh.domain)
@@ -316,6 +355,7 @@ class ControlNode:
     def _on_cleanup(self) -> None:
         self.loop_summary = self.loop.stats.summary()  # the report keeps the loop's figures past cleanup
         self.loop.close()
+        self.counts["inference_restarts"] += self.decider.restarts
         self.decider.close()
         self.decider = self.loop = None
 
@@ -364,7 +404,8 @@ class ControlNode:
         if self.intake is not None:
             out.update({f"observations_{k}": v for k, v in self.intake.counts.items()})
         if self.decider is not None:
-            out.update(inference_restarts=self.decider.restarts, inference_pid=self.decider.process.pid)
+            out.update(inference_restarts=self.counts["inference_restarts"] + self.decider.restarts,
+                       inference_pid=self.decider.process.pid)
         if self.loop is not None:
             st = self.loop.stats
             out.update({k: getattr(st, k) for k in ("ticks", "deadline_misses", "held_ticks", "bad_observations",

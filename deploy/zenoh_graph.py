@@ -104,16 +104,44 @@ class Attachment:
 
     @classmethod
     def decode(cls, data: bytes | None) -> Attachment:
+        """Parsed here with every length checked against the bytes that are there: zenoh-ext's deserialiser
+        allocates whatever length a garbage buffer claims first, and an allocation of a terabyte aborts the process
+        (found by this module's fuzz test)."""
         if data is None:
             raise MessageError("sample without an rmw_zenoh attachment")
-        try:
-            k1, seq, k2, ts, k3, gid = zext.z_deserialize(tuple[str, zext.Int64, str, zext.Int64, str, bytes],
-                                                       zenoh.ZBytes(data))
-        except Exception as e:  # noqa: BLE001  zenoh raises its own error types for every malformed input
-            raise MessageError(f"malformed attachment ({len(data)} bytes): {e}") from None
-        if (k1, k2, k3) != ("sequence_number", "source_timestamp", "source_gid") or len(gid) != 16:
-            raise MessageError(f"attachment keys {k1!r}, {k2!r}, {k3!r} and a {len(gid)}-byte gid are not rmw_zenoh's")
-        return cls(int(seq), int(ts), bytes(gid))
+        fields, pos = [], 0
+        for key, kind in (("sequence_number", "int64"), ("source_timestamp", "int64"), ("source_gid", "buffer")):
+            name, pos = _read_buffer(data, pos)
+            if name != key.encode():
+                raise MessageError(f"attachment field {name[:32]!r} where rmw_zenoh puts {key!r}")
+            if kind == "int64":
+                if len(data) - pos < 8:
+                    raise MessageError(f"attachment cut short in {key}")
+                fields.append(int.from_bytes(data[pos : pos + 8], "little", signed=True))
+                pos += 8
+            else:
+                value, pos = _read_buffer(data, pos)
+                fields.append(value)
+        if len(fields[2]) != 16:
+            raise MessageError(f"attachment gid of {len(fields[2])} bytes; rmw_zenoh's are 16")
+        return cls(fields[0], fields[1], bytes(fields[2]))
+
+
+def _read_buffer(data: bytes, pos: int) -> tuple[bytes, int]:
+    """One zenoh-ext buffer or string at `pos`: its LEB128 length, then that many bytes."""
+    length, shift = 0, 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise MessageError("attachment cut short in a length prefix")
+        byte = data[pos]
+        pos += 1
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            break
+    if length > len(data) - pos:
+        raise MessageError(f"attachment claims {length} bytes where {len(data) - pos} remain")
+    return data[pos : pos + length], pos + length
 
 
 @dataclass

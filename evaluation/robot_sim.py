@@ -61,7 +61,10 @@ class RobotSimSettings:
     name: str = "rtdp_robot_sim"
     zenoh: ZenohSettings = field(default_factory=ZenohSettings)
     topics: TopicSettings = field(default_factory=TopicSettings)
-    action_timeout_s: float = 1.0  # no action for this long: the robot holds and checks on the node
+    # No usable action for this long: the robot sends its observation again, as a sensor stream would (a first
+    # observation lost to a fault would otherwise leave the node nothing to answer)
+    resend_after_s: float = 0.1
+    action_timeout_s: float = 1.0  # no action for this long: the robot checks the node is still there
     node_wait_s: float = 120.0  # how long to wait for the node to (re)appear, or to answer a transition
     faults: dict = field(default_factory=dict)  # FAULTS -> probability per observation sent
     kill_inference_after: int | None = None  # actions applied before SIGKILL of the node's inference process
@@ -190,7 +193,7 @@ def run_robot_sim(settings: RobotSimSettings, progress: bool = True) -> dict:
     client = PolicyNodeClient(ros, settings)
     episodes, transport_ms, answer_ms = [], [], []
     counts = {"actions_applied": 0, "action_timeouts": 0, "node_returns": 0, "stale_actions": 0,
-              "inference_kills": 0}
+              "resent_observations": 0, "inference_kills": 0}
     bar = tqdm(desc=f"robot-sim {task}", unit="step", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
@@ -207,21 +210,28 @@ def run_robot_sim(settings: RobotSimSettings, progress: bool = True) -> dict:
             if not client.change("activate"):
                 raise RuntimeError(f"node {settings.node!r} refused to activate")
             success, steps, done = False, 0, False
+            waiting_since = time.monotonic()
             while not done:
                 try:
-                    stamp, action, received_ns, sent_ns = client.actions.get(timeout=settings.action_timeout_s)
+                    stamp, action, received_ns, sent_ns = client.actions.get(timeout=settings.resend_after_s)
+                    if stamp < start_ns:  # answers an observation from before this episode (a hold at deactivation)
+                        counts["stale_actions"] += 1
+                        raise queue.Empty
                 except queue.Empty:
-                    counts["action_timeouts"] += 1
-                    if not client.alive.is_set():  # the node went: hold until it is back, then go on
-                        client.bring_up()
-                        counts["node_returns"] += 1
-                        start_ns = time.time_ns()
-                        sender.send(obs)
-                        client.change("activate")
+                    if time.monotonic() - waiting_since > settings.action_timeout_s:
+                        counts["action_timeouts"] += 1
+                        waiting_since = time.monotonic()
+                        if not client.alive.is_set():  # the node went: hold until it is back, then go on
+                            client.bring_up()
+                            counts["node_returns"] += 1
+                            start_ns = time.time_ns()
+                            sender.send(obs)
+                            client.change("activate")
+                            continue
+                    counts["resent_observations"] += 1
+                    sender.send(obs)
                     continue
-                if stamp < start_ns:  # answers an observation from before this episode (a hold at deactivation)
-                    counts["stale_actions"] += 1
-                    continue
+                waiting_since = time.monotonic()
                 transport_ms.append((received_ns - sent_ns) / 1e6)
                 answer_ms.append((received_ns - stamp) / 1e6)
                 obs, _, terminated, truncated, info = env.step(action)
