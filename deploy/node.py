@@ -53,7 +53,9 @@ CHUNK_TYPE = "trajectory_msgs/msg/JointTrajectory"
 DIAGNOSTICS_TYPE = "diagnostic_msgs/msg/DiagnosticArray"
 CHANGE_STATE = "lifecycle_msgs/srv/ChangeState"
 GET_STATE = "lifecycle_msgs/srv/GetState"
-STAMP_KEY = "stamp_ns"  # rides in the loop's observation dict beside the policy's fields, never sent to the policy
+# These ride in the loop's observation dict beside the policy's fields and are never sent to the policy: the
+# observation's stamp, and how long its slowest field took over the transport.
+STAMP_KEY, TRANSPORT_KEY = "stamp_ns", "transport_ms"
 # (from, transition) -> to; shutdown is allowed from every state but finalized
 LIFECYCLE = {("unconfigured", "configure"): "inactive", ("inactive", "cleanup"): "unconfigured",
              ("inactive", "activate"): "active", ("active", "deactivate"): "inactive",
@@ -148,7 +150,7 @@ class ObservationIntake:
         self.max_age_ns = int(max_age_ms * 1e6)
         self.record = record
         self.counts = {k: 0 for k in ("received", "accepted", "dropped", *REFUSALS)}
-        self.latest: dict[str, tuple[np.ndarray, int]] = {}  # field -> (value, stamp ns)
+        self.latest: dict[str, tuple[np.ndarray, int, float]] = {}  # field -> (value, stamp ns, transport ms)
         self.transport_ms: list[float] = []  # source timestamp -> received, accepted samples
         # per (field, publisher gid): the last accepted sequence number, the numbers skipped by it that have not
         # shown up since (drops, unless a reordered sample fills one later), and numbers that came but were refused
@@ -202,8 +204,9 @@ class ObservationIntake:
             if last is not None:
                 self._count_gap(stream, last, att.sequence_number)
             self._last_seq[stream] = att.sequence_number
-            self.latest[name] = (value, stamp)
-            self.transport_ms.append((sample.received_ns - att.source_timestamp) / 1e6)
+            transport_ms = (sample.received_ns - att.source_timestamp) / 1e6
+            self.latest[name] = (value, stamp, transport_ms)
+            self.transport_ms.append(transport_ms)
             self.counts["accepted"] += 1
             return "accepted"
 
@@ -238,10 +241,11 @@ class ObservationIntake:
         with self._lock:
             if len(self.latest) < len(self.fields):
                 return {}
-            stamp = min(s for _, s in self.latest.values())
+            stamp = min(s for _, s, _ in self.latest.values())
             if now_ns - stamp > self.max_age_ns:
                 return {}
-            return {**{k: v for k, (v, _) in self.latest.items()}, STAMP_KEY: stamp}
+            return {**{k: v for k, (v, _, _) in self.latest.items()}, STAMP_KEY: stamp,
+                    TRANSPORT_KEY: max(t for _, _, t in self.latest.values())}
 
 
 class NodeRobot:
@@ -253,13 +257,17 @@ class NodeRobot:
         self.stamp = 0
         self.read_ns = 0
         self.stale_ticks = 0
+        self.transport_ms = 0.0
         self.tick_ms: list[float] = []  # observation read -> action published, per tick
+        # the observation's transport plus the tick's work: what the bus and the node add to an action beyond the
+        # wait for the tick and the inference (which ran earlier, on the worker)
+        self.in_to_out_ms: list[float] = []
 
     def observe(self) -> dict:
         self.read_ns = time.time_ns()
         obs = self.node.intake.observation(self.read_ns)
         if obs:
-            self.stamp = obs[STAMP_KEY]
+            self.stamp, self.transport_ms = obs[STAMP_KEY], obs[TRANSPORT_KEY]
         else:
             self.stale_ticks += 1
         return obs
@@ -267,6 +275,7 @@ class NodeRobot:
     def act(self, action: np.ndarray) -> bool:
         self.node.publish_action(action, self.stamp)
         self.tick_ms.append((time.time_ns() - self.read_ns) / 1e6)
+        self.in_to_out_ms.append(self.transport_ms + self.tick_ms[-1])
         return self.stop.is_set()
 
 
@@ -277,8 +286,8 @@ class ControlNode:
         self.state = "unconfigured"
         self.counts = {"transitions": 0, "rejected_transitions": 0, "robot_disconnects": 0, "activations": 0,
                        "inference_restarts": 0}  # of inference processes since cleaned up; the live one's below
-        self.recorder = McapRecorder(settings.record) if settings.record else None
         self.session = open_session(settings.zenoh)
+        self.recorder = McapRecorder(settings.record) if settings.record else None
         self.ros = RosNode(self.session, settings.name, settings.namespace, settings.zenoh.domain)
         self.decider: RestartingDecider | None = None
         self.loop: ControlLoop | None = None
@@ -400,19 +409,21 @@ class ControlNode:
             self.recorder.write(self.settings.topics.chunk, CHUNK_TYPE, payload)
 
     def counters(self) -> dict:
+        # local references: a transition on another thread may clear these while the counters are read
+        intake, decider, loop, robot = self.intake, self.decider, self.loop, self.robot
         out = {"state": self.state, **self.counts}
-        if self.intake is not None:
-            out.update({f"observations_{k}": v for k, v in self.intake.counts.items()})
-        if self.decider is not None:
-            out.update(inference_restarts=self.counts["inference_restarts"] + self.decider.restarts,
-                       inference_pid=self.decider.process.pid)
-        if self.loop is not None:
-            st = self.loop.stats
+        if intake is not None:
+            out.update({f"observations_{k}": v for k, v in intake.counts.items()})
+        if decider is not None:
+            out.update(inference_restarts=self.counts["inference_restarts"] + decider.restarts,
+                       inference_pid=decider.process.pid, inference_alive=decider.process.alive())
+        if loop is not None:
+            st = loop.stats
             out.update({k: getattr(st, k) for k in ("ticks", "deadline_misses", "held_ticks", "bad_observations",
                                                      "watchdog_trips", "inference_errors", "policy_faults",
                                                      "decisions")})
-        if self.robot is not None:
-            out["stale_observation_ticks"] = self.robot.stale_ticks
+        if robot is not None:
+            out["stale_observation_ticks"] = robot.stale_ticks
         return out
 
     def _diagnostics_loop(self) -> None:
@@ -420,7 +431,7 @@ class ControlNode:
         while not self._closed.wait(period):
             c = self.counters()
             faults = sum(c.get(f"observations_{k}", 0) for k in (*REFUSALS, "dropped")) + c.get("inference_errors", 0)
-            level = 2 if self.decider is not None and not self.decider.process.alive() else int(faults > 0)
+            level = 2 if c.get("inference_alive") is False else int(faults > 0)
             payload = encode(diagnostics(f"{self.settings.name}: control loop", c, time.time_ns(), level))
             try:
                 self.diagnostics_pub.put(payload)
@@ -443,6 +454,7 @@ class ControlNode:
             out["observation_transport_ms"] = percentiles(self.intake.transport_ms, ("p50", "p99"))
         if self.robot is not None:
             out["tick_ms"] = percentiles(self.robot.tick_ms, ("p50", "p99"))
+            out["observation_in_to_action_out_ms"] = percentiles(self.robot.in_to_out_ms, ("p50", "p99"))
         out["runtime"] = asdict(self.settings.runtime)
         return out
 

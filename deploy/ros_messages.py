@@ -201,6 +201,10 @@ def change_state_response(success: bool):
     return msg_class("lifecycle_msgs/srv/ChangeState_Response")(success=bool(success))
 
 
+def get_state_request():
+    return msg_class("lifecycle_msgs/srv/GetState_Request")(structure_needs_at_least_one_member=0)
+
+
 def get_state_response(state: str):
     State = msg_class("lifecycle_msgs/msg/State")  # noqa: N806
     return msg_class("lifecycle_msgs/srv/GetState_Response")(current_state=State(id=STATES[state], label=state))

@@ -210,14 +210,21 @@ class RosNode:
         self._declared.append(self.session.declare_queryable(topic_key(self.domain, name, srvtype), answer))
 
     def call(self, name: str, srvtype: str, request: bytes, timeout_s: float = 10.0) -> bytes:
-        """A service call: the reply's payload, or a TransportError when nobody answers in time."""
+        """A service call: the reply's payload, or a TransportError when nobody answers in time. A node's token
+        can appear before its services do, so a call nobody serves yet is asked again until the time is up."""
         key = topic_key(self.domain, name, srvtype)
-        attachment = Attachment(1, time.time_ns(), self.gid(0)).encode()
-        for reply in self.session.get(key, payload=request, attachment=attachment, timeout=timeout_s):
-            if reply.ok is not None:
-                return reply.ok.payload.to_bytes()
-            raise TransportError(f"service {name} answered with an error: {reply.err.payload.to_bytes()!r}")
-        raise TransportError(f"no answer from service {name} ({key}) within {timeout_s:g} s")
+        deadline = time.monotonic() + timeout_s
+        sequence = itertools.count(1)
+        while True:
+            attachment = Attachment(next(sequence), time.time_ns(), self.gid(0)).encode()
+            for reply in self.session.get(key, payload=request, attachment=attachment,
+                                          timeout=max(deadline - time.monotonic(), 0.01)):
+                if reply.ok is not None:
+                    return reply.ok.payload.to_bytes()
+                raise TransportError(f"service {name} answered with an error: {reply.err.payload.to_bytes()!r}")
+            if time.monotonic() >= deadline:
+                raise TransportError(f"no answer from service {name} ({key}) within {timeout_s:g} s")
+            time.sleep(0.1)
 
     def watch_node(self, node_name: str, on_change) -> None:
         """`on_change(alive: bool)` whenever a node of this name (any namespace) appears or goes; it is called

@@ -35,6 +35,7 @@ from deploy.ros_messages import (
     change_state_request,
     decode,
     encode,
+    get_state_request,
     observation_message,
     stamp_ns,
 )
@@ -165,7 +166,7 @@ class PolicyNodeClient:
                                  f"{self.settings.node_wait_s:g} s (is `rtdp node` running on the same router?)")
 
     def state(self) -> str:
-        reply = self.ros.call(self.get_state_srv, GET_STATE, b"\x00\x01\x00\x00", self.settings.node_wait_s)
+        reply = self.ros.call(self.get_state_srv, GET_STATE, encode(get_state_request()), self.settings.node_wait_s)
         return decode(reply, f"{GET_STATE}_Response").current_state.label
 
     def change(self, transition: str) -> bool:

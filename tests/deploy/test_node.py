@@ -24,6 +24,7 @@ from deploy.ros_messages import (
     change_state_request,
     decode,
     encode,
+    get_state_request,
     observation_message,
     type_hash,
 )
@@ -245,7 +246,7 @@ def test_lifecycle_over_its_service_refuses_what_a_managed_node_refuses(checkpoi
             return decode(reply, f"{CHANGE_STATE}_Response").success
 
         def state():
-            reply = client.call("/rtdp_policy/get_state", GET_STATE, b"\x00\x01\x00\x00")
+            reply = client.call("/rtdp_policy/get_state", GET_STATE, encode(get_state_request()))
             return decode(reply, f"{GET_STATE}_Response").current_state.label
 
         assert state() == "unconfigured"
@@ -330,3 +331,36 @@ def test_closed_loop_across_processes_with_faults_and_an_mcap_record(checkpoint,
     assert topics["/rtdp/action"] >= r["actions_applied"]
     assert topics[observation_topic("state")] == n["observations_received"] - n["observations_garbage"]
     assert topics["/rtdp/action_chunk"] >= 3 and topics["/diagnostics"] >= 1
+
+
+def test_the_robot_holds_while_the_node_restarts_and_carries_on(checkpoint, bus, tmp_path):
+    """The node process killed mid-episode and started again: the robot sees its liveliness go, holds, and when a
+    new node appears configures and activates it and finishes its episodes."""
+    env = {**os.environ, "MUJOCO_GL": "egl", "OMP_NUM_THREADS": "1"}
+    node_cmd = [sys.executable, "-m", "rtdp", "node", "--checkpoint", str(checkpoint), "--router", bus.router,
+                "--sampler", "ddim", "--steps", "4"]
+    report = tmp_path / "robot.json"
+    node = subprocess.Popen(node_cmd, cwd=ROOT, env=env)
+    robot = subprocess.Popen([sys.executable, "-m", "rtdp", "robot-sim", "--checkpoint", str(checkpoint), "--router",
+                              bus.router, "--episodes", "2", "--max-episode-steps", "300", "--shutdown-node",
+                              "--report", str(report), "--no-progress"], cwd=ROOT, env=env)
+    try:
+        session = open_session(bus)
+        actions = []
+        watcher = RosNode(session, "watcher")
+        watcher.subscription("/rtdp/action", ACTION_TYPE, lambda s: actions.append(1))
+        assert wait_for(lambda: len(actions) > 50, timeout=60)  # the loop runs across the two processes
+        node.kill()
+        node.wait()
+        node = subprocess.Popen(node_cmd, cwd=ROOT, env=env)
+        assert robot.wait(timeout=180) == 0
+        assert node.wait(timeout=30) == 0
+        watcher.close()
+        session.close()
+    finally:
+        for p in (robot, node):
+            if p.poll() is None:
+                p.kill()
+    r = json.loads(report.read_text())
+    assert r["node_returns"] == 1 and r["episodes"] == 2
+    assert r["actions_applied"] == sum(e["steps"] for e in r["per_episode"])
