@@ -62,6 +62,55 @@ def run_control(checkpoint: str, episodes: int) -> None:
                             "--report", str(report)), cwd=ROOT, env=env, check=True)
 
 
+ECHO_LISTENER = """
+import sys, time, json
+import numpy as np
+from deploy.zenoh_graph import Attachment, RosNode, ZenohSettings, open_session
+session = open_session(ZenohSettings(router=sys.argv[1]))
+ros, lat = RosNode(session, "listener"), []
+ros.subscription("/rtdp/echo", "std_msgs/msg/Float32MultiArray",
+                 lambda s: lat.append((s.received_ns - Attachment.decode(s.attachment).source_timestamp) / 1e6))
+time.sleep(float(sys.argv[2]))
+print(json.dumps(lat), flush=True)
+ros.close()
+session.close()
+"""
+
+
+def run_transport(samples: int = 3000) -> None:
+    """The bus alone, nothing else running: one observation-sized message every 20 ms from one process to another
+    through the router. The floor under the node's transport figures."""
+    report = OUT / "transport_floor.json"
+    if report.exists():
+        return
+    import numpy as np
+
+    from deploy.ros_messages import encode, observation_message
+    from deploy.timing import percentiles
+    from deploy.zenoh_graph import RosNode, ZenohSettings, free_endpoint, open_session
+
+    endpoint = free_endpoint()
+    router = subprocess.Popen(rtdp("router", "--listen", endpoint), cwd=ROOT)
+    time.sleep(1.0)
+    seconds = samples * 0.02 + 3.0
+    listener = subprocess.Popen([sys.executable, "-c", ECHO_LISTENER, endpoint, str(seconds)], cwd=ROOT,
+                                stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    session = open_session(ZenohSettings(router=endpoint))
+    publisher = RosNode(session, "talker").publisher("/rtdp/echo", "std_msgs/msg/Float32MultiArray")
+    time.sleep(1.5)
+    payload = encode(observation_message(np.zeros(39), "std_msgs/msg/Float32MultiArray", 0))
+    for _ in range(samples):
+        publisher.put(payload)
+        time.sleep(0.02)
+    latencies = json.loads(listener.stdout.readline())
+    listener.wait(timeout=30)
+    session.close()
+    router.terminate()
+    router.wait(timeout=10)
+    report.write_text(json.dumps({"samples": len(latencies), "one_way_ms": percentiles(latencies, ("p50", "p99")),
+                                  "date": time.strftime("%Y-%m-%d")}, indent=2))
+
+
 def load(name: str) -> dict | None:
     path = OUT / name
     return json.loads(path.read_text()) if path.exists() else None
@@ -144,7 +193,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default="/work/node_bench/push")
     ap.add_argument("--ticks", type=int, default=10_000)
-    ap.add_argument("--stage", default="all", choices=["all", "clean", "faults", "control", "table"])
+    ap.add_argument("--stage", default="all", choices=["all", "clean", "faults", "control", "transport", "table"])
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.stage in ("all", "clean"):
@@ -155,6 +204,8 @@ def main() -> int:
     if args.stage in ("all", "control"):
         clean = load("robot_clean.json")
         run_control(args.checkpoint, clean["episodes"] if clean else 30)
+    if args.stage in ("all", "transport"):
+        run_transport()
     text = table()
     print(text)
     plot()
