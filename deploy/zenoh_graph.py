@@ -181,19 +181,28 @@ class RosNode:
 
     def publisher(self, topic: str, msgtype: str, depth: int = 10) -> RosPublisher:
         entity_id = next(self._entity_ids)
-        self._token("MP", entity_id, topic, msgtype, depth)
+        token = self._token("MP", entity_id, topic, msgtype, depth)
         publisher = RosPublisher(self.session.declare_publisher(topic_key(self.domain, topic, msgtype)),
                                  self.gid(entity_id), msgtype)
         self._declared.append(publisher.publisher)
+        publisher.entities = [token, publisher.publisher]
         return publisher
 
-    def subscription(self, topic: str, msgtype: str, callback, depth: int = 10) -> None:
+    def subscription(self, topic: str, msgtype: str, callback, depth: int = 10) -> list:
         """`callback(Received)` for every sample on the topic name, whatever its type: the caller sees a sample
-        of another type (its key differs) and counts it."""
-        self._token("MS", next(self._entity_ids), topic, msgtype, depth)
-        self._declared.append(self.session.declare_subscriber(topic_prefix(self.domain, topic), lambda s: callback(
+        of another type (its key differs) and counts it. Returns what `undeclare` takes."""
+        token = self._token("MS", next(self._entity_ids), topic, msgtype, depth)
+        subscriber = self.session.declare_subscriber(topic_prefix(self.domain, topic), lambda s: callback(
             Received(str(s.key_expr), s.payload.to_bytes(), s.attachment.to_bytes() if s.attachment else None,
-                     time.time_ns()))))
+                     time.time_ns())))
+        self._declared.append(subscriber)
+        return [token, subscriber]
+
+    def undeclare(self, entities: list) -> None:
+        """Takes a publisher's or subscription's entities off the graph (its liveliness token goes with it)."""
+        for entity in entities:
+            entity.undeclare()
+            self._declared.remove(entity)
 
     def service(self, name: str, srvtype: str, handler) -> None:
         """`handler(request payload bytes) -> reply payload bytes` on a queryable, as rmw_zenoh's services."""
@@ -245,6 +254,7 @@ class RosNode:
 class RosPublisher:
     def __init__(self, publisher, gid: bytes, msgtype: str):
         self.publisher, self.gid, self.msgtype = publisher, gid, msgtype
+        self.entities: list = []  # what RosNode.undeclare takes
         self.sequence = 0
         self._lock = threading.Lock()
 

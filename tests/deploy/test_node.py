@@ -255,8 +255,16 @@ def test_lifecycle_over_its_service_refuses_what_a_managed_node_refuses(checkpoi
         assert not change("configure")
         reply = client.call("/rtdp_policy/change_state", CHANGE_STATE, b"garbage")
         assert not decode(reply, f"{CHANGE_STATE}_Response").success
+        assert change("cleanup") and state() == "unconfigured" and change("configure")
+        inject = Injector(bus)
+        time.sleep(0.3)
+        inject.send(np.zeros(4, np.float32), 1)
+        assert wait_for(lambda: node.intake.counts["accepted"] == 1)
+        time.sleep(0.2)
+        assert node.intake.counts["received"] == 1  # cleanup took the first configure's subscription off the bus
+        inject.close()
         assert change("shutdown") and state() == "finalized"
-        assert node.counts["rejected_transitions"] == 3 and node.counts["transitions"] == 2
+        assert node.counts["rejected_transitions"] == 3 and node.counts["transitions"] == 4
         client.close()
         session.close()
 
