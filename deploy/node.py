@@ -52,6 +52,7 @@ CHUNK_TYPE = "trajectory_msgs/msg/JointTrajectory"
 DIAGNOSTICS_TYPE = "diagnostic_msgs/msg/DiagnosticArray"
 CHANGE_STATE = "lifecycle_msgs/srv/ChangeState"
 GET_STATE = "lifecycle_msgs/srv/GetState"
+TRANSITION_NAMES = {v: k for k, v in TRANSITIONS.items()}  # lifecycle_msgs/Transition id -> name
 # (from, transition) -> to; shutdown is allowed from every state but finalized
 LIFECYCLE = {("unconfigured", "configure"): "inactive", ("inactive", "cleanup"): "unconfigured",
              ("inactive", "activate"): "active", ("active", "deactivate"): "inactive",
@@ -75,13 +76,19 @@ class TopicSettings:
 
     def observation(self, f) -> tuple[str, str]:
         """(topic, message type) of a policy observation field (policy.contract.ObservationField)."""
-        given = self.observations.get(f.name, {})
         image = f.dtype == "uint8" and len(f.step_shape) == 3
-        msgtype = given.get("type", IMAGE_TYPES[0] if image else LOW_DIM_TYPES[0])
+        topic, msgtype = self.field_topic(f.name, image)
         if msgtype not in (IMAGE_TYPES if image else LOW_DIM_TYPES):
             raise ValueError(f"observation {f.name!r} (shape {list(f.step_shape)}, {f.dtype}) cannot come as "
                              f"{msgtype}; use one of {', '.join(IMAGE_TYPES if image else LOW_DIM_TYPES)}")
-        return given.get("topic", observation_topic(f.name)), msgtype
+        return topic, msgtype
+
+    def field_topic(self, name: str, image: bool) -> tuple[str, str]:
+        """(topic, message type) a field is published on, as configured or by default: what the node subscribes
+        to and the robot publishes."""
+        given = self.observations.get(name, {})
+        return (given.get("topic", observation_topic(name)),
+                given.get("type", IMAGE_TYPES[0] if image else LOW_DIM_TYPES[0]))
 
 
 @dataclass
@@ -273,7 +280,7 @@ class ControlNode:
     def _on_change_state(self, payload: bytes) -> bytes:
         try:
             request = decode(payload, f"{CHANGE_STATE}_Request")
-            name = {v: k for k, v in TRANSITIONS.items()}.get(int(request.transition.id))
+            name = TRANSITION_NAMES.get(int(request.transition.id))
         except MessageError:
             name = None
         ok = name is not None and self.transition(name)

@@ -44,47 +44,54 @@ class ObservationIntake:
         return reason
 
     def on_sample(self, name: str, sample: Received) -> str:
-        """Checks one sample of field `name`; returns "accepted" or the reason it was refused."""
-        key, topic, msgtype = self._keys[name]
+        """Checks one sample of field `name`; returns "accepted" or the reason it was refused. A sample that
+        decodes is recorded, after the lock is let go: the loop's tick reads the intake under it."""
         with self._lock:
-            self.counts["received"] += 1
-            if sample.key != key:
-                return self.refuse("wrong_type")
-            try:
-                att = Attachment.decode(sample.attachment)
-            except MessageError:
-                return self.refuse("garbage")
-            stream = (name, att.source_gid)
-            try:
-                msg = decode(sample.payload, msgtype)
-            except MessageError:
-                self._note_refused(stream, att.sequence_number)
-                return self.refuse("garbage")
-            if self.record is not None:
-                self.record.write(topic, msgtype, sample.payload, att.source_timestamp)
-            try:
-                value = observation_value(msg, self.fields[name].step_shape, self.fields[name].dtype)
-            except MessageError as e:
-                self._note_refused(stream, att.sequence_number)
-                return self.refuse("non_finite" if "NaN" in str(e) else "wrong_shape")
-            last = self._last_seq.get(stream)
-            if last is not None and att.sequence_number == last:
-                return self.refuse("duplicate")
-            if last is not None and att.sequence_number < last:
-                self._arrived(stream, att.sequence_number)
-                return self.refuse("out_of_order")
-            stamp = message_stamp_ns(msg) or att.source_timestamp
-            if sample.received_ns - stamp > self.max_age_ns:
-                self._note_refused(stream, att.sequence_number)
-                return self.refuse("late")
-            if last is not None:
-                self._count_gap(stream, last, att.sequence_number)
-            self._last_seq[stream] = att.sequence_number
-            transport_ms = (sample.received_ns - att.source_timestamp) / 1e6
-            self.latest[name] = (value, stamp, transport_ms)
-            self.transport_ms.append(transport_ms)
-            self.counts["accepted"] += 1
-            return "accepted"
+            outcome, recordable = self._check(name, sample)
+        if recordable is not None and self.record is not None:
+            self.record.write(*recordable)
+        return outcome
+
+    def _check(self, name: str, sample: Received) -> tuple[str, tuple | None]:
+        """(outcome, what to record or None); called under the lock."""
+        key, topic, msgtype = self._keys[name]
+        self.counts["received"] += 1
+        if sample.key != key:
+            return self.refuse("wrong_type"), None
+        try:
+            att = Attachment.decode(sample.attachment)
+        except MessageError:
+            return self.refuse("garbage"), None
+        stream = (name, att.source_gid)
+        try:
+            msg = decode(sample.payload, msgtype)
+        except MessageError:
+            self._note_refused(stream, att.sequence_number)
+            return self.refuse("garbage"), None
+        recordable = (topic, msgtype, sample.payload, att.source_timestamp)
+        try:
+            value = observation_value(msg, self.fields[name].step_shape, self.fields[name].dtype)
+        except MessageError as e:
+            self._note_refused(stream, att.sequence_number)
+            return self.refuse("non_finite" if "NaN" in str(e) else "wrong_shape"), recordable
+        last = self._last_seq.get(stream)
+        if last is not None and att.sequence_number == last:
+            return self.refuse("duplicate"), recordable
+        if last is not None and att.sequence_number < last:
+            self._arrived(stream, att.sequence_number)
+            return self.refuse("out_of_order"), recordable
+        stamp = message_stamp_ns(msg) or att.source_timestamp
+        if sample.received_ns - stamp > self.max_age_ns:
+            self._note_refused(stream, att.sequence_number)
+            return self.refuse("late"), recordable
+        if last is not None:
+            self._count_gap(stream, last, att.sequence_number)
+        self._last_seq[stream] = att.sequence_number
+        transport_ms = (sample.received_ns - att.source_timestamp) / 1e6
+        self.latest[name] = (value, stamp, transport_ms)
+        self.transport_ms.append(transport_ms)
+        self.counts["accepted"] += 1
+        return "accepted", recordable
 
     def _count_gap(self, stream, last: int, seq: int) -> None:
         refused, missing = self._refused_seqs.get(stream, set()), self._missing.setdefault(stream, set())

@@ -29,8 +29,6 @@ from tqdm import tqdm
 from deploy.kinds import read_config
 from deploy.node import ACTION_TYPE, CHANGE_STATE, DIAGNOSTICS_TYPE, GET_STATE, TopicSettings
 from deploy.ros_messages import (
-    IMAGE_TYPES,
-    LOW_DIM_TYPES,
     MessageError,
     change_state_request,
     decode,
@@ -96,10 +94,8 @@ class ObservationSender:
         self.publishers = {}
         for key, value in obs.items():
             value = np.asarray(value)
-            image = value.dtype == np.uint8 and value.ndim == 3
-            given = topics.observations.get(key, {})
-            msgtype = given.get("type", IMAGE_TYPES[0] if image else LOW_DIM_TYPES[0])
-            self.publishers[key] = (ros.publisher(given.get("topic", f"/rtdp/observation/{key}"), msgtype), msgtype)
+            topic, msgtype = topics.field_topic(key, image=value.dtype == np.uint8 and value.ndim == 3)
+            self.publishers[key] = (ros.publisher(topic, msgtype), msgtype)
         self.held: list = []  # a sample held back to go out after the next one
         self.injected = {k: 0 for k in FAULTS}
 

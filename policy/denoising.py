@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .contract import Chunk, PolicySpec
+from .diffusion import METHODS, CallCounter, sample
 
 
 @dataclass
@@ -30,7 +31,39 @@ class Denoised:
 
 
 class DenoisingPolicy:
-    """The contract's `predict_chunk` for any denoising policy: a full denoise with the build-time sampler."""
+    """The contract's `predict_chunk` for any denoising policy: a full denoise with the build-time sampler. A kind
+    brings `cfg.inference` (sampler, steps, spacing, eta), a `schedule`, `denoise(x, t, cond)`, `condition`,
+    `chunk_shape` and `to_chunk`; the sampler plumbing below is shared."""
+
+    def configure_inference(self, sampler: str | None = None, steps: int | None = None):
+        """Fix the sampler and step count every decision runs (build time: before any wrapper is put around)."""
+        inf = self.cfg.inference
+        if sampler is not None:
+            inf.sampler = sampler
+        if steps is not None:
+            if steps < 1:
+                raise ValueError(f"steps must be >= 1, got {steps}")
+            inf.steps = steps
+        if inf.sampler not in METHODS:
+            raise ValueError(f"sampler must be one of {METHODS}, got {inf.sampler!r}")
+        self.method = inf.sampler
+        self.timesteps = self.inference_timesteps().tolist()
+        return self
+
+    def inference_timesteps(self, steps: int | None = None) -> torch.Tensor:
+        return self.schedule.timesteps(steps or self.cfg.inference.steps, self.cfg.inference.spacing)
+
+    @torch.no_grad()
+    def sample_normalized(self, cond: torch.Tensor, x_init: torch.Tensor, timesteps, method: str,
+                          generator: torch.Generator | None = None, denoiser=None, stop=None) -> Denoised:
+        """Denoise `x_init` (normalised, at noise level timesteps[0]) to a clean normalised chunk, counting the
+        denoiser calls. `denoiser` (x, t, cond) replaces `self.denoise` (a block cache, another backend); `stop`
+        ends the chain early (the sampler's anytime stop)."""
+        denoise = denoiser or self.denoise
+        counter = CallCounter(lambda x, t: denoise(x, t, cond))
+        x0 = sample(counter, x_init.to(cond), self.schedule, timesteps, method, generator=generator,
+                    eta=self.cfg.inference.eta, stop=stop)
+        return Denoised(x0, counter.calls)
 
     @torch.no_grad()
     def predict_chunk(self, obs: dict[str, torch.Tensor], *, executed: int | None = None,

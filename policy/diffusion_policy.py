@@ -17,7 +17,7 @@ from torch import nn
 from .config import PolicyConfig
 from .contract import Chunk, GraphSpec, ObservationField, PolicySpec
 from .denoising import Denoised, DenoisingPolicy
-from .diffusion import METHODS, CallCounter, NoiseSchedule, sample
+from .diffusion import NoiseSchedule
 from .nets import ConditionalUnet1D, ImageEncoder, LowDimEncoder, ObservationEncoder, TransformerForDiffusion
 from .normalizer import Normalizer
 
@@ -75,21 +75,6 @@ class DiffusionPolicy(nn.Module, DenoisingPolicy):
         self.schedule = NoiseSchedule(s.num_train_timesteps, s.beta_schedule, s.prediction_type,
                                       clip_sample=s.clip_sample)
         self.configure_inference()
-
-    def configure_inference(self, sampler: str | None = None, steps: int | None = None) -> DiffusionPolicy:
-        """Fix the sampler and step count every decision runs (build time: before any wrapper is put around)."""
-        inf = self.cfg.inference
-        if sampler is not None:
-            inf.sampler = sampler
-        if steps is not None:
-            if steps < 1:
-                raise ValueError(f"steps must be >= 1, got {steps}")
-            inf.steps = steps
-        if inf.sampler not in METHODS:
-            raise ValueError(f"sampler must be one of {METHODS}, got {inf.sampler!r}")
-        self.method = inf.sampler
-        self.timesteps = self.inference_timesteps().tolist()
-        return self
 
     def inference_config(self) -> dict:
         """What a report records of how this policy decides."""
@@ -165,27 +150,12 @@ class DiffusionPolicy(nn.Module, DenoisingPolicy):
         """The training loss, so that DistributedDataParallel's hooks see the computation."""
         return self.compute_loss(batch)
 
-    def inference_timesteps(self, steps: int | None = None) -> torch.Tensor:
-        return self.schedule.timesteps(steps or self.cfg.inference.steps, self.cfg.inference.spacing)
-
     def condition(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Raw observations -> the denoiser's condition (validated, normalised, encoded)."""
         return self.encode_obs(self.normalize_obs(obs))
 
     def chunk_shape(self, batch: int) -> tuple[int, int, int]:
         return (batch, self.cfg.horizon, self.cfg.action_dim)
-
-    @torch.no_grad()
-    def sample_normalized(self, cond: torch.Tensor, x_init: torch.Tensor, timesteps, method: str,
-                          generator: torch.Generator | None = None, denoiser=None, stop=None) -> Denoised:
-        """Denoise `x_init` (normalised, at noise level timesteps[0]) to a clean normalised chunk, counting the
-        denoiser calls. `denoiser` (x, t, cond) replaces `self.denoise` (a block cache, another backend); `stop`
-        ends the chain early (the sampler's anytime stop)."""
-        denoise = denoiser or self.denoise
-        counter = CallCounter(lambda x, t: denoise(x, t, cond))
-        x0 = sample(counter, x_init.to(cond), self.schedule, timesteps, method, generator=generator,
-                    eta=self.cfg.inference.eta, stop=stop)
-        return Denoised(x0, counter.calls)
 
     def to_chunk(self, denoised: Denoised, kind: str = "full", extras: dict | None = None) -> Chunk:
         """A clean normalised chunk -> raw actions: the whole chunk, and the n_action_steps to execute from the

@@ -33,7 +33,7 @@ from .checkpoint import WEIGHTS, load_run_config, load_weights, open_checkpoint
 from .config import InferenceConfig, ScheduleConfig, TrainConfig
 from .contract import Chunk, GraphSpec, ObservationField, PolicySpec
 from .denoising import Denoised, DenoisingPolicy
-from .diffusion import METHODS, CallCounter, NoiseSchedule, sample
+from .diffusion import NoiseSchedule
 from .nets.dit import DiT
 from .nets.frame_autoencoder import FrameAutoencoder
 from .normalizer import FieldNormalizer, Normalizer
@@ -226,23 +226,6 @@ class PAD(nn.Module, DenoisingPolicy):
         self._decision_pose: torch.Tensor | None = None
         self.configure_inference()
 
-    def configure_inference(self, sampler: str | None = None, steps: int | None = None) -> PAD:
-        inf = self.cfg.inference
-        if sampler is not None:
-            inf.sampler = sampler
-        if steps is not None:
-            if steps < 1:
-                raise ValueError(f"steps must be >= 1, got {steps}")
-            inf.steps = steps
-        if inf.sampler not in METHODS:
-            raise ValueError(f"sampler must be one of {METHODS}, got {inf.sampler!r}")
-        self.method = inf.sampler
-        self.timesteps = self.inference_timesteps().tolist()
-        return self
-
-    def inference_timesteps(self, steps: int | None = None) -> torch.Tensor:
-        return self.schedule.timesteps(steps or self.cfg.inference.steps, self.cfg.inference.spacing)
-
     def inference_config(self) -> dict:
         inf = self.cfg.inference
         return {"sampler": self.method, "steps": len(self.timesteps), "spacing": inf.spacing, "eta": inf.eta,
@@ -363,15 +346,6 @@ class PAD(nn.Module, DenoisingPolicy):
         return self.compute_loss(batch)
 
     # -- deciding --
-
-    @torch.no_grad()
-    def sample_normalized(self, cond: torch.Tensor, x_init: torch.Tensor, timesteps, method: str,
-                          generator: torch.Generator | None = None, denoiser=None, stop=None) -> Denoised:
-        denoise = denoiser or self.denoise
-        counter = CallCounter(lambda x, t: denoise(x, t, cond))
-        x0 = sample(counter, x_init.to(cond), self.schedule, timesteps, method, generator=generator,
-                    eta=self.cfg.inference.eta, stop=stop)
-        return Denoised(x0, counter.calls)
 
     def predicted_frames(self, x0: torch.Tensor) -> torch.Tensor:
         """Normalised state -> the predicted frames (B, frames, H, W, 3) uint8."""
