@@ -14,9 +14,10 @@ from .runtime import RuntimeSettings, build_policy
 
 class ChunkDecider:
     def __init__(self, settings: RuntimeSettings, inference_delay_ms: float = 0.0, threads: int = 1,
-                 period_ms: float | None = None):
+                 period_ms: float | None = None, warm_up: bool = True):
         """`period_ms`: the loop's control period, which an anytime decision's budget is counted in (default: the
-        chunking settings' period, else 20 ms)."""
+        chunking settings' period, else 20 ms). `warm_up`: run the decision path once before the first real
+        decision (see warm_up())."""
         import torch
 
         torch.set_num_threads(threads)
@@ -30,6 +31,24 @@ class ChunkDecider:
         self.inference_delay_ms = inference_delay_ms  # added to every decision: how a loop copes with a slow policy
         self.generator = torch.Generator()
         self._lock = threading.Lock()  # reset() between episodes waits for a decision still in flight
+        if warm_up:
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Two decisions on a blank observation, an episode's first and one that follows it, then a reset: the
+        first decisions a loop times then do not pay for lazy initialisation (under guided chunking, autograd's
+        first backward pass alone takes ~0.5 s on this CPU, 25 periods at 50 Hz)."""
+        import torch
+
+        obs = {f.name: torch.zeros((1, *f.shape), dtype=getattr(torch, f.dtype)) for f in self.spec.observations}
+        g = torch.Generator().manual_seed(0)
+        anytime = self.runtime.anytime_policy
+        if anytime is not None:
+            anytime.budget_ms = lambda: float("inf")
+        with self._lock:
+            self.policy.predict_chunk(obs, executed=None, generator=g)
+            self.policy.predict_chunk(obs, executed=1, generator=g)
+        self.reset(0)
 
     def reset(self, seed: int) -> None:
         """A new episode: sampler noise reseeded, any warm start dropped."""

@@ -217,7 +217,7 @@ class AnytimePolicy(DenoisingWrapper):
 
     def affordable_steps(self, budget_ms: float) -> int:
         steps = len(self.timesteps)
-        if self.step_ms is None:
+        if self.step_ms is None or math.isinf(budget_ms):  # inf // x is NaN, not inf
             return steps
         return max(0, min(steps, int((budget_ms - self.margin_ms) // self.step_ms)))
 

@@ -63,6 +63,7 @@ def test_the_budget_picks_the_step_count_and_a_budget_under_one_step_skips_count
     policy.step_ms = 2.0  # a known step latency (the measured one varies with the machine)
     budget["ms"] = 7.0
     assert policy.affordable_steps(7.0) == 3
+    assert policy.affordable_steps(float("inf")) == 10  # a new episode's first decision, step latency known
     policy.step_ms = 2.0
     chunk = policy.predict_chunk(obs(1))
     assert chunk.nfe == 3 and chunk.kind == "anytime" and chunk.action.shape == (1, 4, 2)
