@@ -44,6 +44,9 @@ def network_in(model, precision: str):
     stays float32)."""
     if precision == "fp32":
         return model
+    if precision == "int8":
+        raise BackendUnavailable("int8 networks run in the engine backends (onnxruntime, tensorrt) from `rtdp export "
+                                 "--precision int8`; the torch backends run fp32 or fp16")
     if precision != "fp16":
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return copy.deepcopy(model).half()

@@ -18,6 +18,7 @@ the float32 torch model on seeded inputs and raises if any differs by more than 
 from __future__ import annotations
 
 import datetime
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,8 +32,16 @@ from policy.checkpoint import file_sha256, weights_sha256
 from policy.diffusion import sample
 from policy.rti import RTIPolicy, rti_config
 
-from .artifacts import FORMAT, TOLERANCE, ExportError, export_dir, load_manifest, write_manifest
+from .artifacts import FORMAT, INT8_CHECKED, TOLERANCE, ExportError, export_dir, load_manifest, write_manifest
 from .backends import OnnxRuntimeBackend, network_in
+from .quantize import (
+    QuantisationSettings,
+    calibration_data_path,
+    calibration_feeds,
+    check_quantisable,
+    check_quantised,
+    quantise_graph,
+)
 from .runtime import RuntimeSettings, cache_schedule_for, load_model
 
 
@@ -46,7 +55,9 @@ class ExportSettings:
     steps: int | None = None
     rti_k0: int | None = None  # fuse the RTI tail [k0 .. 0] (entered from a warm start) instead of a full denoise
     cache: str | None = None  # fuse a BAC / Uniform schedule (transformer policies): bac:S | uniform:S
-    precision: str = "fp32"  # the network's precision: fp32 | fp16 (inputs, outputs and sampler stay fp32)
+    precision: str = "fp32"  # the network's: fp32 | fp16 | int8 (inputs, outputs and sampler stay fp32)
+    calibration_data: str | None = None  # int8: the dataset calibrated on (default: the checkpoint's training data)
+    calibration_windows: int = 64  # int8: observation windows drawn from it
 
 
 def _dtype(model) -> torch.dtype:
@@ -120,12 +131,9 @@ def _io(arrays: dict[str, torch.Tensor], batch_axis: dict[str, int]) -> list[dic
     return out
 
 
-def export_policy(settings: ExportSettings) -> dict:
-    """Write the graphs and manifest.json; returns the manifest."""
-    model, _ = load_model(RuntimeSettings(settings.checkpoint, sampler=settings.sampler, steps=settings.steps))
-    out = Path(settings.out or export_dir(settings.checkpoint, settings.precision))
-    net = network_in(model, settings.precision)
-    out.mkdir(parents=True, exist_ok=True)
+def _write_graphs(model, net, settings: ExportSettings, out: Path) -> dict[str, dict]:
+    """The kind's graphs, and the fused sampler where it has a denoiser, traced from `net` (the model in its
+    export precision) into `out`; returns their manifest entries."""
     g = torch.Generator().manual_seed(0)
     graphs: dict[str, dict] = {}
     examples = {}
@@ -152,6 +160,28 @@ def export_policy(settings: ExportSettings) -> dict:
         graphs["fused"] = {"file": "fused.onnx",
                            "inputs": _io({"cond": cond, "x_init": x, "step_noise": noise}, {"step_noise": 1}),
                            "outputs": _io({"x0": x}, {}), **fused}
+    return graphs
+
+
+def export_policy(settings: ExportSettings) -> dict:
+    """Write the graphs and manifest.json; returns the manifest."""
+    model, run_cfg = load_model(RuntimeSettings(settings.checkpoint, sampler=settings.sampler, steps=settings.steps))
+    out = Path(settings.out or export_dir(settings.checkpoint, settings.precision))
+    out.mkdir(parents=True, exist_ok=True)
+    quantisation = None
+    if settings.precision == "int8":
+        check_quantisable(model)
+        data = calibration_data_path(settings.checkpoint, settings.calibration_data)
+        quantisation = QuantisationSettings(str(data), settings.calibration_windows)
+        with tempfile.TemporaryDirectory(prefix="rtdp-fp32-") as tmp:
+            graphs = _write_graphs(model, model, settings, Path(tmp))
+            fused = graphs.get("fused")
+            feeds = calibration_feeds(model, run_cfg, fused, quantisation, data)
+            for name, spec in graphs.items():
+                quantise_graph(Path(tmp) / spec["file"], out / spec["file"], feeds[name],
+                               out / "calibration" / name, quantisation)
+    else:
+        graphs = _write_graphs(model, network_in(model, settings.precision), settings, out)
 
     for spec in graphs.values():
         spec["sha256"] = file_sha256(out / spec["file"])
@@ -169,6 +199,8 @@ def export_policy(settings: ExportSettings) -> dict:
         "graphs": graphs,
         "settings": asdict(settings),
     }
+    if quantisation is not None:
+        manifest["quantisation"] = quantisation.describe()
     return write_manifest(out, manifest)
 
 
@@ -192,23 +224,30 @@ def fused_spec(model, settings: ExportSettings) -> dict:
 
 def check_export(checkpoint: str | Path, directory: str | Path, tolerance: float | None = None,
                  samples: int = 4, seed: int = 0) -> dict:
-    """Parity of every graph, and of a chunk sampled through the step graph, against the float32 torch model on
-    seeded inputs. Returns the max abs errors; raises ExportError if any exceeds `tolerance` (default: the
-    export's precision's, TOLERANCE)."""
+    """Parity of every graph, and of a chunk sampled through the step graph, against the float32 torch model.
+    fp32 and fp16: max abs errors on seeded inputs. int8: errors on held-out windows of its calibration data
+    (deploy.quantize.check_quantised), of which the mean abs errors of the encoder and the sampled chunk are held
+    to the tolerance: a max abs bound would fail on the odd chain that a perturbation sends to another mode of a
+    multimodal policy, which closed-loop success judges better. Raises ExportError if a checked error exceeds
+    `tolerance` (default: the export's precision's, TOLERANCE); returns every error."""
     manifest = load_manifest(directory, checkpoint)
     if tolerance is None:
         tolerance = TOLERANCE[manifest.get("precision", "fp32")]
-    model, _ = load_model(RuntimeSettings(checkpoint=str(checkpoint)))
+    model, run_cfg = load_model(RuntimeSettings(checkpoint=str(checkpoint)))
     backend = OnnxRuntimeBackend(directory, threads=1)
     g = torch.Generator().manual_seed(seed)
-    if "encoder" not in manifest["graphs"]:
-        errors = _check_decision_graphs(model, backend, manifest, samples, g)
+    if "quantisation" in manifest:
+        errors = check_quantised(model, run_cfg, backend, manifest)
+        checked = {k: errors[k] for k in INT8_CHECKED}
     else:
-        errors = _check_denoising_graphs(model, backend, manifest, checkpoint, samples, g)
-    bad = {k: v for k, v in errors.items() if not v <= tolerance}
+        if "encoder" not in manifest["graphs"]:
+            errors = _check_decision_graphs(model, backend, manifest, samples, g)
+        else:
+            errors = _check_denoising_graphs(model, backend, manifest, checkpoint, samples, g)
+        checked = errors
+    bad = {k: v for k, v in checked.items() if not v <= tolerance}
     if bad:
-        raise ExportError("ONNX parity check failed: max abs error " + ", ".join(f"{k} {v:.2e}" for k, v in
-                                                                                bad.items())
+        raise ExportError("ONNX parity check failed: " + ", ".join(f"{k} {v:.2e}" for k, v in bad.items())
                           + f" exceeds {tolerance:.0e} (all: {errors})")
     return errors
 

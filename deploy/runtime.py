@@ -28,7 +28,7 @@ from policy.chunking import AnytimePolicy, ChunkingConfig, PrefixConditionedPoli
 from policy.guard import ActionGuard
 from policy.rti import RTIPolicy, rti_config
 
-from .artifacts import PRECISIONS
+from .artifacts import PRECISIONS, BackendUnavailable
 from .backends import BACKENDS, BackendPolicy, GraphPolicy, make_backend
 from .kinds import kind_of, load_checkpoint
 
@@ -44,7 +44,7 @@ class RuntimeSettings:
     rti: dict | None = None  # policy.rti.RTIConfig fields, k0 an integer
     cache: str | None = None  # bac:S | uniform:S (transformer denoisers)
     backend: str = "torch"  # deploy.backends.BACKENDS; the engine ones read an export
-    precision: str = "fp32"  # the network's: fp32 | fp16
+    precision: str = "fp32"  # the network's: fp32 | fp16 | int8 (engine backends)
     export: str | None = None  # the export folder the engine backends read; None: the checkpoint's
     threads: int = 1  # intra-op threads of an engine backend
     # The action dims that are binary commands, for a checkpoint written before its config recorded them (the
@@ -116,6 +116,9 @@ def validate(settings: RuntimeSettings) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {settings.backend!r}")
     if settings.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {settings.precision!r}")
+    if settings.precision == "int8" and settings.backend.startswith("torch"):
+        raise BackendUnavailable("int8 networks run in the engine backends (onnxruntime, tensorrt) from `rtdp "
+                                 "export --precision int8`; the torch backends run fp32 or fp16")
     if settings.steps is not None and settings.steps < 0:  # 0: a planner's draft alone; other kinds refuse it
         raise ValueError(f"steps must be >= 0, got {settings.steps}")
     if settings.threads < 0:
@@ -159,7 +162,7 @@ def build_policy(settings: RuntimeSettings, model=None, run_cfg=None, record_pai
     if model is None:
         model, run_cfg = load_model(settings)
     policy, backend = model, None
-    if settings.backend != "torch":
+    if settings.backend != "torch" or settings.precision != "fp32":  # torch at fp16 runs a half copy
         if not kind.denoising_wrappers and settings.backend not in GRAPH_BACKENDS:
             raise ValueError(f"a {kind.name} checkpoint decides in one exported graph: run it on torch or an "
                              f"onnxruntime backend, not {settings.backend}")

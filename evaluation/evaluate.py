@@ -52,7 +52,7 @@ class EvalSettings:
     rti_margin: int = 1  # safety steps added to the calibrated k0
     cache: str | None = None  # bac:S | uniform:S (transformer policies)
     backend: str = "torch"  # deploy.backends.BACKENDS; the engine ones read an export
-    precision: str = "fp32"  # the network's: fp32 | fp16
+    precision: str = "fp32"  # the network's: fp32 | fp16 | int8 (engine backends)
     export: str | None = None  # the export folder the engine backends read; None: the checkpoint's
     open_loop: bool = True  # driving tasks: the expert on the same seeds, and the planner open-loop on its scenes
     open_loop_every: int = 5  # every k-th step of the expert's episodes is an open-loop scene

@@ -38,8 +38,8 @@ POSITIVE, NON_NEGATIVE, RATE = _at_least(1), _at_least(0), _at_least(0.0, float)
 
 
 def _add_precision_argument(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
-                        help=f"{what}; the sampler's arithmetic stays fp32")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                        help=f"{what}; the sampler's arithmetic stays fp32 (int8: engine backends only)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -68,9 +68,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                         overwrite=args.overwrite)
     except KeyboardInterrupt:
         raise ValueError(f"interrupted; {_last_checkpoint(Path(args.out))}") from None
-    report = {"data": str(args.data), "episodes": buffer.n_episodes, "windows": len(data), **summary.to_dict()}
+    report = {"data": str(Path(args.data).resolve()), "episodes": buffer.n_episodes, "windows": len(data),
+              **summary.to_dict()}
     _write_report(args.report, report)
     if int(os.environ.get("RANK", "0")) == 0:
+        # The checkpoint keeps what it was trained on: `rtdp export --precision int8` calibrates on it.
+        (Path(args.out) / "train_report.json").write_text(json.dumps(report, indent=2))
         print(f"trained {summary.steps} steps on {buffer.n_episodes} episodes in {summary.seconds:.1f} s "
               f"(world size {summary.world_size}); loss {report['loss_first']:.4f} -> {report['loss_last']:.4f}; "
               f"checkpoint in {args.out}")
@@ -414,11 +417,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from deploy.artifacts import TOLERANCE
     from deploy.export import ExportSettings, check_export, export_dir, export_policy
 
     settings = ExportSettings(checkpoint=args.checkpoint, out=args.out, opset=args.opset, fused=not args.no_fused,
                               sampler=args.sampler, steps=args.steps,
-                              rti_k0=_rti_k0(args), cache=args.cache, precision=args.precision)
+                              rti_k0=_rti_k0(args), cache=args.cache, precision=args.precision,
+                              calibration_data=args.calibration_data, calibration_windows=args.calibration_windows)
     manifest = export_policy(settings)
     out = args.out or str(export_dir(args.checkpoint, args.precision))
     graphs = manifest["graphs"]
@@ -429,7 +434,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.check:
         errors = check_export(args.checkpoint, out)
         report["max_abs_error"] = errors
-        print("parity with torch (max abs error): " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+        print("parity with torch (max abs error): " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
+              + f" (tolerance {TOLERANCE[args.precision]:.0e}"
+              + ("; int8 is checked on held-out windows of its calibration data" if args.precision == "int8" else "")
+              + ")")
     _write_report(args.report, report)
     return 0
 
@@ -686,8 +694,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="ONNX graphs (encoder, denoiser step, fused sampler) and manifest.json")
     x.add_argument("--checkpoint", required=True)
-    x.add_argument("--out", help="default: <checkpoint>/onnx, or onnx-fp16")
+    x.add_argument("--out", help="default: <checkpoint>/onnx, or onnx-fp16 / onnx-int8")
     _add_precision_argument(x, "the network's precision in the graphs (their inputs and outputs are fp32)")
+    x.add_argument("--calibration-data", help="int8: the dataset to calibrate on (default: the one the checkpoint "
+                                              "was trained on, from its train_report.json)")
+    x.add_argument("--calibration-windows", type=POSITIVE, default=64,
+                   help="int8: observation windows drawn from it")
     x.add_argument("--check", action="store_true", help="parity against torch on seeded inputs; fails loudly")
     x.add_argument("--opset", type=POSITIVE, default=17)
     x.add_argument("--no-fused", action="store_true", help="skip the fused graph")

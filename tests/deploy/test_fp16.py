@@ -86,4 +86,4 @@ def test_an_export_is_only_read_at_its_own_precision(fp16_export, tmp_path):
     finally:
         export_dir(fp16_export, "fp32").rename(export_dir(fp16_export, "fp16"))
     with pytest.raises(ValueError, match="precision must be one of"):
-        export_dir(fp16_export, "int8")
+        export_dir(fp16_export, "int4")
