@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,54 @@ class TorchBackend:
         return self._denoise(x.to(self.dtype), t, cond.to(self.dtype)).float()
 
 
+ORT_OPTIMIZATION = ("disabled", "basic", "extended", "all")
+
+
+@dataclass(frozen=True)
+class OrtOptions:
+    """onnxruntime session settings that move batch-1 latency (defaults measured in BENCHMARKS.md, "Session
+    settings"). Intra-op threads are the backend's `threads`."""
+
+    optimization: str = "all"  # graph optimisation level: disabled | basic | extended | all
+    spinning: bool = True  # intra-op worker threads spin while waiting for work instead of sleeping
+    memory_pattern: bool = True  # plan a call's intermediate buffers once, from the first call's shapes
+
+    @classmethod
+    def parse(cls, items: dict | None) -> OrtOptions:
+        """From `{"optimization": "extended", "spinning": "0", ...}` (the command line's --ort KEY=VALUE)."""
+        items = dict(items or {})
+        unknown = set(items) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown onnxruntime option(s) {sorted(unknown)}; they are "
+                             f"{[f.name for f in fields(cls)]}")
+        for key in ("spinning", "memory_pattern"):
+            if key in items and not isinstance(items[key], bool):
+                value = str(items[key]).lower()
+                if value not in ("1", "0", "true", "false", "on", "off"):
+                    raise ValueError(f"onnxruntime option {key} is on or off, got {items[key]!r}")
+                items[key] = value in ("1", "true", "on")
+        options = cls(**items)
+        if options.optimization not in ORT_OPTIMIZATION:
+            raise ValueError(f"onnxruntime optimization must be one of {ORT_OPTIMIZATION}, got "
+                             f"{options.optimization!r}")
+        return options
+
+    def session_options(self, threads: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        levels = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+        options.graph_optimization_level = levels[self.optimization]
+        options.enable_mem_pattern = self.memory_pattern
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        return options
+
+
 def available_providers() -> list[str]:
     import onnxruntime as ort
 
@@ -86,7 +135,10 @@ class OnnxRuntimeBackend:
     this onnxruntime build lacks is an error, not a silent fall back to the CPU."""
 
     def __init__(self, directory: str | Path, providers: list[str] | None = None, threads: int = 0,
-                 name: str = "onnxruntime", checkpoint: str | Path | None = None):
+                 name: str = "onnxruntime", checkpoint: str | Path | None = None,
+                 graphs: list[str] | None = None, options: OrtOptions | None = None):
+        """`graphs`: the exported graphs to load (default: all); a session holds its own copy of the weights, so
+        a runtime that never calls the fused graph does not load it."""
         import onnxruntime as ort
 
         providers = providers or ["CPUExecutionProvider"]
@@ -98,14 +150,14 @@ class OnnxRuntimeBackend:
         self.manifest = load_manifest(self.directory, checkpoint)
         self.name, self.providers = name, providers
         self.device = "cpu"  # inputs and outputs are bound in host memory, whichever provider computes
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.options = options or OrtOptions()
+        session_options = self.options.session_options(threads)
         self.sessions = {}
         for graph, spec in self.manifest["graphs"].items():
+            if graphs is not None and graph not in graphs:
+                continue
             try:
-                self.sessions[graph] = ort.InferenceSession(str(self.directory / spec["file"]), options,
+                self.sessions[graph] = ort.InferenceSession(str(self.directory / spec["file"]), session_options,
                                                             providers=providers)
             except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
                 raise ExportError(f"{graph} graph {self.directory / spec['file']} cannot be loaded: {e}") from None
@@ -166,9 +218,10 @@ class OnnxRuntimeBackend:
 
 
 def make_backend(name: str, model, checkpoint: str | Path, threads: int = 0, precision: str = "fp32",
-                 directory: str | Path | None = None):
+                 directory: str | Path | None = None, fused: bool = True, ort_options: OrtOptions | None = None):
     """The backend `name` for a loaded model; the engine backends read the export in `directory` (default: the
-    checkpoint's, for this precision) and check it was made from the checkpoint's weights."""
+    checkpoint's, for this precision) and check it was made from the checkpoint's weights. `fused=False` leaves
+    the fused graph unloaded (onnxruntime: the decision path calls the step graphs)."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name.startswith("torch"):
@@ -178,7 +231,8 @@ def make_backend(name: str, model, checkpoint: str | Path, threads: int = 0, pre
     if name == "tensorrt":
         backend = TensorRTBackend(directory, checkpoint)
     else:
-        backend = OnnxRuntimeBackend(directory, _PROVIDERS[name], threads, name, checkpoint)
+        graphs = None if fused else [g for g in load_manifest(directory)["graphs"] if g != "fused"]
+        backend = OnnxRuntimeBackend(directory, _PROVIDERS[name], threads, name, checkpoint, graphs, ort_options)
     _check_manifest_matches(backend.manifest, model, directory)
     exported = backend.manifest.get("precision", "fp32")
     if exported != precision:

@@ -5,11 +5,16 @@ A decision is what the control loop pays per chunk: the runtime's policy (deploy
 decision contract, so validation and normalisation, the encoder, the sampler's denoiser calls and the actions'
 post-processing; with --rti, RTI's warm decision. The fused graph, where exported, is timed as one engine call
 per decision. Inputs are raw observations drawn inside the normaliser's range.
+
+Each backend also reports its peak resident memory (deploy/memory.py): the whole process's peak while the backend
+was built and run (`peak_rss_mb`, the torch model every runtime keeps for normalisation included) and how far above
+what was resident before (`peak_added_mb`, the backend's own sessions, buffers and workspace).
 """
 
 from __future__ import annotations
 
 import datetime
+import gc
 import platform
 import time
 from dataclasses import dataclass, field
@@ -22,6 +27,7 @@ from policy.denoising import Denoised
 
 from .artifacts import BackendUnavailable, ExportError
 from .backends import BACKENDS, OnnxRuntimeBackend
+from .memory import PeakMemory
 from .runtime import GRAPH_BACKENDS, RuntimeSettings, build_policy, load_model
 from .timing import percentiles
 
@@ -38,8 +44,9 @@ class ProfileSettings:
     rti_steps: int | None = None  # the warm tail's calls; None: RTIConfig's default
     rti_every_step: bool = False  # the tail is every step k0 .. 0
     threads: int = 1
-    precision: str = "fp32"  # the network's: fp32 | fp16
+    precision: str = "fp32"  # the network's: fp32 | fp16 | int8 (engine backends)
     export: str | None = None  # the export folder the engine backends read; None: the checkpoint's
+    ort: dict | None = None  # onnxruntime session settings (deploy.backends.OrtOptions)
     fused: bool = True  # also time the exported fused graph (one engine call per decision), when present
     plot: str | None = None
 
@@ -52,6 +59,7 @@ class ProfileSettings:
         return RuntimeSettings(checkpoint=self.checkpoint, sampler=self.sampler, steps=self.steps, rti=rti,
                                backend=backend, precision=self.precision,
                                export=self.export if not backend.startswith("torch") else None,
+                               ort=self.ort if backend.startswith("onnxruntime") else None,
                                threads=self.threads)
 
 
@@ -193,22 +201,29 @@ def profile(settings: ProfileSettings, progress: bool = True) -> dict:
                                   and (not hasattr(model, "decision_graph") or b in GRAPH_BACKENDS)]
     results, skipped = [], {}
     for name in names:
-        try:
-            runtime = build_policy(settings.runtime(name), model, run_cfg)
-        except (BackendUnavailable, ExportError, FileNotFoundError) as e:
-            if settings.backends:  # asked for by name: its absence is an error
-                raise
-            skipped[name] = str(e)
-            continue
-        if progress:
-            print(f"profiling {name} ...", flush=True)
-        results.append(profile_backend(runtime, settings))
-        backend = runtime.backend
-        if settings.fused and isinstance(backend, OnnxRuntimeBackend) and "fused" in backend.sessions:
+        with PeakMemory() as memory:
             try:
-                results.append(profile_backend(runtime, settings, fused=True))
-            except BackendUnavailable as e:
-                skipped[name + "-fused"] = str(e)
+                runtime = build_policy(settings.runtime(name), model, run_cfg, fused_graph=settings.fused)
+            except (BackendUnavailable, ExportError, FileNotFoundError) as e:
+                if settings.backends:  # asked for by name: its absence is an error
+                    raise
+                skipped[name] = str(e)
+                continue
+            if progress:
+                print(f"profiling {name} ...", flush=True)
+            measured = [profile_backend(runtime, settings)]
+            backend = runtime.backend
+            if settings.fused and isinstance(backend, OnnxRuntimeBackend) and "fused" in backend.sessions:
+                try:
+                    measured.append(profile_backend(runtime, settings, fused=True))
+                except BackendUnavailable as e:
+                    skipped[name + "-fused"] = str(e)
+        del runtime, backend  # the next backend's peak starts without this one's sessions
+        gc.collect()
+        for r in measured:
+            r["precision"] = settings.precision
+            r["memory"] = memory.result()
+        results.extend(measured)
     if not results:
         raise BackendUnavailable(f"no backend could run: {skipped}")
     report = {k: v for k, v in results[0].items() if k != "samples_ms"}
@@ -223,12 +238,13 @@ def profile(settings: ProfileSettings, progress: bool = True) -> dict:
 
 def comparison_table(report: dict) -> str:
     rows = [f"{'backend':<24}{'device':<34}{'calls':>6}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}"
-            f"{'call p50':>10}"]
+            f"{'call p50':>10}{'peak MB':>9}"]
     for r in report["backends"]:
         lat = r["latency_ms"]
         rows.append(f"{r['backend']:<24}{r['device'][:33]:<34}{r['engine_calls_per_decision']:>6}{lat['p50']:>9.2f}"
                     f"{lat['p90']:>9.2f}{lat['p99']:>9.2f}{lat['max']:>9.2f}"
-                    + (f"{r['forward_ms']['p50']:>10.3f}" if r["forward_ms"] else f"{'-':>10}"))
+                    + (f"{r['forward_ms']['p50']:>10.3f}" if r["forward_ms"] else f"{'-':>10}")
+                    + (f"{r['memory']['peak_rss_mb']:>9.0f}" if r.get("memory") else f"{'-':>9}"))
     for name, why in report.get("skipped", {}).items():
         rows.append(f"{name:<24}skipped: {why[:90]}")
     return "\n".join(rows)

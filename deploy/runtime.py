@@ -12,7 +12,7 @@ validated once, here: evaluation, calibration, export, profile, control and the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from policy.cache import (
     CACHE_KINDS,
@@ -29,7 +29,7 @@ from policy.guard import ActionGuard
 from policy.rti import RTIPolicy, rti_config
 
 from .artifacts import PRECISIONS, BackendUnavailable
-from .backends import BACKENDS, BackendPolicy, GraphPolicy, make_backend
+from .backends import BACKENDS, BackendPolicy, GraphPolicy, OrtOptions, make_backend
 from .kinds import kind_of, load_checkpoint
 
 # The backends a kind that decides in one exported graph (a planner) runs on, beside torch.
@@ -47,6 +47,7 @@ class RuntimeSettings:
     precision: str = "fp32"  # the network's: fp32 | fp16 | int8 (engine backends)
     export: str | None = None  # the export folder the engine backends read; None: the checkpoint's
     threads: int = 1  # intra-op threads of an engine backend
+    ort: dict | None = None  # onnxruntime session settings (deploy.backends.OrtOptions); None: its defaults
     # The action dims that are binary commands, for a checkpoint written before its config recorded them (the
     # caller knows the task; the runtime does not import the tasks).
     discrete_action_dims: list[int] | None = None
@@ -123,6 +124,10 @@ def validate(settings: RuntimeSettings) -> None:
         raise ValueError(f"steps must be >= 0, got {settings.steps}")
     if settings.threads < 0:
         raise ValueError(f"threads must be >= 0, got {settings.threads}")
+    if settings.ort is not None:
+        OrtOptions.parse(settings.ort)
+        if not settings.backend.startswith("onnxruntime"):
+            raise ValueError(f"--ort sets onnxruntime's sessions; backend {settings.backend!r} has none")
     if settings.cache is not None:
         parse_cache(settings.cache)
         if settings.backend != "torch":
@@ -149,10 +154,12 @@ def validate(settings: RuntimeSettings) -> None:
                          f"the checkpoint's torch weights")
 
 
-def build_policy(settings: RuntimeSettings, model=None, run_cfg=None, record_pairs: bool = False) -> Runtime:
+def build_policy(settings: RuntimeSettings, model=None, run_cfg=None, record_pairs: bool = False,
+                 fused_graph: bool = False) -> Runtime:
     """The runnable policy the settings describe. `model` and `run_cfg` reuse a model already loaded from the same
     checkpoint with the same sampler settings; `record_pairs` makes RTI log (warm guess, full denoise) pairs for
-    k0 calibration."""
+    k0 calibration; `fused_graph` also loads an onnxruntime export's fused graph (the profiler times it; a decision
+    calls the step graphs, so the runtime leaves its copy of the weights on disk)."""
     validate(settings)
     kind = kind_of(settings.checkpoint)
     if not kind.denoising_wrappers and any(x is not None for x in (settings.rti, settings.cache, settings.chunking,
@@ -167,7 +174,7 @@ def build_policy(settings: RuntimeSettings, model=None, run_cfg=None, record_pai
             raise ValueError(f"a {kind.name} checkpoint decides in one exported graph: run it on torch or an "
                              f"onnxruntime backend, not {settings.backend}")
         backend = make_backend(settings.backend, model, settings.checkpoint, settings.threads, settings.precision,
-                               settings.export)
+                               settings.export, fused=fused_graph, ort_options=OrtOptions.parse(settings.ort))
         policy = BackendPolicy(policy, backend) if kind.denoising_wrappers else GraphPolicy(policy, backend)
     rti_cfg = rti_config(settings.rti) if settings.rti is not None else None
     # The step list a decision runs (RTI: the warm tail) is what a cache schedule is made for.
@@ -199,6 +206,8 @@ def build_policy(settings: RuntimeSettings, model=None, run_cfg=None, record_pai
         config["prefix_conditioning"] = chunking
     if anytime_policy is not None:
         config["anytime"] = dict(settings.anytime)
+    if backend is not None and hasattr(backend, "options"):
+        config["ort"] = asdict(backend.options)
     stats = model.normalizer["action"].stats
     guard = ActionGuard(policy, stats.get("min"), stats.get("max")) if "min" in stats else ActionGuard(policy)
     config["action_bounds"] = guard.bounds()

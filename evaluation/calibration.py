@@ -37,7 +37,8 @@ def calibrate_rti(settings, progress: bool = True):
     runtime = build_policy(RuntimeSettings(
         checkpoint=settings.checkpoint, sampler=settings.sampler, steps=settings.steps,
         rti={**settings.rti, "k0": 0}, backend=settings.backend, precision=settings.precision,
-        export=settings.export, discrete_action_dims=discrete_action_dims(task)), record_pairs=True)
+        export=settings.export, ort=settings.ort, discrete_action_dims=discrete_action_dims(task)),
+        record_pairs=True)
     rti = runtime.rti_policy
     env = open_env(settings.checkpoint, run_cfg, task, settings.rti_calibration_steps)
     act = TimedPolicy(rti)

@@ -41,6 +41,7 @@ class ControlSettings:
     backend: str = "torch"
     precision: str = "fp32"
     export: str | None = None
+    ort: dict | None = None  # onnxruntime session settings (deploy.backends.OrtOptions)
     replan_every: int | None = None  # ticks between decisions; None: the policy's actions per decision
     inference_delay_ms: float = 0.0  # added to every decision: how the loop copes with a slow policy
     bad_obs_every: int = 0  # corrupt every n-th observation with NaN (tests the hold-and-report path)
@@ -61,7 +62,7 @@ class ControlSettings:
                     if self.chunking in ("inpaint", "guidance") else None)
         return RuntimeSettings(checkpoint=self.checkpoint, sampler=self.sampler, steps=self.steps, rti=self.rti,
                                cache=self.cache, backend=self.backend, precision=self.precision, export=self.export,
-                               discrete_action_dims=discrete_action_dims(task), chunking=chunking,
+                               ort=self.ort, discrete_action_dims=discrete_action_dims(task), chunking=chunking,
                                anytime={"period_ms": period_ms} if self.anytime else None)
 
 

@@ -54,6 +54,7 @@ class EvalSettings:
     backend: str = "torch"  # deploy.backends.BACKENDS; the engine ones read an export
     precision: str = "fp32"  # the network's: fp32 | fp16 | int8 (engine backends)
     export: str | None = None  # the export folder the engine backends read; None: the checkpoint's
+    ort: dict | None = None  # onnxruntime session settings (deploy.backends.OrtOptions)
     open_loop: bool = True  # driving tasks: the expert on the same seeds, and the planner open-loop on its scenes
     open_loop_every: int = 5  # every k-th step of the expert's episodes is an open-loop scene
     seeds: list[int] = field(default_factory=list)  # set by the orchestrator for each worker
@@ -63,7 +64,7 @@ def runtime_settings(settings, task: str) -> RuntimeSettings:
     """What the runtime builds for these evaluation (or calibration) settings on `task`."""
     return RuntimeSettings(checkpoint=settings.checkpoint, sampler=settings.sampler, steps=settings.steps,
                            rti=settings.rti, cache=settings.cache, backend=settings.backend,
-                           precision=settings.precision, export=settings.export,
+                           precision=settings.precision, export=settings.export, ort=settings.ort,
                            discrete_action_dims=discrete_action_dims(task))
 
 

@@ -388,7 +388,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             steps=args.steps, task=args.task, workers=args.workers, video_dir=args.video,
                             video_episodes=args.video_episodes, plot=args.plot, rti=_rti_settings(args),
                             rti_calibration_episodes=args.rti_calibration_episodes, cache=args.cache,
-                            backend=args.backend, precision=args.precision, export=args.export)
+                            backend=args.backend, precision=args.precision, export=args.export, ort=_ort(args))
     report = evaluate(settings, progress=not args.no_progress)
     print(summary_line(report))
     _write_report(args.report, report)
@@ -448,7 +448,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     settings = ProfileSettings(checkpoint=args.checkpoint, backends=args.backend or [], iters=args.iters,
                                warmup=args.warmup, sampler=args.sampler, steps=args.steps,
                                rti_k0=_rti_k0(args), threads=args.threads, plot=args.plot,
-                               precision=args.precision, export=args.export,
+                               precision=args.precision, export=args.export, ort=_ort(args),
                                rti_steps=None if args.rti_steps in (None, "all") else args.rti_steps,
                                rti_every_step=args.rti_steps == "all")
     report = profile(settings, progress=not args.no_progress)
@@ -467,7 +467,7 @@ def cmd_control(args: argparse.Namespace) -> int:
                                rti=_rti_settings(args), cache=args.cache, backend=args.backend,
                                replan_every=args.replan_every, inference_delay_ms=args.inference_delay_ms,
                                bad_obs_every=args.bad_obs_every, worker=args.worker, precision=args.precision,
-                               export=args.export, chunking=args.chunking, anytime=args.anytime)
+                               export=args.export, ort=_ort(args), chunking=args.chunking, anytime=args.anytime)
     report = run_control(settings, progress=not args.no_progress)
     print(control_summary(report))
     _write_report(args.report, report)
@@ -525,7 +525,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     _rti_k0(args)  # the loop needs a fixed entry step
     runtime = RuntimeSettings(checkpoint=args.checkpoint, sampler=args.sampler, steps=args.steps,
                               rti=_rti_settings(args), cache=args.cache, backend=args.backend,
-                              precision=args.precision, export=args.export, threads=args.threads)
+                              precision=args.precision, export=args.export, threads=args.threads,
+                              ort=_ort(args))
     settings = NodeSettings(runtime=runtime, rate_hz=args.rate, name=args.name, namespace=args.namespace,
                             zenoh=_zenoh_settings(args), robot_node=args.robot_node,
                             max_observation_age_ms=args.max_observation_age_ms,
@@ -564,7 +565,21 @@ def cmd_robot_sim(args: argparse.Namespace) -> int:
 
 def _add_export_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export", metavar="DIR", help="the export folder an engine backend reads (what `rtdp export "
-                   "--out DIR` wrote); default: <checkpoint>/onnx, or onnx-fp16")
+                   "--out DIR` wrote); default: <checkpoint>/onnx, or onnx-fp16 / onnx-int8")
+    p.add_argument("--ort", metavar="KEY=VALUE", action="append", type=_key_value, default=None,
+                   help="an onnxruntime session setting, repeatable: optimization=disabled|basic|extended|all, "
+                        "spinning=on|off, memory_pattern=on|off (defaults: all, on, on)")
+
+
+def _ort(args: argparse.Namespace) -> dict | None:
+    return dict(args.ort) if args.ort else None
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
 
 
 def _add_sampler_arguments(p: argparse.ArgumentParser, what: str = "default: the checkpoint's config") -> None:
