@@ -77,7 +77,8 @@ class Runtime:
 def parse_cache(spec: str) -> tuple[str, int]:
     kind, _, budget = spec.partition(":")
     if kind not in CACHE_KINDS or not budget.isdigit() or int(budget) < 1:
-        raise ValueError(f"--cache takes bac:S or uniform:S with S >= 1 the update budget per block, got {spec!r}")
+        raise ValueError(f"--cache takes bac:S, error:S or uniform:S with S >= 1 the update budget per block, got "
+                         f"{spec!r}")
     return kind, int(budget)
 
 

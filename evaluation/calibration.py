@@ -71,6 +71,7 @@ class CacheSettings:
     episodes: int = 2
     samples: int = 64  # calibration observations, spread evenly over the episodes' decisions
     bubble_n: int = 3
+    kind: str = "bac"  # bac | error (policy/cache_error.py: Uniform's evaluations, placed by final-chunk error)
     seed: int = 0
     task: str | None = None
     max_episode_steps: int | None = 200
@@ -125,11 +126,14 @@ def calibrate_cache(settings: CacheSettings, progress: bool = True) -> CacheResu
         x_init = torch.cat([guesses[i] for i in pick])
     else:
         x_init = torch.randn(model.chunk_shape(cond.shape[0]), generator=g)
-    calibration = calibrate(model, cond, x_init, timesteps, method, generator=g)
+    if settings.kind not in ("bac", "error"):
+        raise ValueError(f"cache calibration makes bac or error schedules, got {settings.kind!r}")
+    calibration = calibrate(model, cond, x_init, timesteps, method, generator=g, costs=settings.kind == "error")
     sha = weights_sha256(settings.checkpoint)
     result = CacheResult(path="")
     for budget in settings.budgets:
-        schedule = make_schedule("bac", budget, method, timesteps, blocks, sha, calibration, settings.bubble_n)
+        schedule = make_schedule(settings.kind, budget, method, timesteps, blocks, sha, calibration,
+                                 settings.bubble_n)
         result.path = str(save_schedule(settings.checkpoint, schedule))
         result.schedules.append({"kind": schedule.kind, "budget": budget, "method": method,
                                  "steps": len(timesteps), "block_evals_per_decision": schedule.block_evals,

@@ -33,7 +33,7 @@ from .nets.transformer import TransformerForDiffusion
 
 SCHEDULE_FILE = "cache_schedule.json"
 SCHEDULE_VERSION = 1
-CACHE_KINDS = ("bac", "uniform")
+CACHE_KINDS = ("bac", "uniform", "error")
 
 
 class CacheScheduleError(ValueError):
@@ -49,6 +49,8 @@ class CacheCalibration:
     reuse_error: dict[str, float]  # block -> mean L1 distance between its outputs at two steps
     samples: int
     distance: dict[str, np.ndarray] = field(default_factory=dict)  # block -> (K, K) mean |X_a - X_t| per element
+    # block -> (K, K) first-order final-chunk cost of reusing step a's output at step t (policy/cache_error.py)
+    costs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def block_names(model: TransformerForDiffusion) -> list[str]:
@@ -57,8 +59,9 @@ def block_names(model: TransformerForDiffusion) -> list[str]:
 
 @torch.no_grad()
 def calibrate(policy, cond: torch.Tensor, x_init: torch.Tensor, timesteps, method: str,
-              generator: torch.Generator | None = None) -> CacheCalibration:
-    """Record every residual-branch output over one uncached denoise of a batch (cond, x_init)."""
+              generator: torch.Generator | None = None, costs: bool = False) -> CacheCalibration:
+    """Record every residual-branch output over one uncached denoise of a batch (cond, x_init); `costs` adds the
+    final-chunk costs an error-aware schedule is made from (backward passes through the whole denoise)."""
     model = transformer_of(policy)
     branches = model.residual_branches()
     outputs: dict[str, list[torch.Tensor]] = {name: [] for name in branches}
@@ -83,7 +86,15 @@ def calibrate(policy, cond: torch.Tensor, x_init: torch.Tensor, timesteps, metho
         # l_j = 1/K^2 sum_t sum_u |X_t - X_u|_1, per sample, averaged over samples
         reuse_error[name] = float(l1.mean())
         distance[name] = (l1.mean(0) / feats.shape[-1]).numpy()
-    return CacheCalibration(list(branches), similarity, reuse_error, int(cond.shape[0]), distance)
+    calibration = CacheCalibration(list(branches), similarity, reuse_error, int(cond.shape[0]), distance)
+    if costs:
+        from .cache_error import error_costs
+
+        step_noise = None
+        if method == "ddpm":
+            step_noise = torch.randn(len(timesteps), *x_init.shape, generator=generator)
+        calibration.costs = error_costs(policy, cond, x_init, timesteps, method, step_noise)
+    return calibration
 
 
 def transformer_of(policy) -> TransformerForDiffusion | DiT:
@@ -206,13 +217,26 @@ def _steps_text(ts: list[int]) -> str:
 
 
 def make_schedule(kind: str, budget: int, method: str, timesteps, blocks: list[str], model_sha256: str,
-                  calibration: CacheCalibration | None = None, bubble_n: int = 3, metric: str = "cosine"
-                  ) -> CacheSchedule:
+                  calibration: CacheCalibration | None = None, bubble_n: int = 3, metric: str = "cosine",
+                  evaluations: int | None = None) -> CacheSchedule:
+    """`kind:budget`: uniform (every block on the same `budget` evenly spread steps), bac (ACS per block, then the
+    bubbling union) or error (policy/cache_error.py: `evaluations` branch evaluations per denoise in all, by
+    default Uniform's at the same budget)."""
     timesteps = [int(t) for t in timesteps]
     K = len(timesteps)
     if kind == "uniform":
         steps = uniform_updates(K, budget)
         return CacheSchedule(kind, budget, method, timesteps, {b: steps for b in blocks}, model_sha256)
+    if kind == "error":
+        from .cache_error import error_aware_updates
+
+        if calibration is None or not calibration.costs:
+            raise ValueError("an error-aware schedule needs a calibration with final-chunk costs")
+        if list(calibration.costs) != blocks:
+            raise CacheScheduleError("the calibration was recorded on another model's blocks")
+        total = evaluations if evaluations is not None else len(uniform_updates(K, budget)) * len(blocks)
+        return CacheSchedule(kind, budget, method, timesteps, error_aware_updates(calibration.costs, total),
+                             model_sha256, [], {"samples": calibration.samples, "evaluations": total})
     if kind != "bac":
         raise ValueError(f"cache kind must be one of {CACHE_KINDS}, got {kind!r}")
     if calibration is None:

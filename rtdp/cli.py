@@ -404,9 +404,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
         raise ValueError(f"--budget takes update budgets per block, e.g. 10 or 5,10,20; got {args.budget!r}") from None
     settings = CacheSettings(checkpoint=args.checkpoint, budgets=budgets, sampler=args.sampler, steps=args.steps,
                              rti=_rti_settings(args), episodes=args.episodes, samples=args.samples,
-                             bubble_n=args.bubble, seed=args.seed)
+                             bubble_n=args.bubble, seed=args.seed, kind=args.kind)
     result = calibrate_cache(settings, progress=not args.no_progress)
     for s in result.schedules:
+        if s["kind"] == "error":
+            print(f"error:{s['budget']} for {s['method']}-{s['steps']}: {s['block_evals_per_decision']} of "
+                  f"{s['uncached_block_evals']} branch evaluations per decision, placed by final-chunk error")
+            continue
         print(f"bac:{s['budget']} for {s['method']}-{s['steps']}: {s['block_evals_per_decision']} of "
               f"{s['uncached_block_evals']} branch evaluations per decision "
               f"({s['uncached_block_evals'] / s['block_evals_per_decision']:.1f}x fewer); bubbling union on "
@@ -687,8 +691,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime backends run the graphs `rtdp export` wrote to <checkpoint>/onnx")
     _add_export_argument(e)
     _add_precision_argument(e, "the network's precision (fp16 engines read <checkpoint>/onnx-fp16)")
-    e.add_argument("--cache", metavar="bac:S|uniform:S", help="transformer block caching with update budget S per "
-                   "block; bac needs a schedule made by `rtdp cache` for the same step list")
+    e.add_argument("--cache", metavar="bac:S|error:S|uniform:S",
+                   help="transformer block caching with update budget S per block; bac and error need a schedule "
+                        "made by `rtdp cache [--kind error]` for the same step list")
     e.add_argument("--report", help="write the JSON report here")
     e.add_argument("--plot", metavar="FILE.png", help="latency histogram and per-episode outcomes")
     e.add_argument("--no-progress", action="store_true")
@@ -696,6 +701,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("cache", help="calibrate BAC block-cache schedules for a transformer checkpoint")
     k.add_argument("--checkpoint", required=True)
+    k.add_argument("--kind", choices=("bac", "error"), default="bac",
+                   help="bac: the paper's ACS and bubbling union; error: Uniform's evaluations at the same budget, "
+                        "each block's steps and count chosen to minimise the final chunk's error")
     k.add_argument("--budget", required=True, help="update budget per block, or several: 5,10,20")
     _add_sampler_arguments(k)
     _add_rti_arguments(k)
@@ -720,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--no-fused", action="store_true", help="skip the fused graph")
     _add_sampler_arguments(x, "for the fused graph; default: the checkpoint's config")
     x.add_argument("--rti", metavar="K0", help="fuse the RTI tail [K0 .. 0], entered from a warm start")
-    x.add_argument("--cache", metavar="bac:S|uniform:S", help="fuse a block-cache schedule (transformers)")
+    x.add_argument("--cache", metavar="bac:S|error:S|uniform:S", help="fuse a block-cache schedule (transformers)")
     x.add_argument("--report", help="write a JSON summary here")
     x.set_defaults(func=cmd_export)
 
@@ -753,7 +761,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--backend", default="torch", choices=BACKEND_CHOICES)
     _add_export_argument(c)
     _add_precision_argument(c, "the network's precision")
-    c.add_argument("--cache", metavar="bac:S|uniform:S", help="transformer block caching (see rtdp eval --cache)")
+    c.add_argument("--cache", metavar="bac:S|error:S|uniform:S",
+                   help="transformer block caching (see rtdp eval --cache)")
     c.add_argument("--replan-every", type=POSITIVE, help="ticks between decisions (default: n_action_steps; RTI: 1)")
     c.add_argument("--inference-delay-ms", type=float, default=0.0, help="add this to every decision (stress test)")
     c.add_argument("--chunking", choices=("naive", "ensemble", "inpaint", "guidance"), default="naive",
@@ -786,7 +795,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--backend", default="torch", choices=BACKEND_CHOICES)
     _add_export_argument(n)
     _add_precision_argument(n, "the network's precision")
-    n.add_argument("--cache", metavar="bac:S|uniform:S", help="transformer block caching (see rtdp eval --cache)")
+    n.add_argument("--cache", metavar="bac:S|error:S|uniform:S",
+                   help="transformer block caching (see rtdp eval --cache)")
     n.add_argument("--threads", type=POSITIVE, default=1, help="the inference process's threads")
     n.add_argument("--inference-delay-ms", type=float, default=0.0, help="add this to every decision (stress test)")
     n.add_argument("--record", metavar="FILE.mcap", help="every message in and out, as ROS 2 messages in MCAP")

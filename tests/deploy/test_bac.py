@@ -123,3 +123,36 @@ def test_cached_chunk_approaches_the_uncached_one_as_the_budget_grows(transforme
     # The bubbling union exists to stop upstream reuse error surging through downstream FFNs (paper, Prop. 3.1).
     without = {s: error(make_schedule("bac", s, "ddpm", ts, blocks, "", cal, bubble_n=0)) for s in (5, 10)}
     assert without[5] > errors[5] and without[10] > errors[10], (without, errors)
+
+
+def test_error_aware_schedule_beats_acs_and_uniform_on_held_out_chunks_at_equal_evaluations(transformer_checkpoint,
+                                                                                           tmp_path):
+    """The schedule that places Uniform's evaluations by final-chunk error (policy/cache_error.py), calibrated
+    through `rtdp cache --kind error`, against Uniform and ACS (BAC without its union, so all three spend exactly
+    the same evaluations) on held-out observations."""
+    assert cache_cli(transformer_checkpoint, "--budget", "10", "--sampler", "ddim", "--steps", "20", "--kind",
+                     "error", "--episodes", "3", "--samples", "48") == 0
+    ts = list(range(95, -1, -5))
+    made = find_schedule(transformer_checkpoint, "error", 10, "ddim", ts)
+    policy, _ = load_policy(transformer_checkpoint)
+    blocks = list(policy.denoiser.residual_branches())
+    uniform = make_schedule("uniform", 10, "ddim", ts, blocks, "")
+    assert made.block_evals == uniform.block_evals
+    demos = collect_demos("point_mass/reach", 8, seed=400, progress=False)
+    states = torch.from_numpy(np.stack([np.stack([ep["state"][max(t - 1, 0)], ep["state"][t]])
+                                        for ep in map(demos.episode, range(8)) for t in range(0, len(ep["state"]), 3)]))
+    with torch.no_grad():
+        cond = policy.condition({"state": states})
+    noise = torch.randn(policy.chunk_shape(cond.shape[0]), generator=torch.Generator().manual_seed(5))
+    ref = policy.sample_normalized(cond, noise, ts, "ddim").x0
+
+    def error(schedule):
+        x = policy.sample_normalized(cond, noise, ts, "ddim", denoiser=CachedDenoiser(policy, schedule)).x0
+        return float((x - ref).norm() / ref.norm())
+
+    cal_cond = cond[:4]  # any calibration: ACS gets the same budget, by construction exactly Uniform's evaluations
+    acs = make_schedule("bac", 10, "ddim", ts, blocks, "", calibrate(policy, cal_cond, noise[:4], ts, "ddim"),
+                        bubble_n=0)
+    assert acs.block_evals <= made.block_evals
+    errors = {"error": error(made), "uniform": error(uniform), "acs": error(acs)}
+    assert errors["error"] < errors["uniform"] and errors["error"] < errors["acs"], errors
