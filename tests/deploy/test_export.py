@@ -158,6 +158,32 @@ def test_profile_cli_compares_backends_and_writes_the_design_report(unet_export,
     assert "onnxruntime-cuda" in report["skipped"]
     assert plot.read_bytes()[:4] == b"\x89PNG"
     assert "onnxruntime-fused" in capsys.readouterr().out
+    for b in report["backends"]:  # each backend's peak resident memory, reset between backends
+        m = b["memory"]
+        assert m["peak_since"] == "backend build" and m["peak_rss_mb"] >= m["rss_before_mb"] > 50
+        assert m["peak_added_mb"] == pytest.approx(m["peak_rss_mb"] - m["rss_before_mb"], abs=0.2)
+
+
+def test_onnxruntime_session_settings_are_applied_recorded_and_checked(unet_export, tmp_path):
+    from deploy.backends import OrtOptions
+    from deploy.runtime import RuntimeSettings, build_policy
+
+    options = OrtOptions.parse({"optimization": "basic", "spinning": "off", "memory_pattern": "0"})
+    assert options == OrtOptions("basic", False, False)
+    session = options.session_options(threads=2)
+    assert session.intra_op_num_threads == 2 and not session.enable_mem_pattern
+    assert session.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    runtime = build_policy(RuntimeSettings(checkpoint=str(unet_export), backend="onnxruntime",
+                                           ort={"optimization": "basic", "spinning": "off"}))
+    assert runtime.config["ort"] == {"optimization": "basic", "spinning": False, "memory_pattern": True}
+    # a runtime decides through the step graphs: the fused graph's copy of the weights is never loaded
+    assert set(runtime.backend.sessions) == {"encoder", "denoiser"}
+    for bad, match in (({"spinning": "maybe"}, "on or off"), ({"optimization": "max"}, "must be one of"),
+                       ({"threads": 4}, "unknown onnxruntime option")):
+        with pytest.raises(ValueError, match=match):
+            build_policy(RuntimeSettings(checkpoint=str(unet_export), backend="onnxruntime", ort=bad))
+    with pytest.raises(ValueError, match="has none"):
+        build_policy(RuntimeSettings(checkpoint=str(unet_export), ort={"spinning": "off"}))
 
 
 def test_export_cli_check_and_eval_on_onnxruntime(tmp_path, capsys):
@@ -166,7 +192,7 @@ def test_export_cli_check_and_eval_on_onnxruntime(tmp_path, capsys):
                  "--backend", "onnxruntime"])
     assert code == 2 and "has no manifest.json: run `rtdp export` first" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(ckpt), "--check", "--report", str(tmp_path / "x.json")]) == 0
-    assert "parity with torch (max abs error)" in capsys.readouterr().out
+    assert "parity with torch: encoder" in capsys.readouterr().out
     assert max(json.loads((tmp_path / "x.json").read_text())["max_abs_error"].values()) <= 1e-4
     assert main(["eval", "--checkpoint", str(ckpt), "--episodes", "2", "--workers", "1", "--no-progress",
                  "--backend", "onnxruntime", "--report", str(tmp_path / "e.json")]) == 0

@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import torch
 
-from policy.cache import CacheSchedule, CachedDenoiser
+from policy.cache import CachedDenoiser, CacheSchedule
 from policy.cache_error import allocate, block_costs, error_costs, updates_for
 from policy.diffusion import sample
 from policy.diffusion_policy import DiffusionPolicy
@@ -68,7 +68,8 @@ def test_first_order_costs_predict_the_chunk_error_of_a_single_reuse():
         updates[block] = [k for k in range(K) if k != step]  # step reuses step - 1's output
         cached = CachedDenoiser(policy, CacheSchedule("error", 0, "ddpm", ts, updates, ""))
         with torch.no_grad():
-            got = sample(lambda a, t: cached(a, t, cond), x, policy.schedule, ts, "ddpm", step_noise=noise)
+            got = sample(lambda a, t, cached=cached: cached(a, t, cond), x, policy.schedule, ts, "ddpm",
+                         step_noise=noise)
         true = float(((got - ref) ** 2).sum() / len(got))
         predicted = float(costs[block][step - 1, step])
         assert true > 0 and 0.6 < predicted / true < 1.6, (block, step, predicted, true)
