@@ -77,6 +77,9 @@ class LoopStats:
     decisions: int = 0
     period_error_ms: list[float] = field(default_factory=list)
     inference_ms: list[float] = field(default_factory=list)
+    # From reading an observation to sending the first action computed from it (each adopted chunk's first
+    # executed action): what the robot experiences, decision latency plus the wait for the tick that adopts it.
+    reaction_ms: list[float] = field(default_factory=list)
 
     def summary(self) -> dict:
         out = {k: getattr(self, k) for k in ("ticks", "deadline_misses", "held_ticks", "stale_skipped",
@@ -86,6 +89,8 @@ class LoopStats:
         # Decisions that never finished have no latency: no number is reported, rather than a 0 that looks fast.
         out["inference_ms"] = percentiles(self.inference_ms, ("p50", "p99")) or {"p50": None, "p99": None,
                                                                                  "max": None}
+        out["reaction_ms"] = percentiles(self.reaction_ms, ("p50", "p99")) or {"p50": None, "p99": None,
+                                                                               "max": None}
         return out
 
     def record_error(self, error: BaseException) -> None:
@@ -301,6 +306,7 @@ class ControlLoop:
         last_action: np.ndarray | None = None
         last_request = -(10**9)
         asked: dict[int, dict] = {}  # the observation each pending request was made from, by its tick
+        observed_at: dict[int, float] = {}  # when each pending request's observation was read
         first = robot.observe()
         if valid_observation(first, self.obs_shapes):
             # The first chunk (a full denoise, the slow one under RTI) is computed before the clock starts, as a
@@ -332,6 +338,7 @@ class ControlLoop:
                 stats.deadline_misses += 1
 
             result = self.worker.take()
+            reacting_to = None  # the observation time of a chunk adopted on this tick
             if result is not None:
                 new, ms = result
                 stats.inference_ms.append(ms)
@@ -339,6 +346,7 @@ class ControlLoop:
                 if len(new.actions) == 0:
                     stats.skipped_decisions += 1
                 else:
+                    reacting_to = observed_at.get(new.obs_tick)
                     stats.stale_skipped += max(0, tick - new.obs_tick)
                     if ensemble is not None:
                         ensemble.add(new)
@@ -347,12 +355,14 @@ class ControlLoop:
                     if on_chunk is not None and new.obs_tick in asked:
                         on_chunk(new.actions, asked[new.obs_tick])
                 asked = {k: v for k, v in asked.items() if k > new.obs_tick}
+                observed_at = {k: v for k, v in observed_at.items() if k > new.obs_tick}
                 watchdog_armed = True
             error = self.worker.take_error()
             if error is not None:
                 stats.record_error(error)
 
             obs = robot.observe()
+            read_at = time.monotonic()
             good = valid_observation(obs, self.obs_shapes)
             if good:
                 if not history:
@@ -363,6 +373,7 @@ class ControlLoop:
                 stats.bad_observations += 1
 
             action = chunk.action_for(tick) if chunk is not None and good else None
+            action_from_chunk = action is not None
             if action is None:
                 action = self.safe_action(last_action)
                 stats.held_ticks += 1
@@ -372,6 +383,7 @@ class ControlLoop:
             if good and not self.worker.busy() and (tick - last_request >= self.replan_every or remaining <= 1):
                 self.worker.submit({k: np.stack([o[k] for o in history]) for k in self.obs_shapes}, tick)
                 last_request = tick
+                observed_at[tick] = read_at
                 if on_chunk is not None:
                     asked[tick] = obs
             if self.worker.busy_for() > s.watchdog_s and watchdog_armed:
@@ -379,6 +391,8 @@ class ControlLoop:
                 watchdog_armed = False
 
             done = robot.act(action)
+            if reacting_to is not None and action_from_chunk:
+                stats.reaction_ms.append((time.monotonic() - reacting_to) * 1e3)
             if on_tick is not None:
                 on_tick(tick, action)
             if done:

@@ -160,6 +160,9 @@ def control_summary(r: dict) -> str:
     pe, inf = r["period_error_ms"], r["inference_ms"]
     latency = (f"inference p50 {inf['p50']:.1f} p99 {inf['p99']:.1f} ms" if inf["p50"] is not None
                else "no decision finished")
+    reaction = r.get("reaction_ms") or {}
+    if reaction.get("p50") is not None:
+        latency += f", reaction p50 {reaction['p50']:.1f} p99 {reaction['p99']:.1f} ms"
     faults = ", ".join(f"{label} {n}" for label, n in r["faults"].items()) or "none"
     return (f"{r['task']} @ {r['rate_hz']:g} Hz: {r['ticks']} ticks, {r['deadline_misses']} deadline misses, "
             f"period error p50 {pe['p50']:.3f} p99 {pe['p99']:.3f} max {pe['max']:.3f} ms, {latency}, "

@@ -452,7 +452,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                                warmup=args.warmup, sampler=args.sampler, steps=args.steps,
                                rti_k0=_rti_k0(args), threads=args.threads, plot=args.plot,
                                precision=args.precision, export=args.export, ort=_ort(args),
-                               rti_steps=None if args.rti_steps in (None, "all") else args.rti_steps,
+                               rate_hz=args.rate, rti_steps=None if args.rti_steps in (None, "all") else args.rti_steps,
                                rti_every_step=args.rti_steps == "all")
     report = profile(settings, progress=not args.no_progress)
     print(comparison_table(report))
@@ -742,6 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--rti-steps", type=_tail_steps, metavar="N|all", help="the warm tail's calls, K0 .. 0 evenly "
                    "strided (default 4; all: every step)")
     f.add_argument("--threads", type=POSITIVE, default=1)
+    f.add_argument("--rate", type=RATE, default=50.0, help="the control rate reaction times are given for (Hz)")
     _add_export_argument(f)
     _add_precision_argument(f, "the network's precision")
     f.add_argument("--report", help="write the JSON report here")

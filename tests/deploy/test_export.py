@@ -158,6 +158,9 @@ def test_profile_cli_compares_backends_and_writes_the_design_report(unet_export,
     assert "onnxruntime-cuda" in report["skipped"]
     assert plot.read_bytes()[:4] == b"\x89PNG"
     assert "onnxruntime-fused" in capsys.readouterr().out
+    for b in report["backends"]:  # reaction at 50 Hz: each decision rounded up to whole 20 ms periods
+        assert b["reaction_ms"]["rate_hz"] == 50
+        assert b["latency_ms"]["p50"] <= b["reaction_ms"]["p50"] <= b["latency_ms"]["p50"] + 20
     for b in report["backends"]:  # each backend's peak resident memory, reset between backends
         m = b["memory"]
         assert m["peak_since"] == "backend build" and m["peak_rss_mb"] >= m["rss_before_mb"] > 50

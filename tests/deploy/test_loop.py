@@ -118,6 +118,19 @@ def test_the_policy_is_told_how_many_ticks_passed_since_its_last_observation():
         assert executed == step - prev
 
 
+def test_reaction_time_is_the_decision_plus_the_wait_for_the_tick_that_adopts_it():
+    # A decision of 1.5 periods requested at tick k finishes between ticks k + 1 and k + 2: its first action goes
+    # out on tick k + 2, two periods after the observation was read.
+    loop = make_loop(chunk_policy(16, delay_s=1.5 * PERIOD), replan_every=4)
+    loop.run(TickRobot(60))
+    loop.close()
+    reaction = np.array(loop.stats.reaction_ms)
+    assert len(reaction) >= 10 and len(reaction) <= loop.stats.decisions
+    assert np.all(reaction >= 1.5 * PERIOD * 1e3)
+    assert np.median(reaction) == pytest.approx(2 * PERIOD * 1e3, abs=0.25 * PERIOD * 1e3)
+    assert np.median(loop.stats.inference_ms) < np.median(reaction)
+
+
 def test_temporal_ensembling_averages_every_chunk_that_covers_the_tick():
     loop = make_loop(chunk_policy(16, delay_s=0.5 * PERIOD), replan_every=2, chunking="ensemble", ensemble_m=0.5)
     robot = TickRobot(60)
@@ -182,6 +195,11 @@ def test_control_cli_reports_what_design_md_lists(extra, tmp_path, capsys):
     assert (r["config"]["backend"], r["config"]["precision"]) == (
         ("onnxruntime", "fp16") if "--backend" in extra else ("torch", "fp32"))
     assert r["inference_errors"] == 0 and r["decisions"] > 1
+    # reaction: from reading an observation to sending the first action computed from it, at least the decision
+    react, infer = r["reaction_ms"], r["inference_ms"]
+    if "--anytime" not in extra:  # an anytime decider may skip every later decision on a tiny budget
+        assert react["p50"] is not None and react["p50"] >= infer["p50"] * 0.5
+        assert react["max"] <= infer["max"] + 1e3 / 50 * 3  # adopted within a few periods of finishing
     assert "deadline misses" in capsys.readouterr().out
     if "--chunking" in extra:
         assert r["config"]["chunking"] == extra[1]
