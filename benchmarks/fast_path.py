@@ -68,6 +68,7 @@ def dataset(out: Path, given: str | None) -> Path:
 
 def checkpoints(out: Path, data: Path) -> dict[str, Path]:
     from deploy.export import ExportSettings, export_policy
+    from evaluation.quantisation_data import export_int8
 
     made = {}
     for label, (config, overrides) in SIZES.items():
@@ -76,7 +77,8 @@ def checkpoints(out: Path, data: Path) -> dict[str, Path]:
             build(ckpt, config, overrides)
             (ckpt / "train_report.json").write_text(json.dumps({"data": str(data)}))
             for precision in PRECISIONS:
-                export_policy(ExportSettings(checkpoint=str(ckpt), precision=precision, sampler="ddpm", rti_k0=3))
+                settings = ExportSettings(checkpoint=str(ckpt), precision=precision, sampler="ddpm", rti_k0=3)
+                export_int8(settings) if precision == "int8" else export_policy(settings)
         made[label] = ckpt
     return made
 

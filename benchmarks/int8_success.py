@@ -22,16 +22,17 @@ sys.path.insert(0, str(ROOT))
 
 
 def run(checkpoints: dict[str, str], episodes: int, path: Path) -> None:
-    from deploy.export import ExportSettings, check_export, export_dir, export_policy
+    from deploy.export import ExportSettings, export_policy
     from evaluation.evaluate import EvalSettings, evaluate
+    from evaluation.quantisation_data import check_int8, export_int8
 
     done = json.loads(path.read_text()) if path.is_file() else {}
     for task, ckpt in checkpoints.items():
         row = done.setdefault(task, {"checkpoint": ckpt})
         if "int8_check" not in row:
             export_policy(ExportSettings(checkpoint=ckpt, fused=False))
-            export_policy(ExportSettings(checkpoint=ckpt, precision="int8", fused=False))
-            row["int8_check"] = check_export(ckpt, export_dir(ckpt, "int8"))
+            export_int8(ExportSettings(checkpoint=ckpt, precision="int8", fused=False))
+            row["int8_check"] = check_int8(ckpt)
             path.write_text(json.dumps(done, indent=1))
         for precision in ("fp32", "int8"):
             if precision in row:

@@ -34,14 +34,7 @@ from policy.rti import RTIPolicy, rti_config
 
 from .artifacts import FORMAT, INT8_CHECKED, TOLERANCE, ExportError, export_dir, load_manifest, write_manifest
 from .backends import OnnxRuntimeBackend, network_in
-from .quantize import (
-    QuantisationSettings,
-    calibration_data_path,
-    calibration_feeds,
-    check_quantisable,
-    check_quantised,
-    quantise_graph,
-)
+from .quantize import QuantisationSettings, calibration_feeds, check_quantisable, check_quantised, quantise_graph
 from .runtime import RuntimeSettings, cache_schedule_for, load_model
 
 
@@ -163,20 +156,23 @@ def _write_graphs(model, net, settings: ExportSettings, out: Path) -> dict[str, 
     return graphs
 
 
-def export_policy(settings: ExportSettings) -> dict:
-    """Write the graphs and manifest.json; returns the manifest."""
-    model, run_cfg = load_model(RuntimeSettings(settings.checkpoint, sampler=settings.sampler, steps=settings.steps))
+def export_policy(settings: ExportSettings, calibration: dict[str, torch.Tensor] | None = None) -> dict:
+    """Write the graphs and manifest.json; returns the manifest. An int8 export is calibrated on `calibration`:
+    raw observation windows and their action chunks from the checkpoint's data (evaluation.quantisation_data
+    draws them; `rtdp export --precision int8` does it for you)."""
+    model, _ = load_model(RuntimeSettings(settings.checkpoint, sampler=settings.sampler, steps=settings.steps))
     out = Path(settings.out or export_dir(settings.checkpoint, settings.precision))
     out.mkdir(parents=True, exist_ok=True)
     quantisation = None
     if settings.precision == "int8":
         check_quantisable(model)
-        data = calibration_data_path(settings.checkpoint, settings.calibration_data)
-        quantisation = QuantisationSettings(str(data), settings.calibration_windows)
+        if calibration is None:
+            raise ExportError("an int8 export is calibrated on observation windows of the checkpoint's data: use "
+                              "`rtdp export --precision int8`, or evaluation.quantisation_data.export_int8")
+        quantisation = QuantisationSettings(settings.calibration_data, len(calibration["action"]))
         with tempfile.TemporaryDirectory(prefix="rtdp-fp32-") as tmp:
             graphs = _write_graphs(model, model, settings, Path(tmp))
-            fused = graphs.get("fused")
-            feeds = calibration_feeds(model, run_cfg, fused, quantisation, data)
+            feeds = calibration_feeds(model, calibration, graphs.get("fused"), quantisation.seed)
             for name, spec in graphs.items():
                 quantise_graph(Path(tmp) / spec["file"], out / spec["file"], feeds[name],
                                out / "calibration" / name, quantisation)
@@ -223,21 +219,25 @@ def fused_spec(model, settings: ExportSettings) -> dict:
 
 
 def check_export(checkpoint: str | Path, directory: str | Path, tolerance: float | None = None,
-                 samples: int = 4, seed: int = 0) -> dict:
+                 samples: int = 4, seed: int = 0, held_out: dict[str, torch.Tensor] | None = None) -> dict:
     """Parity of every graph, and of a chunk sampled through the step graph, against the float32 torch model.
-    fp32 and fp16: max abs errors on seeded inputs. int8: errors on held-out windows of its calibration data
-    (deploy.quantize.check_quantised), of which the mean abs errors of the encoder and the sampled chunk are held
-    to the tolerance: a max abs bound would fail on the odd chain that a perturbation sends to another mode of a
-    multimodal policy, which closed-loop success judges better. Raises ExportError if a checked error exceeds
-    `tolerance` (default: the export's precision's, TOLERANCE); returns every error."""
+    fp32 and fp16: max abs errors on seeded inputs. int8: errors on `held_out` observation windows of its
+    calibration data (deploy.quantize.check_quantised; evaluation.quantisation_data.check_int8 draws them), of
+    which the mean abs errors of the encoder and the sampled chunk are held to the tolerance: a max abs bound would
+    fail on the odd chain that a perturbation sends to another mode of a multimodal policy, which closed-loop
+    success judges better. Raises ExportError if a checked error exceeds `tolerance` (default: the export's
+    precision's, TOLERANCE); returns every error."""
     manifest = load_manifest(directory, checkpoint)
     if tolerance is None:
         tolerance = TOLERANCE[manifest.get("precision", "fp32")]
-    model, run_cfg = load_model(RuntimeSettings(checkpoint=str(checkpoint)))
+    model, _ = load_model(RuntimeSettings(checkpoint=str(checkpoint)))
     backend = OnnxRuntimeBackend(directory, threads=1)
     g = torch.Generator().manual_seed(seed)
     if "quantisation" in manifest:
-        errors = check_quantised(model, run_cfg, backend, manifest)
+        if held_out is None:
+            raise ExportError("an int8 export is checked on held-out observation windows of its calibration data: "
+                              "use `rtdp export --precision int8 --check`, or evaluation.quantisation_data.check_int8")
+        errors = check_quantised(model, backend, held_out)
         checked = {k: errors[k] for k in INT8_CHECKED}
     else:
         if "encoder" not in manifest["graphs"]:

@@ -6,15 +6,15 @@ Each graph is quantised in QDQ form with per-channel int8 weights and uint8 acti
 x86 kernels run fastest on a CPU with VNNI), and only its heavy operators (Conv, MatMul, Gemm) are quantised: the
 normalisation layers, activations and, in the fused graph, the sampler's arithmetic stay fp32.
 
-Calibration inputs come from the data the checkpoint was trained on (its train_report.json names the dataset) and
-from its own sampler: observation windows, normalised and encoded as a decision would; for the denoiser, the
-chunks the sampler's step list visits from noise on those observations, and the windows' own action chunks noised
-to the same timesteps (what the network saw in training); for the fused graph, its entry point (noise, or an RTI
-warm start: a data chunk noised to k0) with fresh step noise.
+Calibration inputs come from the data the checkpoint was trained on and from its own sampler: observation windows
+(evaluation/quantisation_data.py draws them; deploy reads no dataset itself), normalised and encoded as a decision
+would; for the denoiser, the chunks the sampler's step list visits from noise on those observations, and the
+windows' own action chunks noised to the same timesteps (what the network saw in training); for the fused graph,
+its entry point (noise, or an RTI warm start: a data chunk noised to k0) with fresh step noise.
 
 Besides the int8 graphs, `calibration/<graph>/` keeps the activation ranges measured on the fp32 graph:
-`ranges.json` (onnxruntime's calibration cache, in JSON) and the TensorRT INT8
-calibration table onnxruntime writes from them (`calibration.flatbuffers`, read by onnxruntime's TensorRT
+`ranges.json` (onnxruntime's calibration cache, in JSON) and the TensorRT INT8 calibration table onnxruntime
+writes from them (`calibration.flatbuffers`, read by onnxruntime's TensorRT
 execution provider as `trt_int8_calibration_table_name` for the fp32 graph; `calibration.cache`, its plain-text
 form). TensorRT itself builds from the QDQ graphs directly (explicit quantisation): the tables serve the implicit
 path of older TensorRT releases, such as a Jetson's JetPack 5.
@@ -22,7 +22,6 @@ path of older TensorRT releases, such as a Jetson's JetPack 5.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,11 +38,10 @@ CALIBRATION_BATCH = 16
 
 @dataclass(frozen=True)
 class QuantisationSettings:
-    calibration_data: str | None = None  # default: the dataset the checkpoint's train_report.json names
+    calibration_data: str | None = None  # the dataset the windows were drawn from (recorded in the manifest)
     windows: int = 64  # observation windows drawn from it
     seed: int = 0
     method: str = "minmax"  # minmax | entropy | percentile (onnxruntime's calibration methods)
-    keep_fp32: tuple[str, ...] = ()  # nodes whose names contain one of these stay fp32
 
     def describe(self) -> dict:
         return {"format": "QDQ", "weights": "int8, per channel", "activations": "uint8", "ops": QUANTISED_OPS,
@@ -58,46 +56,13 @@ def check_quantisable(model) -> None:
                           f"fp16")
 
 
-def calibration_data_path(checkpoint: str | Path, given: str | None) -> Path:
-    if given:
-        path = Path(given)
-    else:
-        report = Path(checkpoint) / "train_report.json"
-        try:
-            path = Path(json.loads(report.read_text())["data"])
-        except (OSError, ValueError, KeyError, TypeError):
-            raise ExportError(f"int8 calibration needs the checkpoint's training data and {report} does not name "
-                              f"it: pass --calibration-data DATA") from None
-    if not path.exists():
-        raise ExportError(f"int8 calibration data {path} does not exist: pass --calibration-data DATA")
-    return path
-
-
-def observation_windows(model, cfg, data: Path, windows: int, seed: int) -> dict[str, torch.Tensor]:
-    """`windows` raw observation windows and their action chunks (`action`), drawn at random from a dataset of
-    the kind the checkpoint was trained on."""
-    from envs.datasets import DatasetError, PolicyDataset, ReplayBuffer
-
-    check_quantisable(model)
-    d, p = cfg.data, cfg.policy
-    keys = [*d.state_keys, d.action_key, *([d.image_key] if d.image_key else [])]
-    try:
-        dataset = PolicyDataset(ReplayBuffer.load(data, keys=keys), p.horizon, p.n_obs_steps, p.n_action_steps,
-                                d.state_keys, d.action_key, d.image_key)
-    except (DatasetError, KeyError) as e:
-        raise ExportError(f"int8 calibration data {data} does not fit the checkpoint: {e}") from None
-    rng = np.random.default_rng(seed)
-    idx = rng.choice(len(dataset), size=min(windows, len(dataset)), replace=False)
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in dataset.batch(np.sort(idx)).items()}
-
-
-def calibration_feeds(model, cfg, fused: dict | None, settings: QuantisationSettings,
-                      data: Path) -> dict[str, list[dict[str, np.ndarray]]]:
-    """The inputs each graph is calibrated on, in batches, keyed by graph name."""
+def calibration_feeds(model, batch: dict[str, torch.Tensor], fused: dict | None,
+                      seed: int = 0) -> dict[str, list[dict[str, np.ndarray]]]:
+    """The inputs each graph is calibrated on, in batches, keyed by graph name. `batch`: raw observation windows
+    and their action chunks (`action`), as evaluation.quantisation_data draws them from the training data."""
     from policy.diffusion import sample
 
-    batch = observation_windows(model, cfg, data, settings.windows, settings.seed)
-    g = torch.Generator().manual_seed(settings.seed)
+    g = torch.Generator().manual_seed(seed)
     feeds: dict[str, list[dict[str, np.ndarray]]] = {"encoder": [], "denoiser": [], "fused": []}
     schedule = model.schedule
     with torch.no_grad():
@@ -172,8 +137,6 @@ def quantise_graph(fp32: Path, out: Path, feeds: list[dict[str, np.ndarray]], ca
                "percentile": CalibrationMethod.Percentile}
     if settings.method not in methods:
         raise ValueError(f"calibration method must be one of {sorted(methods)}, got {settings.method!r}")
-    import onnx as _onnx
-    exclude = [n.name for n in _onnx.load(str(fp32)).graph.node if any(k in n.name for k in settings.keep_fp32)]
     if not feeds:
         raise ExportError(f"no calibration inputs for {fp32.name}")
     calibration_dir.mkdir(parents=True, exist_ok=True)
@@ -187,22 +150,22 @@ def quantise_graph(fp32: Path, out: Path, feeds: list[dict[str, np.ndarray]], ca
         quantize_static(str(prepared), str(out), _Feeds(feeds, names), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=QUANTISED_OPS, per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=methods[settings.method],
-                        calibration_cache_path=ranges, nodes_to_exclude=exclude)
+                        calibration_cache_path=ranges)
         write_calibration_table(dict(load_tensors_data(ranges).data), str(calibration_dir))
     finally:
         prepared.unlink(missing_ok=True)
     onnx.checker.check_model(str(out))
 
 
-def check_quantised(model, cfg, backend, manifest: dict, windows: int = 32, seed: int = 1) -> dict:
-    """An int8 export against the fp32 torch model on what it will meet: held-out observation windows from the
-    calibration data (another seed than calibration's), the denoiser on their action chunks noised to each of the
-    sampler's timesteps, and the chunk sampled from the same noise through both. Errors are on normalised values:
-    `*_mean` mean abs, `*_max` max abs. The denoiser's is the error of the clean chunk its prediction implies (an
-    epsilon error at t counts sqrt((1 - abar_t) / abar_t) times: what the sampler's next step sees)."""
+def check_quantised(model, backend, batch: dict[str, torch.Tensor], seed: int = 1) -> dict:
+    """An int8 export against the fp32 torch model on what it will meet: `batch`, observation windows held out
+    from calibration (evaluation.quantisation_data draws them from the calibration data with another seed), the
+    denoiser on their action chunks noised to each of the sampler's timesteps, and the chunk sampled from the same
+    noise through both. Errors are on normalised values: `*_mean` mean abs, `*_max` max abs. The denoiser's is the
+    error of the clean chunk its prediction implies (an epsilon error at t counts sqrt((1 - abar_t) / abar_t)
+    times: what the sampler's next step sees)."""
     from policy.diffusion import sample
 
-    batch = observation_windows(model, cfg, Path(manifest["quantisation"]["calibration"]["data"]), windows, seed)
     g = torch.Generator().manual_seed(seed)
     errors: dict[str, float] = {}
 

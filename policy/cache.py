@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cache_error import error_aware_updates, error_costs
 from .denoising import Denoised, DenoisingWrapper
 from .nets.dit import DiT
 from .nets.transformer import TransformerForDiffusion
@@ -88,12 +89,10 @@ def calibrate(policy, cond: torch.Tensor, x_init: torch.Tensor, timesteps, metho
         distance[name] = (l1.mean(0) / feats.shape[-1]).numpy()
     calibration = CacheCalibration(list(branches), similarity, reuse_error, int(cond.shape[0]), distance)
     if costs:
-        from .cache_error import error_costs
-
         step_noise = None
         if method == "ddpm":
             step_noise = torch.randn(len(timesteps), *x_init.shape, generator=generator)
-        calibration.costs = error_costs(policy, cond, x_init, timesteps, method, step_noise)
+        calibration.costs = error_costs(policy, list(branches), cond, x_init, timesteps, method, step_noise)
     return calibration
 
 
@@ -228,8 +227,6 @@ def make_schedule(kind: str, budget: int, method: str, timesteps, blocks: list[s
         steps = uniform_updates(K, budget)
         return CacheSchedule(kind, budget, method, timesteps, {b: steps for b in blocks}, model_sha256)
     if kind == "error":
-        from .cache_error import error_aware_updates
-
         if calibration is None or not calibration.costs:
             raise ValueError("an error-aware schedule needs a calibration with final-chunk costs")
         if list(calibration.costs) != blocks:

@@ -24,15 +24,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .cache import block_names, transformer_of
 from .diffusion import sample
 
 
-def error_costs(policy, cond: torch.Tensor, x_init: torch.Tensor, timesteps, method: str,
+def error_costs(policy, names: list[str], cond: torch.Tensor, x_init: torch.Tensor, timesteps, method: str,
                 step_noise: torch.Tensor | None = None, probes: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
-    """block -> (K, K) first-order cost of reusing the output computed at step a (row) at step t (column)."""
-    model = transformer_of(policy)
-    names = block_names(model)
+    """block -> (K, K) first-order cost of reusing the output computed at step a (row) at step t (column), for
+    the residual branches `names` of a transformer policy (policy/cache.py names them)."""
     K = len(timesteps)
     outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     deltas: dict[str, list[torch.Tensor]] = {n: [] for n in names}

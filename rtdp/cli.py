@@ -428,7 +428,12 @@ def cmd_export(args: argparse.Namespace) -> int:
                               sampler=args.sampler, steps=args.steps,
                               rti_k0=_rti_k0(args), cache=args.cache, precision=args.precision,
                               calibration_data=args.calibration_data, calibration_windows=args.calibration_windows)
-    manifest = export_policy(settings)
+    if args.precision == "int8":
+        from evaluation.quantisation_data import export_int8
+
+        manifest = export_int8(settings)
+    else:
+        manifest = export_policy(settings)
     out = args.out or str(export_dir(args.checkpoint, args.precision))
     graphs = manifest["graphs"]
     print(f"exported {', '.join(graphs)} to {out} (opset {args.opset})"
@@ -436,7 +441,12 @@ def cmd_export(args: argparse.Namespace) -> int:
              f"{graphs['fused']['entry']} entry" if "fused" in graphs else ""))
     report = {"out": out, "graphs": {k: {"file": v["file"], "sha256": v["sha256"]} for k, v in graphs.items()}}
     if args.check:
-        errors = check_export(args.checkpoint, out)
+        if args.precision == "int8":
+            from evaluation.quantisation_data import check_int8
+
+            errors = check_int8(args.checkpoint, out)
+        else:
+            errors = check_export(args.checkpoint, out)
         report["max_abs_error"] = errors
         print("parity with torch: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
               + (f" (max abs, tolerance {TOLERANCE[args.precision]:.0e})" if args.precision != "int8" else

@@ -7,14 +7,14 @@ import json
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from deploy.artifacts import TOLERANCE, BackendUnavailable, ExportError, load_manifest
 from deploy.export import ExportSettings, export_policy
-from deploy.quantize import QuantisationSettings, calibration_feeds
+from deploy.quantize import calibration_feeds
 from deploy.runtime import RuntimeSettings, build_policy, load_model
 from envs.collect import collect_demos
 from evaluation.evaluate import EvalSettings, evaluate
+from evaluation.quantisation_data import check_int8, export_int8, observation_windows
 from policy.config import config_to_yaml
 from rtdp.cli import main
 from tests.conftest import tiny_config
@@ -75,17 +75,16 @@ def test_check_holds_the_sampled_chunk_to_the_int8_tolerance_on_held_out_data(tr
     assert errors["sampled_chunk_mean"] <= TOLERANCE["int8"] and errors["encoder_mean"] <= TOLERANCE["int8"]
     assert 0 < errors["sampled_chunk_mean"] <= errors["sampled_chunk_max"]  # quantised: not bit-exact
     # ... and a tolerance it cannot meet fails loudly, naming the error
-    from deploy.export import check_export
-
     with pytest.raises(ExportError, match="sampled_chunk_mean"):
-        check_export(trained["checkpoint"], trained["checkpoint"] / "onnx-int8", tolerance=1e-6)
+        check_int8(trained["checkpoint"], tolerance=1e-6)
 
 
 def test_calibration_feeds_come_from_the_data_and_the_sampler(trained):
-    model, cfg = load_model(RuntimeSettings(checkpoint=str(trained["checkpoint"])))
-    settings = QuantisationSettings(str(trained["data"]), windows=40)
+    model, _ = load_model(RuntimeSettings(checkpoint=str(trained["checkpoint"])))
+    windows = observation_windows(trained["checkpoint"], trained["data"], 40, seed=0)
+    assert windows["state"].shape == (40, 2, 4) and windows["action"].shape == (40, 8, 2)
     fused = {"timesteps": [3, 2, 1, 0], "entry": "warm"}
-    feeds = calibration_feeds(model, cfg, fused, settings, trained["data"])
+    feeds = calibration_feeds(model, windows, fused)
     batches = 3  # 40 windows in batches of 16
     assert len(feeds["encoder"]) == len(feeds["fused"]) == batches
     steps = model.timesteps
@@ -118,7 +117,8 @@ def test_int8_is_refused_clearly_where_it_cannot_run(trained, tmp_path):
     for f in ("config.yaml", "model.safetensors", "normalizer.json"):
         (bare / f).write_bytes((trained["checkpoint"] / f).read_bytes())
     with pytest.raises(ExportError, match="--calibration-data"):
-        export_policy(ExportSettings(checkpoint=str(bare), precision="int8"))
+        export_int8(ExportSettings(checkpoint=str(bare), precision="int8"))
     with pytest.raises(ExportError, match="does not exist"):
-        export_policy(ExportSettings(checkpoint=str(bare), precision="int8", calibration_data=str(tmp_path / "no")))
-    torch.manual_seed(0)
+        export_int8(ExportSettings(checkpoint=str(bare), precision="int8", calibration_data=str(tmp_path / "no")))
+    with pytest.raises(ExportError, match="calibrated on observation windows"):
+        export_policy(ExportSettings(checkpoint=str(bare), precision="int8"))  # deploy alone reads no dataset

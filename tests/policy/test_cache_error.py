@@ -59,7 +59,7 @@ def test_first_order_costs_predict_the_chunk_error_of_a_single_reuse():
         cond = policy.encode_obs({"state": torch.randn(16, 2, 4, generator=g)})
     x = torch.randn(policy.chunk_shape(16), generator=g)
     noise = torch.randn(len(ts), *x.shape, generator=g)
-    costs = error_costs(policy, cond, x, ts, "ddpm", noise, probes=64)
+    costs = error_costs(policy, list(policy.denoiser.residual_branches()), cond, x, ts, "ddpm", noise, probes=64)
     with torch.no_grad():
         ref = sample(lambda a, t: policy.denoise(a, t, cond), x, policy.schedule, ts, "ddpm", step_noise=noise)
     K, blocks = len(ts), list(costs)
