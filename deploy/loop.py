@@ -80,6 +80,10 @@ class LoopStats:
     # From reading an observation to sending the first action computed from it (each adopted chunk's first
     # executed action): what the robot experiences, decision latency plus the wait for the tick that adopts it.
     reaction_ms: list[float] = field(default_factory=list)
+    # |a_t - a_t-1| over the continuous dims between consecutive chunk actions: on the tick a new chunk takes over
+    # (where a naive splice jumps) and on every other tick (the chunk's own smoothness)
+    boundary_jumps: list[float] = field(default_factory=list)
+    within_jumps: list[float] = field(default_factory=list)
 
     def summary(self) -> dict:
         out = {k: getattr(self, k) for k in ("ticks", "deadline_misses", "held_ticks", "stale_skipped",
@@ -91,6 +95,9 @@ class LoopStats:
                                                                                  "max": None}
         out["reaction_ms"] = percentiles(self.reaction_ms, ("p50", "p99")) or {"p50": None, "p99": None,
                                                                                "max": None}
+        out["action_jump"] = {
+            "at_chunk_boundary": float(np.mean(self.boundary_jumps)) if self.boundary_jumps else None,
+            "within_chunk": float(np.mean(self.within_jumps)) if self.within_jumps else None}
         return out
 
     def record_error(self, error: BaseException) -> None:
@@ -304,6 +311,8 @@ class ControlLoop:
         chunk: _Chunk | _Ensemble | None = None
         ensemble = _Ensemble(s.ensemble_m, self.discrete_dims) if s.chunking == "ensemble" else None
         last_action: np.ndarray | None = None
+        last_from_chunk = False
+        continuous = [d for d in range(self.action_dim) if d not in self.discrete_dims]
         last_request = -(10**9)
         asked: dict[int, dict] = {}  # the observation each pending request was made from, by its tick
         observed_at: dict[int, float] = {}  # when each pending request's observation was read
@@ -339,6 +348,7 @@ class ControlLoop:
 
             result = self.worker.take()
             reacting_to = None  # the observation time of a chunk adopted on this tick
+            adopted = False
             if result is not None:
                 new, ms = result
                 stats.inference_ms.append(ms)
@@ -346,6 +356,7 @@ class ControlLoop:
                 if len(new.actions) == 0:
                     stats.skipped_decisions += 1
                 else:
+                    adopted = True
                     reacting_to = observed_at.get(new.obs_tick)
                     stats.stale_skipped += max(0, tick - new.obs_tick)
                     if ensemble is not None:
@@ -377,7 +388,10 @@ class ControlLoop:
             if action is None:
                 action = self.safe_action(last_action)
                 stats.held_ticks += 1
-            last_action = action
+            elif last_from_chunk:
+                jump = float(np.abs(action[continuous] - last_action[continuous]).max()) if continuous else 0.0
+                (stats.boundary_jumps if adopted else stats.within_jumps).append(jump)
+            last_action, last_from_chunk = action, action_from_chunk
 
             remaining = (chunk.obs_tick + len(chunk.actions) - tick) if chunk is not None else 0
             if good and not self.worker.busy() and (tick - last_request >= self.replan_every or remaining <= 1):

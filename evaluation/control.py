@@ -163,6 +163,10 @@ def control_summary(r: dict) -> str:
     reaction = r.get("reaction_ms") or {}
     if reaction.get("p50") is not None:
         latency += f", reaction p50 {reaction['p50']:.1f} p99 {reaction['p99']:.1f} ms"
+    jump = r.get("action_jump") or {}
+    if jump.get("at_chunk_boundary") is not None and jump.get("within_chunk") is not None:
+        latency += (f", action jump at chunk boundaries {jump['at_chunk_boundary']:.3f} vs "
+                    f"{jump['within_chunk']:.3f} within")
     faults = ", ".join(f"{label} {n}" for label, n in r["faults"].items()) or "none"
     return (f"{r['task']} @ {r['rate_hz']:g} Hz: {r['ticks']} ticks, {r['deadline_misses']} deadline misses, "
             f"period error p50 {pe['p50']:.3f} p99 {pe['p99']:.3f} max {pe['max']:.3f} ms, {latency}, "

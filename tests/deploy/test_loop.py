@@ -131,6 +131,18 @@ def test_reaction_time_is_the_decision_plus_the_wait_for_the_tick_that_adopts_it
     assert np.median(loop.stats.inference_ms) < np.median(reaction)
 
 
+def test_action_jumps_are_measured_where_a_new_chunk_takes_over_and_elsewhere():
+    # chunk_policy's actions are (obs tick, index, 1): within a chunk dim 1 steps by 1 and dim 0 holds; where a
+    # chunk made 4 ticks later takes over, dim 0 jumps by 4 (and dim 1 falls back by 3)
+    loop = make_loop(chunk_policy(16), replan_every=4)
+    loop.run(TickRobot(60))
+    loop.close()
+    summary = loop.stats.summary()["action_jump"]
+    assert summary["within_chunk"] == pytest.approx(1.0)
+    assert summary["at_chunk_boundary"] == pytest.approx(4.0)
+    assert len(loop.stats.boundary_jumps) >= 10
+
+
 def test_temporal_ensembling_averages_every_chunk_that_covers_the_tick():
     loop = make_loop(chunk_policy(16, delay_s=0.5 * PERIOD), replan_every=2, chunking="ensemble", ensemble_m=0.5)
     robot = TickRobot(60)
