@@ -55,7 +55,7 @@ def table(path: Path) -> str:
         if "fp32" not in row or "int8" not in row:
             continue
         a, b = row["fp32"], row["int8"]
-        inside = a["success_ci95"][0] <= b["success_rate"] <= a["success_ci95"][1]
+        inside = a["success_ci95"][0] - 1e-9 <= b["success_rate"] <= a["success_ci95"][1] + 1e-9  # float bounds
         check = row["int8_check"]
         rows.append(f"| {task} | {a['success_rate']:.2f} [{a['success_ci95'][0]:.2f}, {a['success_ci95'][1]:.2f}] | "
                     f"{b['success_rate']:.2f} [{b['success_ci95'][0]:.2f}, {b['success_ci95'][1]:.2f}] | "
