@@ -80,7 +80,7 @@ def test_a_schedule_for_another_step_list_or_other_weights_is_refused(transforme
     assert code == 2
     assert "calibrated on other weights" in capsys.readouterr().err
     code, _ = eval_cli(transformer_checkpoint, tmp_path / "r3.json", "--cache", "lru:4")
-    assert code == 2 and "--cache takes bac:S or uniform:S" in capsys.readouterr().err
+    assert code == 2 and "--cache takes bac:S, error:S or uniform:S" in capsys.readouterr().err
 
 
 def test_schedule_made_for_the_rti_tail_composes_with_rti(transformer_checkpoint, tmp_path):
