@@ -141,8 +141,10 @@ def quantise_graph(fp32: Path, out: Path, feeds: list[dict[str, np.ndarray]], ca
         raise ExportError(f"no calibration inputs for {fp32.name}")
     calibration_dir.mkdir(parents=True, exist_ok=True)
     prepared = out.with_suffix(".prepared.onnx")
-    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+    # Calibration sessions warn about every initializer the optimiser folds away: expected here, and hundreds.
+    ort.set_default_logger_severity(3)
     try:
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
         names = {i.name for i in ort.InferenceSession(str(prepared), providers=["CPUExecutionProvider"])
                  .get_inputs()}
         ranges = calibration_dir / "ranges.json"
@@ -154,6 +156,7 @@ def quantise_graph(fp32: Path, out: Path, feeds: list[dict[str, np.ndarray]], ca
         write_calibration_table(dict(load_tensors_data(ranges).data), str(calibration_dir))
     finally:
         prepared.unlink(missing_ok=True)
+        ort.set_default_logger_severity(2)
     onnx.checker.check_model(str(out))
 
 
