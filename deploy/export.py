@@ -11,8 +11,10 @@ warm start, with a BAC schedule as static structure) so that one engine call ret
 Normalisation stays outside the graphs: the manifest carries the normaliser, and rtdp's backends apply the same
 one in torch. Every graph's inputs and outputs are float32 (and int64 timesteps). With `precision="fp16"`
 (written to <checkpoint>/onnx-fp16) the network runs in float16 between casts, while the sampler arithmetic in the
-fused graph, the accumulation of x_t, stays float32. `check_export` compares every graph and the sampled chunk with
-the float32 torch model on seeded inputs and raises if any differs by more than the precision's tolerance.
+fused graph, the accumulation of x_t, stays float32. With `precision="int8"` (<checkpoint>/onnx-int8) the fp32
+graphs are quantised by deploy/quantize.py on calibration windows the caller passes. `check_export` compares every
+graph and the sampled chunk with the float32 torch model and raises if any differs by more than the precision's
+tolerance.
 """
 
 from __future__ import annotations
