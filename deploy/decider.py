@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 
+from policy.contract import PolicyFault
+
 from .runtime import RuntimeSettings, build_policy
 
 
@@ -46,8 +48,11 @@ class ChunkDecider:
         if anytime is not None:
             anytime.budget_ms = lambda: float("inf")
         with self._lock:
-            self.policy.predict_chunk(obs, executed=None, generator=g)
-            self.policy.predict_chunk(obs, executed=1, generator=g)
+            for executed in (None, 1):
+                try:
+                    self.policy.predict_chunk(obs, executed=executed, generator=g)
+                except PolicyFault:  # the whole path ran; a blank scene may well plan outside the action bounds
+                    pass
         self.reset(0)
 
     def reset(self, seed: int) -> None:
