@@ -1,9 +1,16 @@
 """Real-time chunking under injected inference delay: `rtdp control` (inference in its own process, 50 Hz) for each
-way a new chunk joins the one being executed (naive splice, ACT's temporal ensembling, replacement inpainting,
-RTC guidance) and each added delay, success per setting, one plot.
+way a new chunk joins the one being executed and each added delay: success, held ticks and the action jump where a
+new chunk takes over, one plot.
 
-    python benchmarks/chunking.py --checkpoint /work/node_bench/push [--episodes 20] [--delays 0,2,4]
-        [--methods naive,ensemble,inpaint,guidance]
+    python benchmarks/chunking.py --checkpoint CKPT [--task metaworld/push-v3] [--episodes 50] [--delays 0,1,2,4,6]
+        [--methods naive,ensemble,inpaint,guidance,rti,anytime,anytime-respace]
+    python benchmarks/chunking.py --checkpoint CKPT --half-budget     # anytime at half the full decision's time
+
+Methods: `naive` splice, `ensemble` (ACT's temporal ensembling), `inpaint` (replacement) and `guidance` (RTC) hold
+the actions that run during the decision; `rti` warm-starts each decision from the executed chunk (the default RTI,
+a 4-call tail, replanning every tick); `anytime` stops each DDIM chain when the actions left would run out, and
+`anytime-respace` runs the shorter DDIM chain that fits instead. `--half-budget` caps every anytime decision at half
+the naive zero-delay run's median decision time (`-half` rows, delay 0), beside the full decision.
 
 Delays are in control periods (20 ms at 50 Hz) added to every decision on top of its own inference time. Reports
 go to benchmarks/results/chunking/<task>_<method>_<delay>.json; a run whose report is there is skipped.
@@ -27,10 +34,21 @@ def report_path(task: str, method: str, delay: int) -> Path:
     return OUT / f"{task.split('/')[-1]}_{method}_{delay}.json"
 
 
-def run(checkpoint: str, task: str, method: str, delay: int, episodes: int) -> dict:
+METHOD_FLAGS = {
+    "naive": ["--chunking", "naive"],
+    "ensemble": ["--chunking", "ensemble"],
+    "inpaint": ["--chunking", "inpaint"],
+    "guidance": ["--chunking", "guidance"],
+    "rti": ["--rti"],
+    "anytime": ["--anytime"],
+    "anytime-respace": ["--anytime", "--anytime-mode", "respace"],
+}
+
+
+def run(checkpoint: str, task: str, method: str, delay: int, episodes: int, extra: list[str] = ()) -> dict:
     path = report_path(task, method, delay)
     if not path.exists():
-        extra = ["--anytime", "--chunking", "naive"] if method == "anytime" else ["--chunking", method]
+        extra = [*METHOD_FLAGS[method.removesuffix("-half")], *extra]
         env = {**os.environ, "MUJOCO_GL": "egl", "OMP_NUM_THREADS": "1"}
         subprocess.run([sys.executable, "-m", "rtdp", "control", "--checkpoint", checkpoint,
                         "--rate", str(RATE), "--episodes", str(episodes), "--inference-delay-ms",
@@ -44,25 +62,28 @@ def main() -> int:
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--task", default="metaworld/push-v3", help="the checkpoint's task (names the reports)")
     ap.add_argument("--episodes", type=int, default=20)
-    ap.add_argument("--delays", default="0,2,4", help="added delay in control periods")
-    ap.add_argument("--methods", default="naive,ensemble,inpaint,guidance")
+    ap.add_argument("--delays", default="0,1,2,4,6", help="added delay in control periods")
+    ap.add_argument("--methods", default="naive,ensemble,inpaint,rti,anytime,anytime-respace",
+                    help=f"comma-separated, of {sorted(METHOD_FLAGS)}")
+    ap.add_argument("--half-budget", action="store_true", help="also anytime at half the full decision's time")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     delays, methods = [int(d) for d in args.delays.split(",")], args.methods.split(",")
+    if unknown := set(methods) - set(METHOD_FLAGS):
+        ap.error(f"unknown methods {sorted(unknown)}; choose from {sorted(METHOD_FLAGS)}")
     results = {m: {d: run(args.checkpoint, args.task, m, d, args.episodes) for d in delays} for m in methods}
-
-    rows = ["| chunking | " + " | ".join(f"+{d} periods" for d in delays) + " |", "|---|" + "---|" * len(delays)]
-    for m in methods:
-        cells = []
-        for d in delays:
-            r = results[m][d]
-            lo, hi = r["success_ci95"]
-            cells.append(f"{r['success_rate']:.2f} [{lo:.2f}, {hi:.2f}], inf. p50 {r['inference_ms']['p50']:.0f} ms")
-        rows.append(f"| {m} | " + " | ".join(cells) + " |")
-    table = "\n".join(rows)
-    print(table)
-    (OUT / "summary.json").write_text(json.dumps({"task": args.task, "episodes": args.episodes, "rate_hz": RATE,
-                                                  "table": table}, indent=2))
+    tables = [success_table(results, methods, delays), jump_table(results, methods, delays)]
+    if args.half_budget:
+        full = run(args.checkpoint, args.task, "naive", 0, args.episodes)
+        cap = full["inference_ms"]["p50"] / 2
+        half = {m: run(args.checkpoint, args.task, f"{m}-half", 0, args.episodes, ["--anytime-budget-ms", f"{cap:.1f}"])
+                for m in ("anytime", "anytime-respace")}
+        tables.append(half_budget_table(full, half, cap))
+    text = "\n\n".join(tables)
+    print(text)
+    name = args.task.split("/")[-1]
+    (OUT / f"{name}_summary.json").write_text(json.dumps({"task": args.task, "episodes": args.episodes,
+                                                          "rate_hz": RATE, "tables": text}, indent=2))
 
     import matplotlib
 
@@ -81,9 +102,48 @@ def main() -> int:
     ax.set_title(f"{args.task} @ 50 Hz, {args.episodes} episodes per point")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(OUT / f"{args.task.split('/')[-1]}_success_vs_delay.png", dpi=110)
+    fig.savefig(OUT / f"{name}_success_vs_delay.png", dpi=110)
     plt.close(fig)
     return 0
+
+
+def success_table(results: dict, methods: list[str], delays: list[int]) -> str:
+    """Success [Wilson 95%], median decision time and the share of ticks held for want of an action."""
+    rows = ["| method | " + " | ".join(f"+{d} periods" for d in delays) + " |", "|---|" + "---|" * len(delays)]
+    for m in methods:
+        cells = []
+        for d in delays:
+            r = results[m][d]
+            lo, hi = r["success_ci95"]
+            cells.append(f"{r['success_rate']:.2f} [{lo:.2f}, {hi:.2f}]; {r['inference_ms']['p50']:.0f} ms, "
+                         f"held {r['held_ticks'] / max(r['ticks'], 1):.0%}")
+        rows.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def jump_table(results: dict, methods: list[str], delays: list[int]) -> str:
+    """Mean |a_t - a_t-1| (max over the continuous dims) on ticks where a new chunk takes over, and within chunks."""
+    rows = ["| method: action jump at a chunk boundary (within a chunk) | " + " | ".join(f"+{d}" for d in delays)
+            + " |", "|---|" + "---|" * len(delays)]
+    for m in methods:
+        cells = []
+        for d in delays:
+            j = results[m][d]["action_jump"]
+            cells.append("-" if j["at_chunk_boundary"] is None else
+                         f"{j['at_chunk_boundary']:.3f} ({j['within_chunk']:.3f})")
+        rows.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def half_budget_table(full: dict, half: dict, cap: float) -> str:
+    rows = ["| decision (delay 0) | budget | steps | success | decision p50 (ms) |", "|---|---|---|---|---|",
+            f"| full DDIM chain (naive) | - | {full['config']['steps']} | {full['success_rate']:.2f} "
+            f"[{full['success_ci95'][0]:.2f}, {full['success_ci95'][1]:.2f}] | {full['inference_ms']['p50']:.1f} |"]
+    for m, r in half.items():
+        lo, hi = r["success_ci95"]
+        rows.append(f"| {m} | {cap:.1f} ms | - | {r['success_rate']:.2f} [{lo:.2f}, {hi:.2f}] | "
+                    f"{r['inference_ms']['p50']:.1f} |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

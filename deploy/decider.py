@@ -27,6 +27,7 @@ class ChunkDecider:
         chunking = settings.chunking or {}
         self.period_ms = period_ms or (settings.anytime or {}).get("period_ms") or chunking.get("period_ms") or 20.0
         self._actions_left = None  # actions of the last chunk returned, counted from its observation's tick
+        self.last_nfe: int | None = None  # denoiser calls the last decision took (an anytime decision: its steps)
         self.policy = self.runtime.policy
         self.spec = self.policy.spec
         self.config = self.runtime.config
@@ -82,6 +83,7 @@ class ChunkDecider:
             if self.inference_delay_ms:
                 time.sleep(self.inference_delay_ms / 1e3)
             actions = chunk.action_ahead[0].numpy()
+            self.last_nfe = int(chunk.nfe)
             if len(actions):  # a skipped decision leaves the loop on the chunk it has, and `executed` counts from it
                 self._actions_left = len(actions)
             return actions

@@ -139,6 +139,7 @@ class InferenceProcess:
         self._proc = subprocess.Popen([sys.executable, "-m", "deploy.inference_process", str(threads)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self._lock = threading.Lock()
+        self.last_nfe: int | None = None  # the child's denoiser calls for the last decision
         try:
             started = self._request({"op": "start", "settings": asdict(settings),
                                      "inference_delay_ms": float(inference_delay_ms)})[0]
@@ -171,7 +172,9 @@ class InferenceProcess:
         return self._proc.poll() is None
 
     def __call__(self, history: dict[str, np.ndarray], executed: int | None) -> np.ndarray:
-        return self._request({"op": "decide", "executed": executed}, history)[1]["actions"]
+        header, arrays = self._request({"op": "decide", "executed": executed}, history)
+        self.last_nfe = header.get("nfe")
+        return arrays["actions"]
 
     def reset(self, seed: int) -> None:
         self._request({"op": "reset", "seed": int(seed)})
@@ -215,7 +218,8 @@ def serve(requests, replies, threads: int) -> None:
                 t0 = time.perf_counter()
                 actions = decider(arrays, executed)
                 ms = (time.perf_counter() - t0) * 1e3
-                write_message(replies, {"ok": True, "ms": ms}, {"actions": actions.astype(np.float32)})
+                write_message(replies, {"ok": True, "ms": ms, "nfe": decider.last_nfe},
+                              {"actions": actions.astype(np.float32)})
             elif op == "reset":
                 decider.reset(int(header["seed"]))
                 write_message(replies, {"ok": True})

@@ -34,7 +34,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,6 +77,7 @@ class LoopStats:
     decisions: int = 0
     period_error_ms: list[float] = field(default_factory=list)
     inference_ms: list[float] = field(default_factory=list)
+    denoiser_calls: list[int] = field(default_factory=list)  # per decision, where the decider says (anytime: steps)
     # From reading an observation to sending the first action computed from it (each adopted chunk's first
     # executed action): what the robot experiences, decision latency plus the wait for the tick that adopts it.
     reaction_ms: list[float] = field(default_factory=list)
@@ -95,6 +96,11 @@ class LoopStats:
                                                                                  "max": None}
         out["reaction_ms"] = percentiles(self.reaction_ms, ("p50", "p99")) or {"p50": None, "p99": None,
                                                                                "max": None}
+        out["denoiser_calls"] = ({"mean": float(np.mean(self.denoiser_calls)), "min": min(self.denoiser_calls),
+                                  "max": max(self.denoiser_calls),
+                                  "decisions_by_calls": {str(k): v for k, v in
+                                                         sorted(Counter(self.denoiser_calls).items())}}
+                                 if self.denoiser_calls else None)
         out["action_jump"] = {
             "at_chunk_boundary": float(np.mean(self.boundary_jumps)) if self.boundary_jumps else None,
             "within_chunk": float(np.mean(self.within_jumps)) if self.within_jumps else None}
@@ -116,8 +122,8 @@ class LoopStats:
 
 
 class _Chunk:
-    def __init__(self, actions: np.ndarray, obs_tick: int):
-        self.actions, self.obs_tick = actions, obs_tick
+    def __init__(self, actions: np.ndarray, obs_tick: int, nfe: int | None = None):
+        self.actions, self.obs_tick, self.nfe = actions, obs_tick, nfe
 
     def action_for(self, tick: int) -> np.ndarray | None:
         i = tick - self.obs_tick
@@ -179,7 +185,7 @@ class InferenceWorker:
         actions = checked(self.decide(history, None))
         with self._cv:
             self._prev_tick = tick
-        return _Chunk(actions, tick), (time.perf_counter() - t0) * 1e3
+        return _Chunk(actions, tick, getattr(self.decide, "last_nfe", None)), (time.perf_counter() - t0) * 1e3
 
     def busy(self) -> bool:
         with self._cv:
@@ -233,7 +239,7 @@ class InferenceWorker:
                 self.error = error or self.error
                 self._busy_since = None
                 if actions is not None and episode == self._episode:
-                    self._result = (_Chunk(actions, tick), ms)
+                    self._result = (_Chunk(actions, tick, getattr(self.decide, "last_nfe", None)), ms)
                     if len(actions):  # a skipped decision leaves the chunk being executed, and its tick, in force
                         self._prev_tick = tick
 
@@ -323,6 +329,8 @@ class ControlLoop:
             history.extend([first] * self.n_obs_steps)
             try:
                 chunk, _ = self.worker.prime({k: np.stack([o[k] for o in history]) for k in self.obs_shapes}, 0)
+                if chunk.nfe is not None:
+                    stats.denoiser_calls.append(chunk.nfe)
                 if on_chunk is not None:
                     on_chunk(chunk.actions, first)
                 if ensemble is not None:
@@ -352,6 +360,8 @@ class ControlLoop:
             if result is not None:
                 new, ms = result
                 stats.inference_ms.append(ms)
+                if new.nfe is not None:
+                    stats.denoiser_calls.append(new.nfe)
                 stats.decisions += 1
                 if len(new.actions) == 0:
                     stats.skipped_decisions += 1

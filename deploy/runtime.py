@@ -36,6 +36,9 @@ from .kinds import kind_of, load_checkpoint
 GRAPH_BACKENDS = ("torch", "onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt")
 
 
+ANYTIME_FIELDS = {"margin_ms", "period_ms", "mode", "max_budget_ms"}
+
+
 @dataclass
 class RuntimeSettings:
     checkpoint: str
@@ -54,8 +57,8 @@ class RuntimeSettings:
     # Real-time chunking (policy.chunking.ChunkingConfig fields: method inpaint | guidance, delay, period_ms, ...):
     # each chunk denoised with the actions that run while it is computed held to the previous chunk's.
     chunking: dict | None = None
-    # Anytime decisions: {"margin_ms": ..., "period_ms": the control period}; the decider gives each decision the
-    # time until the actions it has run out.
+    # Anytime decisions: {"margin_ms", "period_ms": the control period, "mode": truncate | respace, "max_budget_ms":
+    # a cap}; the decider gives each decision the time until the actions it has run out (policy.chunking).
     anytime: dict | None = None
 
 
@@ -144,8 +147,8 @@ def validate(settings: RuntimeSettings) -> None:
         if settings.rti is not None:
             raise ValueError("prefix-conditioned chunking re-denoises every chunk from noise; it does not combine "
                              "with RTI's warm start yet: pass one of them")
-    if settings.anytime is not None and set(settings.anytime) - {"margin_ms", "period_ms"}:
-        raise ValueError(f"anytime settings are margin_ms and period_ms, got {sorted(settings.anytime)}")
+    if settings.anytime is not None and set(settings.anytime) - ANYTIME_FIELDS:
+        raise ValueError(f"anytime settings are {sorted(ANYTIME_FIELDS)}, got {sorted(settings.anytime)}")
     if settings.anytime is not None and settings.chunking is not None:
         raise ValueError("anytime decisions and prefix-conditioned chunking do not combine yet: pass one")
     if settings.anytime is not None and settings.rti is not None:
@@ -195,7 +198,8 @@ def build_policy(settings: RuntimeSettings, model=None, run_cfg=None, record_pai
         policy = PrefixConditionedPolicy(policy, ChunkingConfig(**settings.chunking))
         chunking = policy.describe()
     if settings.anytime is not None:
-        policy = anytime_policy = AnytimePolicy(policy, margin_ms=settings.anytime.get("margin_ms", 1.0))
+        fields = {k: v for k, v in settings.anytime.items() if k != "period_ms"}
+        policy = anytime_policy = AnytimePolicy(policy, **fields)
     config = {**model.inference_config(), "sampler": policy.method, "steps": len(policy.timesteps),
               "kind": model.spec.kind, "backend": settings.backend, "precision": settings.precision,
               "export": settings.export}
@@ -206,7 +210,7 @@ def build_policy(settings: RuntimeSettings, model=None, run_cfg=None, record_pai
     if chunking is not None:
         config["prefix_conditioning"] = chunking
     if anytime_policy is not None:
-        config["anytime"] = dict(settings.anytime)
+        config["anytime"] = {**anytime_policy.describe(), **settings.anytime}
     if backend is not None and hasattr(backend, "options"):
         config["ort"] = asdict(backend.options)
     stats = model.normalizer["action"].stats

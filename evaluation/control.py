@@ -52,7 +52,9 @@ class ControlSettings:
     # naive: the newest chunk replaces the last; ensemble: ACT's temporal ensembling in the loop; inpaint |
     # guidance: each chunk denoised with the actions that run during its decision held (policy/chunking.py)
     chunking: str = "naive"
-    anytime: bool = False  # each decision stops when the actions it has would run out
+    anytime: bool = False  # each decision gets the steps that fit before the actions it has run out
+    anytime_mode: str = "truncate"  # truncate: the chain stopped early | respace: a shorter chain, chosen up front
+    anytime_budget_ms: float | None = None  # a cap on every decision's budget
 
     def runtime(self, task: str) -> RuntimeSettings:
         if self.chunking not in CHUNKING:
@@ -63,7 +65,15 @@ class ControlSettings:
         return RuntimeSettings(checkpoint=self.checkpoint, sampler=self.sampler, steps=self.steps, rti=self.rti,
                                cache=self.cache, backend=self.backend, precision=self.precision, export=self.export,
                                ort=self.ort, discrete_action_dims=discrete_action_dims(task), chunking=chunking,
-                               anytime={"period_ms": period_ms} if self.anytime else None)
+                               anytime=self.anytime_settings(period_ms))
+
+    def anytime_settings(self, period_ms: float) -> dict | None:
+        if not self.anytime:
+            return None
+        out = {"period_ms": period_ms, "mode": self.anytime_mode}
+        if self.anytime_budget_ms is not None:
+            out["max_budget_ms"] = self.anytime_budget_ms
+        return out
 
 
 class SimRobot:
@@ -149,7 +159,7 @@ def run_control(settings: ControlSettings, progress: bool = True) -> dict:
         "episodes": len(episodes),
         "config": {**decider.config, "rti": decider.config.get("rti"), "worker": settings.worker,
                    "replan_every": loop.replan_every, "inference_delay_ms": settings.inference_delay_ms,
-                   "chunking": settings.chunking, "anytime": settings.anytime,
+                   "chunking": settings.chunking, "anytime": decider.config.get("anytime"),
                    "bad_obs_every": settings.bad_obs_every, "miss_tolerance_ms": loop.tolerance * 1e3},
         "per_episode": episodes, "seconds": time.perf_counter() - t0,
         "date": datetime.date.today().isoformat(), "machine": platform.node(),

@@ -17,14 +17,20 @@ executed since its observation):
 The delay is `delay` actions when set, else the measured decision latency (plus `added_latency_ms`, a delay the
 caller adds) over the control period, rounded up.
 
-Anytime decisions. `AnytimePolicy` stops a decision's chain when its time budget would not cover one more step
-(from the measured step latency) and returns the last clean-sample prediction as the chunk: stopped after k
-steps, the same chunk as a run on the first k steps alone. A budget shorter than one step returns no chunk
-(`chunk.kind == "skipped"`, empty action), which the loop treats as no new chunk: it keeps executing the previous
-one, or holds.
+Anytime decisions. `AnytimePolicy` gives each decision the denoising steps its time budget covers at the
+measured step latency, in one of two ways:
+- `truncate`: the sampler's own chain, stopped after those steps; the chunk is the last clean-sample prediction.
+  Stopped after k steps it is the same chunk as a run on the first k steps alone, so the chain can be cut wherever
+  the deadline falls.
+- `respace`: the budget is known when the decision starts (the loop knows when the actions it has run out), so the
+  step count is chosen first and the chain respaced over the whole noise range (DDIM-10 with time for 5 steps runs
+  DDIM-5, not the first half of DDIM-10, whose clean prediction from mid-chain is still a blur of modes).
+A budget shorter than one step returns no chunk (`chunk.kind == "skipped"`, empty action), which the loop treats
+as no new chunk: it keeps executing the previous one, or holds. `max_budget_ms` caps every decision's budget (a
+robot that wants its decisions no slower than that, or a benchmark of decisions at a fraction of their time).
 
     policy = PrefixConditionedPolicy(policy, ChunkingConfig(method="inpaint", period_ms=20))
-    policy = AnytimePolicy(policy, budget_ms=lambda: 30.0)
+    policy = AnytimePolicy(policy, budget_ms=lambda: 30.0, mode="respace")
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from .contract import Chunk
 from .denoising import Denoised, DenoisingWrapper
 
 CHUNKING_METHODS = ("inpaint", "guidance")
+ANYTIME_MODES = ("truncate", "respace")
 
 
 @dataclass
@@ -198,16 +205,22 @@ class PrefixConditionedPolicy(DenoisingWrapper):
 
 
 class AnytimePolicy(DenoisingWrapper):
-    """Decisions that stop at a deadline: `budget_ms()` is read when a decision starts; the chain stops after the
-    last step the budget covers, at the measured step latency (the first decision runs to the end and measures it).
-    The chunk's `extras["steps"]` says how many steps it got."""
+    """Decisions that fit a deadline: `budget_ms()` is read when a decision starts (capped at `max_budget_ms`); the
+    decision gets the steps the budget covers at the measured step latency (the first decision runs them all and
+    measures it), truncating or respacing the chain (`mode`). The chunk's `extras["steps"]` says how many steps
+    it got."""
 
     def __init__(self, policy, budget_ms: Callable[[], float] = lambda: math.inf, margin_ms: float = 1.0,
-                 smoothing: float = 0.3):
+                 smoothing: float = 0.3, mode: str = "truncate", max_budget_ms: float | None = None):
         super().__init__(policy)
         if margin_ms < 0:
             raise ValueError(f"anytime margin_ms must be >= 0, got {margin_ms}")
+        if mode not in ANYTIME_MODES:
+            raise ValueError(f"anytime mode must be one of {ANYTIME_MODES}, got {mode!r}")
+        if max_budget_ms is not None and not max_budget_ms > 0:
+            raise ValueError(f"anytime max_budget_ms must be > 0, got {max_budget_ms}")
         self.budget_ms, self.margin_ms, self.smoothing = budget_ms, margin_ms, smoothing
+        self.mode, self.max_budget_ms = mode, max_budget_ms
         self.step_ms: float | None = None
         self.stats = {"decisions": 0, "stopped_early": 0, "skipped": 0}
 
@@ -221,11 +234,16 @@ class AnytimePolicy(DenoisingWrapper):
             return steps
         return max(0, min(steps, int((budget_ms - self.margin_ms) // self.step_ms)))
 
+    def describe(self) -> dict:
+        return {"mode": self.mode, "margin_ms": self.margin_ms, "max_budget_ms": self.max_budget_ms}
+
     @torch.no_grad()
     def predict_chunk(self, obs: dict[str, torch.Tensor], *, executed: int | None = None,
                       generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> Chunk:
         start = time.perf_counter()
         budget = float(self.budget_ms())
+        if self.max_budget_ms is not None:
+            budget = min(budget, self.max_budget_ms)
         steps = self.affordable_steps(budget)
         self.stats["decisions"] += 1
         if steps == 0:
@@ -234,7 +252,10 @@ class AnytimePolicy(DenoisingWrapper):
             return Chunk(empty, empty, empty, 0, "skipped", extras={"steps": 0, "budget_ms": budget})
         cond = self.inner.condition(obs)
         x_init = self.inner.initial_noise(cond, generator, noise)
-        denoised = self.inner.sample_normalized(cond, x_init, self.timesteps, self.method, generator,
+        timesteps = self.timesteps
+        if self.mode == "respace" and steps < len(timesteps):
+            timesteps = self.inner.inference_timesteps(steps).tolist()
+        denoised = self.inner.sample_normalized(cond, x_init, timesteps, self.method, generator,
                                                 stop=lambda calls: calls >= steps)
         ms = (time.perf_counter() - start) * 1e3
         per_step = ms / max(denoised.nfe, 1)

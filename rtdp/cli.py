@@ -480,7 +480,8 @@ def cmd_control(args: argparse.Namespace) -> int:
                                rti=_rti_settings(args), cache=args.cache, backend=args.backend,
                                replan_every=args.replan_every, inference_delay_ms=args.inference_delay_ms,
                                bad_obs_every=args.bad_obs_every, worker=args.worker, precision=args.precision,
-                               export=args.export, ort=_ort(args), chunking=args.chunking, anytime=args.anytime)
+                               export=args.export, ort=_ort(args), chunking=args.chunking, anytime=args.anytime,
+                               anytime_mode=args.anytime_mode, anytime_budget_ms=args.anytime_budget_ms)
     report = run_control(settings, progress=not args.no_progress)
     print(control_summary(report))
     _write_report(args.report, report)
@@ -779,8 +780,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how a new chunk joins the one being executed: naive splice, ACT's temporal ensembling, or "
                         "denoised with the actions that run during the decision held (replacement inpainting, RTC "
                         "soft-masked guidance)")
-    c.add_argument("--anytime", action="store_true", help="stop each decision's denoising when the actions it has "
-                   "would run out, and use the clean prediction so far")
+    c.add_argument("--anytime", action="store_true", help="give each decision the denoising steps that fit before "
+                   "the actions it has run out (at the measured step latency)")
+    c.add_argument("--anytime-mode", choices=("truncate", "respace"), default="truncate",
+                   help="truncate: stop the sampler's chain and use its clean prediction so far; respace: run a "
+                        "shorter chain over the whole noise range, chosen when the decision starts")
+    c.add_argument("--anytime-budget-ms", type=RATE, help="cap every decision's budget at this")
     c.add_argument("--bad-obs-every", type=NON_NEGATIVE, default=0, help="corrupt every n-th observation with NaN")
     c.add_argument("--worker", choices=("process", "thread"), default="process",
                    help="run inference in its own process (default: the loop never waits for the GIL) or on a "

@@ -217,5 +217,12 @@ def test_control_cli_reports_what_design_md_lists(extra, tmp_path, capsys):
         assert r["config"]["chunking"] == extra[1]
     if extra[:2] == ["--chunking", "guidance"]:
         assert r["config"]["prefix_conditioning"]["method"] == "guidance"
+    calls = r["denoiser_calls"]  # every decision's denoiser calls, the primed first one included
+    assert sum(calls["decisions_by_calls"].values()) == r["decisions"]
+    if not {"--rti", "--anytime"} & set(extra):
+        assert calls["min"] == calls["max"] == r["config"]["steps"]
+    if "--rti" in extra:  # a full denoise per episode, warm tails after
+        assert calls["min"] < calls["max"]
     if "--anytime" in extra:
-        assert r["config"]["anytime"] is True and "skipped_decisions" in r
+        assert r["config"]["anytime"]["mode"] == "truncate" and "skipped_decisions" in r
+        assert calls["decisions_by_calls"].get("0", 0) == r["skipped_decisions"]

@@ -74,6 +74,28 @@ def test_the_budget_picks_the_step_count_and_a_budget_under_one_step_skips_count
     assert policy.stats == {"decisions": 3, "stopped_early": 1, "skipped": 1}
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_respaced_anytime_runs_the_shorter_schedule_the_budget_covers_and_a_cap_binds(sampler):
+    full = make_policy(steps=10).configure_inference(sampler=sampler)
+    policy = AnytimePolicy(full, lambda: 1e6, margin_ms=0.0, mode="respace", max_budget_ms=11.0)
+    policy.step_ms = 2.0  # the cap leaves 11 ms: 5 steps of 2 ms
+    noise = torch.randn(1, 8, 2, generator=torch.Generator().manual_seed(4))
+    chunk = policy.predict_chunk(obs(3), noise=noise, generator=torch.Generator().manual_seed(5))
+    five = make_policy(steps=5).configure_inference(sampler=sampler)  # the same weights, DDIM/DDPM-5
+    reference = five.predict_chunk(obs(3), noise=noise, generator=torch.Generator().manual_seed(5))
+    assert chunk.nfe == 5 and chunk.extras == {"steps": 5, "budget_ms": 11.0}
+    torch.testing.assert_close(chunk.action_pred, reference.action_pred, atol=1e-5, rtol=0)
+    truncated = AnytimePolicy(make_policy(steps=10).configure_inference(sampler=sampler), lambda: 11.0,
+                              margin_ms=0.0)
+    truncated.step_ms = 2.0
+    cut = truncated.predict_chunk(obs(3), noise=noise, generator=torch.Generator().manual_seed(5))
+    assert cut.nfe == 5 and not torch.allclose(cut.action_pred, chunk.action_pred, atol=1e-3)
+    with pytest.raises(ValueError, match="anytime mode must be one of"):
+        AnytimePolicy(full, mode="halve")
+    with pytest.raises(ValueError, match="max_budget_ms must be > 0"):
+        AnytimePolicy(full, max_budget_ms=0.0)
+
+
 def test_replacement_inpainting_holds_the_frozen_prefix_exactly():
     policy = PrefixConditionedPolicy(make_policy(), ChunkingConfig(method="inpaint", delay=2))
     g = torch.Generator().manual_seed(0)
