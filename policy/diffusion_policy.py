@@ -160,10 +160,26 @@ class DiffusionPolicy(nn.Module, DenoisingPolicy):
     def to_chunk(self, denoised: Denoised, kind: str = "full", extras: dict | None = None) -> Chunk:
         """A clean normalised chunk -> raw actions: the whole chunk, and the n_action_steps to execute from the
         current step (index n_obs_steps - 1) on."""
-        action_pred = self.normalizer["action"].unnormalize(denoised.x0)
+        action_pred = self.clamp_scaled_discrete(self.normalizer["action"].unnormalize(denoised.x0))
         ahead = action_pred[:, self.cfg.n_obs_steps - 1 :]
         return Chunk(ahead[:, : self.cfg.n_action_steps], action_pred, ahead, denoised.nfe, kind,
                      denoised.block_evals, extras or {})
+
+    def clamp_scaled_discrete(self, raw: torch.Tensor) -> torch.Tensor:
+        """A policy trained with its discrete dims divided by `discrete_action_scale` (for RTI) predicts them in a
+        band that many times narrower, so an overshoot the network makes there comes back that many times larger in
+        raw units (push, scale 10: -0.07 for a gripper trained on 0 / 0.6, which the action guard refuses as a
+        fault). Those dims are clamped to the range they take in the training data; a policy trained unscaled is
+        left as it predicts."""
+        dims = list(self.cfg.discrete_action_dims or ())
+        stats = self.normalizer["action"].stats
+        if self.cfg.discrete_action_scale == 1.0 or not dims or "min" not in stats:
+            return raw
+        lo = torch.tensor([stats["min"][d] for d in dims], dtype=raw.dtype, device=raw.device)
+        hi = torch.tensor([stats["max"][d] for d in dims], dtype=raw.dtype, device=raw.device)
+        out = raw.clone()
+        out[..., dims] = torch.maximum(torch.minimum(raw[..., dims], hi), lo)
+        return out
 
     def export_graphs(self, batch: int = 2, generator: torch.Generator | None = None) -> dict[str, GraphSpec]:
         """The graphs this kind exports, on normalised tensors: the observation encoder (once per decision) and

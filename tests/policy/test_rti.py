@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from policy.denoising import Denoised
 from policy.diffusion import CallCounter, sample
 from policy.diffusion_policy import DiffusionPolicy
 from policy.normalizer import FieldNormalizer, Normalizer
@@ -123,6 +124,19 @@ def test_scale_variant_keeps_the_trained_scale_and_maps_back_to_the_data_levels(
     torch.testing.assert_close(grip.abs(), torch.full_like(grip, 0.1))
     executed = out.action[..., 2]
     assert bool(((executed == 0.0) | (executed - 0.6).abs().lt(1e-6)).all())
+
+
+def test_a_policy_trained_with_scaled_discrete_dims_keeps_them_inside_their_training_range():
+    policy = make_policy(scale=10.0, grip_levels=(0.0, 0.6))
+    x0 = torch.zeros(2, H, A)
+    x0[0, :, 2], x0[1, :, 2] = -0.13, 0.12  # 0.03 and 0.02 past the +-0.1 band: -0.09 and 0.66 raw unclamped
+    chunk = policy.to_chunk(Denoised(x0, 1))
+    torch.testing.assert_close(chunk.action_pred[0, :, 2], torch.zeros(H))
+    torch.testing.assert_close(chunk.action_pred[1, :, 2], torch.full((H,), 0.6))
+    torch.testing.assert_close(chunk.action_pred[..., :2], policy.normalizer["action"].unnormalize(x0)[..., :2])
+    unscaled = make_policy(grip_levels=(0.0, 0.6))  # trained without the scale: the prediction is left as it is
+    x0[0, :, 2] = -1.2
+    assert float(unscaled.to_chunk(Denoised(x0, 1)).action_pred[0, 0, 2]) == pytest.approx(-0.06)
 
 
 def test_a_gripper_constant_in_the_data_is_left_alone():
