@@ -8,7 +8,7 @@ new chunk takes over, one plot.
 
 Methods: `naive` splice, `ensemble` (ACT's temporal ensembling), `inpaint` (replacement) and `guidance` (RTC) hold
 the actions that run during the decision; `rti` warm-starts each decision from the executed chunk (the default RTI,
-a 4-call tail, replanning every tick); `anytime` stops each DDIM chain when the actions left would run out, and
+a 4-call tail, replanning every tick; `rti-ddim10` with DDIM-10 as its full denoise); `anytime` stops each DDIM chain when the actions left would run out, and
 `anytime-respace` runs the shorter DDIM chain that fits instead. `--half-budget` caps every anytime decision at half
 the naive zero-delay run's median decision time (`-half` rows, delay 0), beside the full decision.
 
@@ -40,6 +40,9 @@ METHOD_FLAGS = {
     "inpaint": ["--chunking", "inpaint"],
     "guidance": ["--chunking", "guidance"],
     "rti": ["--rti"],
+    # RTI whose full denoise (an episode's first, off the clock; a fallback after a gap, on it) is DDIM-10, not
+    # DDPM-100: a fallback of 100 calls takes ~1 s, and the gap it leaves starts the next fallback
+    "rti-ddim10": ["--rti", "--rti-full-sampler", "ddim", "--rti-full-steps", "10"],
     "anytime": ["--anytime"],
     "anytime-respace": ["--anytime", "--anytime-mode", "respace"],
 }
