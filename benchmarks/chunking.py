@@ -8,9 +8,10 @@ new chunk takes over, one plot.
 
 Methods: `naive` splice, `ensemble` (ACT's temporal ensembling), `inpaint` (replacement) and `guidance` (RTC) hold
 the actions that run during the decision; `rti` warm-starts each decision from the executed chunk (the default RTI,
-a 4-call tail, replanning every tick; `rti-ddim10` with DDIM-10 as its full denoise); `anytime` stops each DDIM chain when the actions left would run out, and
-`anytime-respace` runs the shorter DDIM chain that fits instead. `--half-budget` caps every anytime decision at half
-the naive zero-delay run's median decision time (`-half` rows, delay 0), beside the full decision.
+a 4-call tail, replanning every tick; `rti-ddim10` with DDIM-10 as its full denoise); `anytime` stops each DDIM
+chain when the actions left would run out, and `anytime-respace` runs the shorter DDIM chain that fits instead.
+`--half-budget` caps every anytime decision at half the naive zero-delay run's median decision time (`-half` rows,
+delay 0), beside the full decision.
 
 Delays are in control periods (20 ms at 50 Hz) added to every decision on top of its own inference time. Reports
 go to benchmarks/results/chunking/<task>_<method>_<delay>.json; a run whose report is there is skipped.

@@ -62,9 +62,13 @@ def write_message(stream, header: dict, arrays: dict[str, np.ndarray] | None = N
     header = {**header, "arrays": [{"name": k, "dtype": a.dtype.name, "shape": list(a.shape)}
                                    for k, a in arrays.items()],
               "nbytes": sum(a.nbytes for a in arrays.values())}
+    # Every byte is laid out before the first is written: a message that fails half-written would leave the stream
+    # out of step, and the reader would take the next reply for this one's (an anytime decision with no steps
+    # returns zero actions, which memoryview cannot cast).
+    payload = [a.reshape(-1).view(np.uint8) for a in arrays.values()]
     stream.write(json.dumps(header).encode() + b"\n")
-    for a in arrays.values():
-        stream.write(memoryview(a).cast("B"))
+    for data in payload:
+        stream.write(data)
     stream.flush()
 
 

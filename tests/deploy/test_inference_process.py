@@ -24,6 +24,18 @@ def test_messages_round_trip_arrays_exactly():
     assert read_message(stream) is None  # the end of the stream
 
 
+def test_an_empty_chunk_round_trips_and_the_next_message_stays_in_step():
+    # an anytime decision with no time for a step returns zero actions; the reply once broke off after its header
+    stream = io.BytesIO()
+    write_message(stream, {"ok": True}, {"actions": np.zeros((0, 4), np.float32)})
+    write_message(stream, {"ok": True, "next": 1}, {"actions": np.ones((2, 4), np.float32)})
+    stream.seek(0)
+    header, arrays = read_message(stream)
+    assert arrays["actions"].shape == (0, 4) and header["nbytes"] == 0
+    header, arrays = read_message(stream)
+    assert header["next"] == 1 and arrays["actions"].sum() == 8
+
+
 @pytest.mark.parametrize("raw, complaint", [
     (b"not json\n", "not JSON"),
     (b'{"arrays": []}\n', "integer 'nbytes'"),
