@@ -185,7 +185,12 @@ class InferenceWorker:
         actions = checked(self.decide(history, None))
         with self._cv:
             self._prev_tick = tick
-        return _Chunk(actions, tick, getattr(self.decide, "last_nfe", None)), (time.perf_counter() - t0) * 1e3
+        return self._chunk(actions, tick), (time.perf_counter() - t0) * 1e3
+
+    def _chunk(self, actions: np.ndarray, tick: int) -> _Chunk:
+        """The decider's actions, with the denoiser calls it says the decision took (ChunkDecider and
+        InferenceProcess keep `last_nfe`; a plain function deciding says nothing)."""
+        return _Chunk(actions, tick, getattr(self.decide, "last_nfe", None))
 
     def busy(self) -> bool:
         with self._cv:
@@ -239,7 +244,7 @@ class InferenceWorker:
                 self.error = error or self.error
                 self._busy_since = None
                 if actions is not None and episode == self._episode:
-                    self._result = (_Chunk(actions, tick, getattr(self.decide, "last_nfe", None)), ms)
+                    self._result = (self._chunk(actions, tick), ms)
                     if len(actions):  # a skipped decision leaves the chunk being executed, and its tick, in force
                         self._prev_tick = tick
 

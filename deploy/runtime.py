@@ -34,9 +34,7 @@ from .kinds import kind_of, load_checkpoint
 
 # The backends a kind that decides in one exported graph (a planner) runs on, beside torch.
 GRAPH_BACKENDS = ("torch", "onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt")
-
-
-ANYTIME_FIELDS = {"margin_ms", "period_ms", "mode", "max_budget_ms"}
+ANYTIME_FIELDS = {"margin_ms", "period_ms", "mode", "max_budget_ms"}  # RuntimeSettings.anytime's keys
 
 
 @dataclass
