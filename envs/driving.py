@@ -193,7 +193,13 @@ def track(plan: np.ndarray, speed: float, wheelbase: float, cfg: SceneConfig, tc
     frac = (s - along[k]) / max(seg[k], 1e-6)
     target = path[k] + frac * (path[k + 1] - path[k])
     alpha = np.arctan2(target[1], target[0])
-    steering = float(np.arctan2(2.0 * wheelbase * np.sin(alpha), max(np.linalg.norm(target), 1e-3)))
+    # highway-env's kinematic bicycle moves its centre along heading + slip, slip = atan(tan(steering) / 2), on a
+    # circle of radius (length / 2) / sin(slip). The circle that leaves the centre along that direction and passes
+    # through the target needs distance * sin(slip) = length * sin(alpha - slip). Pure pursuit's usual
+    # atan(2 L sin(alpha) / distance) ignores the slip and turns twice as hard: it cut the roundabout's entry by 2 m.
+    distance = max(float(np.linalg.norm(target)), 1e-3)
+    slip = np.arctan2(wheelbase * np.sin(alpha), distance + wheelbase * np.cos(alpha))
+    steering = float(np.arctan(2.0 * np.tan(slip)))
     n = min(tc.accel_fit_points, len(seg))
     t = cfg.dt * np.arange(1, n + 1)
     half_t2 = 0.5 * t**2
