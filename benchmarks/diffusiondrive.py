@@ -43,19 +43,21 @@ def dataset(scenario: str, episodes: int) -> Path:
     return path
 
 
-def checkpoint(scenario: str, kind: str, data: Path, steps: int | None) -> tuple[Path, dict]:
+def checkpoint(scenario: str, kind: str, data: Path, steps: int | None, overrides: list[str] = (),
+               variant: str = "") -> tuple[Path, dict]:
     from deploy.kinds import kind_named
     from envs.datasets import ReplayBuffer
     from envs.datasets.plan_dataset import PlanDataset
     from policy.config import load_config
     from policy.train import train
 
-    run = OUT / "runs" / f"{scenario}-{kind}"
+    run = OUT / "runs" / f"{scenario}-{kind}{variant}"
     if (run / "model.safetensors").is_file():
         return run, json.loads((run / "train_report.json").read_text())
     k = kind_named(kind)
     cfg = load_config(ROOT / "configs" / "planners" / CONFIGS[kind],
-                      [f"train.steps={steps}", f"train.checkpoint_every={steps}"] if steps else [], k.config_class)
+                      [*overrides, *([f"train.steps={steps}", f"train.checkpoint_every={steps}"] if steps else [])],
+                      k.config_class)
     buffer = ReplayBuffer.load(data)
     cfg.data.task = buffer.attrs["task"]
     train_data = PlanDataset(buffer, cfg.data.branch_labels, cfg.data.val_ratio, cfg.train.seed)
@@ -109,6 +111,7 @@ def table(out: Path) -> str:
     for path in sorted(out.glob("*.json")):
         r = json.loads(path.read_text())
         expert = None
+        name = r["scenario"] + (f" ({r['variant']})" if r.get("variant") else "")
         for kind, e in r["planners"].items():
             if "eval" not in e:
                 continue
@@ -118,11 +121,11 @@ def table(out: Path) -> str:
             lat_cell = " / ".join(f"{lat[b]['p50']:.1f}" for b in ("torch", "onnxruntime") if b in lat) or "-"
             acc = f"{ev['anchor_accuracy']:.2f}" if "anchor_accuracy" in ev else "-"
             div = f"{ev['diversity']:.2f}" if "diversity" in ev else "-"
-            rows.append(f"| {r['scenario']} | {kind} | {ev['nfe_per_decision']:.0f} | {ev['collision_rate']:.2f} | "
+            rows.append(f"| {name} | {kind} | {ev['nfe_per_decision']:.0f} | {ev['collision_rate']:.2f} | "
                         f"{ev['success_rate']:.2f} | {ev['progress_m']:.0f} | {ev['mean_abs_jerk']:.2f} | "
                         f"{ev['ade']:.2f} / {ev['fde']:.2f} | {acc} | {div} | {lat_cell} |")
         if expert:
-            rows.append(f"| {r['scenario']} | IDM expert | - | {expert['collision_rate']:.2f} | "
+            rows.append(f"| {name} | IDM expert | - | {expert['collision_rate']:.2f} | "
                         f"{expert['success_rate']:.2f} | {expert['progress_m']:.0f} | {expert['mean_abs_jerk']:.2f} "
                         f"| - | - | - | - |")
     return "\n".join(rows)
@@ -136,6 +139,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="training steps (default: each config's)")
     ap.add_argument("--episodes", type=int, default=50)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--override", nargs="*", default=[], help="config overrides for every planner (key=value)")
+    ap.add_argument("--variant", default="", help="a name for this setting: its runs and JSON are kept apart")
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--redo", nargs="*", default=[], help="stages to run again: eval, latency")
     args = ap.parse_args()
@@ -144,15 +149,17 @@ def main() -> None:
         print(table(args.out))
         return
     for scenario in args.scenarios:
-        path = args.out / f"{scenario}.json"
+        variant = f"-{args.variant}" if args.variant else ""
+        path = args.out / f"{scenario}{variant}.json"
         result = json.loads(path.read_text()) if path.is_file() else {"scenario": scenario, "planners": {}}
+        result["variant"], result["overrides"] = args.variant, args.override
         data = dataset(scenario, args.train_episodes)
         from envs.datasets import ReplayBuffer
 
         result["data"] = {k: v for k, v in ReplayBuffer.load(data).attrs.items() if k not in ("styles", "seeds")}
         for kind in args.kinds:
             entry = result["planners"].setdefault(kind, {})
-            run, train_report = checkpoint(scenario, kind, data, args.steps)
+            run, train_report = checkpoint(scenario, kind, data, args.steps, args.override, variant)
             entry["train"] = {k: train_report[k] for k in ("steps", "seconds", "loss_first", "loss_last")}
             if "eval" not in entry or "eval" in args.redo:
                 entry["eval"] = evaluate_kind(run, args.episodes)

@@ -68,6 +68,8 @@ class DiffusionDriveConfig:
     d_ffn: int = 256
     dropout: float = 0.0
     bev_hidden: int = 32
+    agent_octaves: int = 0  # Fourier features of the agent tokens (0: the min-max normalised features alone)
+    agents_see_ego: bool = False  # each agent token also reads the ego's features
     query_embed_dim: int = 16  # sine features per coordinate
     cascade_layers: int = 2
     n_anchors: int = 20
@@ -142,7 +144,8 @@ class DiffusionDrive(nn.Module):
             raise ValueError(f"planner.train_t_max must be in [1, {cfg.train_timesteps}], got {cfg.train_t_max}")
         self.cfg = cfg
         self.normalizer = normalizer
-        self.scene_encoder = SceneEncoder(lay.ego_dim, lay.agent_dim, lay.bev_shape[2], cfg.d_model, cfg.bev_hidden)
+        self.scene_encoder = SceneEncoder(lay.ego_dim, lay.agent_dim, lay.bev_shape[2], cfg.d_model, cfg.bev_hidden,
+                                          cfg.agent_octaves, cfg.agents_see_ego)
         self.query = TrajectoryQuery(lay.points, lay.coords, cfg.query_embed_dim, cfg.d_model)
         self.time_embed = TimestepEmbedding(cfg.d_model)
         self.layers = nn.ModuleList(CascadeLayer(cfg.d_model, cfg.heads, cfg.d_ffn, lay.points, lay.coords,

@@ -14,6 +14,7 @@ from envs.driving_expert import collect_drives
 from evaluation.driving import mode_diversity
 from planners.diffusion_planner import DiffusionPlanner
 from planners.diffusiondrive import DiffusionDrive, DiffusionDriveRunConfig, focal_loss, load_planner
+from planners.driving_blocks import SceneEncoder, fourier_features
 from policy.train import train
 
 TASK = "highway/highway-v0"
@@ -157,6 +158,24 @@ def test_mode_diversity_is_eq_3():
     apart = np.stack([line + [0, 10.0 * k] for k in range(4)])  # four parallel lanes 10 m apart
     d = mode_diversity(apart)
     assert 0.6 < d < 0.75  # they share only the start at the ego: close to 1 - 1/4
+
+
+def test_agent_tokens_read_the_ego_only_when_asked_and_fourier_features_resolve_a_metre():
+    torch.manual_seed(0)
+    ego, agents, bev = torch.rand(1, 4), torch.rand(1, 3, 7), torch.rand(1, 40, 16, 4)
+    agents[..., 0] = 1.0
+    faster = ego.clone()
+    faster[0, 0] += 0.1
+    for see in (False, True):
+        enc = SceneEncoder(4, 7, 4, 32, 8, agent_octaves=8, agents_see_ego=see)
+        tokens = enc(ego, agents, bev)[1][:, 1:]
+        moved = enc(faster, agents, bev)[1][:, 1:]
+        assert (not torch.allclose(tokens, moved)) == see
+    # 1 m at a min-max scale of 80 m: the finest octave turns it by about pi * 128 / 80 rad, the raw value by 0.0125
+    x = torch.tensor([[0.25], [0.25 + 1 / 80]])
+    f = fourier_features(x, 8)
+    assert f.shape == (2, 16)
+    assert (f[0] - f[1]).abs().max() > 0.9
 
 
 def test_focal_loss_matches_its_definition():
