@@ -41,6 +41,10 @@ class ModelKind:
     build_for_training: Callable  # (run config, training data) -> a new model, its config filled from the data
     # What the runtime may wrap around it: RTI and the block cache re-enter a denoising policy's sampler.
     denoising_wrappers: bool = True
+    # Whether the runtime's guard refuses actions outside the training range. A driving plan is a path for the
+    # tracker, whose own limits bound the steering and acceleration; a plan past the training range (a tighter
+    # turn on the roundabout's ring than any expert drove) is a new situation, not a fault. NaN is refused always.
+    bounded_by_training_range: bool = True
 
 
 KINDS: dict[str, ModelKind] = {
@@ -49,7 +53,7 @@ KINDS: dict[str, ModelKind] = {
     diffusiondrive.KIND: ModelKind(diffusiondrive.KIND, diffusiondrive.DiffusionDriveRunConfig,
                                    diffusiondrive.read_config, diffusiondrive.DiffusionDrive,
                                    diffusiondrive.load_planner, diffusiondrive.build_for_training,
-                                   denoising_wrappers=False),
+                                   denoising_wrappers=False, bounded_by_training_range=False),
     pad.KIND: ModelKind(pad.KIND, pad.PADRunConfig, pad.read_config, pad.PAD, pad.load_pad, pad.build_for_training),
 }
 # DiffusionDrive's baselines: the same scene encoder and decoder, other starting points.
@@ -57,7 +61,8 @@ for _module, _planner in ((diffusion_planner, diffusion_planner.DiffusionPlanner
                           (regression_planner, regression_planner.RegressionPlanner)):
     KINDS[_module.KIND] = ModelKind(_module.KIND, diffusiondrive.DiffusionDriveRunConfig, diffusiondrive.read_config,
                                     _planner, partial(diffusiondrive.load_planner, planner_class=_planner),
-                                    _module.build_for_training, denoising_wrappers=False)
+                                    _module.build_for_training, denoising_wrappers=False,
+                                    bounded_by_training_range=False)
 # Offline-RL planners over state plans: Trajectory Diffuser and its Decision-Diffuser-style baseline.
 for _module, _planner in ((trajectory_diffuser, trajectory_diffuser.TrajectoryDiffuser),
                           (decision_diffuser, decision_diffuser.DecisionDiffuser)):

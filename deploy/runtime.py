@@ -212,7 +212,8 @@ def build_policy(settings: RuntimeSettings, model=None, run_cfg=None, record_pai
     if backend is not None and hasattr(backend, "options"):
         config["ort"] = asdict(backend.options)
     stats = model.normalizer["action"].stats
-    guard = ActionGuard(policy, stats.get("min"), stats.get("max")) if "min" in stats else ActionGuard(policy)
+    bounded = "min" in stats and kind.bounded_by_training_range
+    guard = ActionGuard(policy, stats["min"], stats["max"]) if bounded else ActionGuard(policy)
     config["action_bounds"] = guard.bounds()
     return Runtime(guard, model, run_cfg, settings, rti, cache, config, residual_branches(model), backend,
                    rti_policy, anytime_policy)

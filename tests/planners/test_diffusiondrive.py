@@ -226,6 +226,17 @@ def test_a_planner_refuses_a_task_with_another_scene_layout(drives):
         build_policy(RuntimeSettings(str(drives["checkpoint"]), rti={"k0": 3}))
 
 
+def test_the_guard_lets_a_plan_past_the_training_range_through_and_refuses_nan(drives):
+    from policy.contract import Chunk, PolicyFault
+
+    runtime = build_policy(RuntimeSettings(str(drives["checkpoint"])))
+    assert runtime.config["action_bounds"] is None  # the tracker's steering and acceleration limits bound a plan
+    beyond = torch.full((1, 1, 24), 50.0)  # a turn tighter than any the expert drove
+    assert runtime.policy.check(Chunk(beyond, beyond, beyond, 2)) is not None
+    with pytest.raises(PolicyFault, match="NaN or Inf"):
+        runtime.policy.check(Chunk(beyond, beyond, beyond * float("nan"), 2))
+
+
 def test_the_control_loop_holds_a_braking_plan_on_bad_scenes(drives):
     from evaluation.control import ControlSettings, run_control
 
