@@ -196,7 +196,7 @@ def track(plan: np.ndarray, speed: float, wheelbase: float, cfg: SceneConfig, tc
     # highway-env's kinematic bicycle moves its centre along heading + slip, slip = atan(tan(steering) / 2), on a
     # circle of radius (length / 2) / sin(slip). The circle that leaves the centre along that direction and passes
     # through the target needs distance * sin(slip) = length * sin(alpha - slip). Pure pursuit's usual
-    # atan(2 L sin(alpha) / distance) ignores the slip and turns twice as hard: it cut the roundabout's entry by 2 m.
+    # atan(2 L sin(alpha) / distance) ignores the slip and asks for twice the steering that drew a curved plan.
     distance = max(float(np.linalg.norm(target)), 1e-3)
     slip = np.arctan2(wheelbase * np.sin(alpha), distance + wheelbase * np.cos(alpha))
     steering = float(np.arctan(2.0 * np.tan(slip)))
