@@ -5,6 +5,7 @@ on the expert's scenes) -> decision latency on one thread in torch and onnxrunti
 
     python benchmarks/diffusiondrive.py --scenarios highway-v0 roundabout-v0        # resumable per stage
     python benchmarks/diffusiondrive.py --table
+    python benchmarks/diffusiondrive.py --scenarios roundabout-v0 --dagger-rounds 1   # then DAgger rounds
 
 Data and checkpoints go to benchmarks/results/diffusiondrive/runs/ (not committed); results to
 benchmarks/results/diffusiondrive/<scenario>.json, with a plot per scenario.
@@ -63,6 +64,34 @@ def checkpoint(scenario: str, kind: str, data: Path, steps: int | None, override
     train_data = PlanDataset(buffer, cfg.data.branch_labels, cfg.data.val_ratio, cfg.train.seed)
     summary = train(cfg, train_data, run, build=k.build_for_training)
     return run, summary.to_dict()
+
+
+def dagger(scenario: str, kind: str, data: Path, run: Path, rounds: int, episodes: int, label_every: int,
+           steps: int | None, overrides: list[str], variant: str) -> tuple[Path, list[dict]]:
+    """DAgger rounds (`rtdp collect --relabel`): the planner drives `episodes` new training seeds, the expert labels
+    every `label_every`-th state, the labels join that planner's data and it is trained again from scratch.
+    Returns the last round's checkpoint and a record per round."""
+    from envs.collect import append_demos, next_seed
+    from envs.datasets import ReplayBuffer
+    from evaluation.driving import relabel_drives
+
+    records = []
+    for r in range(1, rounds + 1):
+        aggregated = OUT / "runs" / f"{scenario}-{kind}{variant}-dagger{r}.zarr"
+        if not aggregated.exists():
+            before = ReplayBuffer.load(data)
+            t0 = time.perf_counter()
+            new = relabel_drives(str(run), episodes, next_seed(before), label_every)
+            seconds = time.perf_counter() - t0
+            merged = append_demos(before, new)
+            merged.attrs["relabelled"][-1]["seconds"] = seconds
+            merged.save(aggregated)
+        data = aggregated
+        run, report = checkpoint(scenario, kind, data, steps, overrides, f"{variant}-dagger{r}")
+        relabelled = ReplayBuffer.load(data).attrs["relabelled"][-1]
+        records.append({"round": r, "train_seconds": report["seconds"],
+                        **{k: v for k, v in relabelled.items() if k != "seeds"}})
+    return run, records
 
 
 def evaluate_kind(run: Path, episodes: int, backend: str = "torch") -> dict:
@@ -141,6 +170,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--override", nargs="*", default=[], help="config overrides for every planner (key=value)")
     ap.add_argument("--variant", default="", help="a name for this setting: its runs and JSON are kept apart")
+    ap.add_argument("--dagger-rounds", type=int, default=0, help="DAgger rounds after the first training: the "
+                    "planner drives, the expert labels its states, the planner is trained again on all labels")
+    ap.add_argument("--dagger-episodes", type=int, default=30, help="planner drives per DAgger round")
+    ap.add_argument("--label-every", type=int, default=1, help="DAgger: label every N-th state of a drive")
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--redo", nargs="*", default=[], help="stages to run again: eval, latency")
     args = ap.parse_args()
@@ -149,18 +182,24 @@ def main() -> None:
         print(table(args.out))
         return
     for scenario in args.scenarios:
-        variant = f"-{args.variant}" if args.variant else ""
+        base_variant = f"-{args.variant}" if args.variant else ""
+        variant = base_variant + (f"-dagger{args.dagger_rounds}" if args.dagger_rounds else "")
         path = args.out / f"{scenario}{variant}.json"
         result = json.loads(path.read_text()) if path.is_file() else {"scenario": scenario, "planners": {}}
-        result["variant"], result["overrides"] = args.variant, args.override
+        result["variant"], result["overrides"] = variant.lstrip("-"), args.override
         data = dataset(scenario, args.train_episodes)
         from envs.datasets import ReplayBuffer
 
         result["data"] = {k: v for k, v in ReplayBuffer.load(data).attrs.items() if k not in ("styles", "seeds")}
         for kind in args.kinds:
             entry = result["planners"].setdefault(kind, {})
-            run, train_report = checkpoint(scenario, kind, data, args.steps, args.override, variant)
+            run, train_report = checkpoint(scenario, kind, data, args.steps, args.override, base_variant)
             entry["train"] = {k: train_report[k] for k in ("steps", "seconds", "loss_first", "loss_last")}
+            if args.dagger_rounds:
+                run, entry["dagger"] = dagger(scenario, kind, data, run, args.dagger_rounds, args.dagger_episodes,
+                                              args.label_every, args.steps, args.override, base_variant)
+                entry["train"]["seconds_all_rounds"] = entry["train"]["seconds"] + sum(
+                    r["train_seconds"] + r["seconds"] for r in entry["dagger"])
             if "eval" not in entry or "eval" in args.redo:
                 entry["eval"] = evaluate_kind(run, args.episodes)
             if "latency" not in entry or "latency" in args.redo:

@@ -102,7 +102,10 @@ def append_demos(dataset: ReplayBuffer, new: ReplayBuffer) -> ReplayBuffer:
     merged.attrs.update({
         "episodes": len(seeds), "seeds": seeds, "failed_seeds": [*old_a.get("failed_seeds", []),
                                                                  *new_a["failed_seeds"]],
-        "expert_success_rate": len(seeds) / tried if tried else None,
         "appended": [*old_a.get("appended", []), new_a["created"]],
     })
+    if "relabelled" in new_a:  # a planner drove these, the expert only labelled them: not the expert's figures
+        merged.attrs["relabelled"] = [*old_a.get("relabelled", []), new_a["relabelled"]]
+    else:
+        merged.attrs["expert_success_rate"] = len(seeds) / tried if tried else None
     return merged

@@ -9,11 +9,18 @@ highway-v0 it drifted to the lane line in every episode and collided in 98% of t
 Multi-modal labels: every `branch_every` steps the simulation is deep-copied once per lane the ego could take
 (keep, left, right, where that lane exists), the copy's ego is held to that lane, and each branch's future is
 recorded beside the one that happened. A branch that crashes is not a label.
+
+Relabelled drives (DAgger, Ross et al. 2011): a trained planner drives, and at its states the expert's future is
+recorded as the label, from a copy of the simulation whose ego is handed to the expert. The recorded expert only
+shows states near its own path; a planner's small errors compound into states it never saw (on roundabout-v0 every
+planner drifted off the entry lane), and these labels show the expert's way back from there.
 """
 
 from __future__ import annotations
 
 import datetime
+from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -57,13 +64,17 @@ def steering_noise(ego, sigma: float, rng: np.random.Generator, pull: float = 0.
 
 def hand_to_idm(task: DrivingTask, style: DriverStyle):
     """Replace the task's ego with an IDMVehicle in the same state, driving with `style`."""
+    return hand_env_to_idm(task.env, task.name, style)
+
+
+def hand_env_to_idm(env, scenario: str, style: DriverStyle):
+    """Replace the ego of highway-env's `env` (of `scenario`) with an IDMVehicle in the same state."""
     from highway_env.vehicle.behavior import IDMVehicle
 
-    env = task.env
     ego = env.vehicle
     idm = IDMVehicle(env.road, ego.position, ego.heading, ego.speed, target_lane_index=ego.lane_index,
                      target_speed=style.target_speed, route=getattr(ego, "route", None))
-    if task.name.startswith("roundabout"):
+    if scenario.startswith("roundabout"):
         idm.plan_route_to("nxs")  # the destination highway-env gives its roundabout ego
     idm.POLITENESS = style.politeness
     idm.LANE_CHANGE_MIN_ACC_GAIN = style.lane_change_gain
@@ -107,6 +118,55 @@ def branch_futures(task: DrivingTask, horizon_steps: int) -> tuple[np.ndarray, n
         if len(pos) == horizon_steps + 1:
             positions[b], headings[b] = pos, head
     return positions, headings
+
+
+def expert_future(task: DrivingTask, style: DriverStyle, horizon_steps: int) -> np.ndarray | None:
+    """The expert's plan from the task's current state, (points, 3) in the ego frame: a copy of the simulation
+    whose ego is handed to the expert (`style`) and driven `horizon_steps`; None when that future crashes."""
+    sim = task.snapshot()
+    ego = hand_env_to_idm(sim, task.name, style)
+    sim.road.vehicles = [v for v in sim.road.vehicles if np.linalg.norm(v.position - ego.position) <= BRANCH_RADIUS]
+    pos, head = [np.array(ego.position)], [ego.heading]
+    for _ in range(horizon_steps):
+        sim.step(np.zeros(2, dtype=np.float32))
+        if ego.crashed:
+            return None
+        pos.append(np.array(ego.position))
+        head.append(ego.heading)
+    return future_plan(np.array(pos), np.array(head), 0, task.scene)
+
+
+def relabelled_episode(task: DrivingTask, seed: int, act: Callable[[dict[str, np.ndarray]], np.ndarray],
+                       n_obs_steps: int, label_every: int = 1, max_steps: int | None = None) -> dict:
+    """One episode driven by a planner (`act`: observation history -> plans, as envs.rollout runs it), the
+    expert's future recorded as the label at every `label_every`-th step (NaN elsewhere, and where the expert's
+    own future crashes). The planner's outcome is kept beside: how far the learner gets tells a DAgger round."""
+    cfg = task.scene
+    obs, _ = task.reset(seed=seed)
+    style = DriverStyle.draw(np.random.default_rng([seed, 7]), task.name)
+    horizon_steps = round(cfg.dt * cfg.policy_frequency) * cfg.points
+    history = deque([obs] * n_obs_steps, maxlen=n_obs_steps)
+    scenes, plans = [], []
+    info, done, t = {}, False, 0
+    limit = max_steps or task.max_episode_steps
+    while not done and t < limit:
+        chunk = act({k: np.stack([o[k] for o in history]) for k in obs})
+        for plan in chunk:
+            label = expert_future(task, style, horizon_steps) if t % label_every == 0 else None
+            scenes.append(obs)
+            plans.append(np.full(cfg.points * 3, np.nan, np.float32) if label is None else label.reshape(-1))
+            obs, _, terminated, truncated, info = task.step(plan)
+            history.append(obs)
+            t += 1
+            done = terminated or truncated or t >= limit
+            if done:
+                break
+    data = {k: np.stack([s[k] for s in scenes]) for k in scenes[0]}
+    data.update(plan=np.stack(plans).astype(np.float32),
+                branch_plans=np.full((len(plans), len(BRANCHES), cfg.points * 3), np.nan, np.float32))
+    return {"data": data, "style": asdict(style), "crashed": bool(task.crashed), "offroad": bool(task.offroad),
+            "success": bool(info.get("success")), "progress_m": float(info.get("progress_m", 0.0)), "steps": t,
+            "labels": int(np.isfinite(data["plan"]).all(axis=1).sum())}
 
 
 def drive_episode(task: DrivingTask, seed: int, branch_every: int, max_steps: int | None = None,
@@ -187,5 +247,39 @@ def collect_drives(task: str, episodes: int, seed: int = 0, branch_every: int = 
         "expert_mean_abs_jerk": float(np.mean([r["jerk"] for r in records])),
         "styles": [r["style"] for r in records], "image": False, "image_size": None,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
+    })
+    return buffer
+
+
+def collect_relabelled(task: str, episodes: int, act_for_episode: Callable[[int], Callable], n_obs_steps: int,
+                       seed: int, label_every: int = 1, planner: str = "", progress: bool = True,
+                       scene: SceneConfig | None = None, max_episode_steps: int | None = None) -> ReplayBuffer:
+    """`episodes` drives of a planner on seeds seed, seed + 1, ..., labelled by the expert (see the module doc);
+    `act_for_episode(seed)` gives the planner for one episode. The dataset appends to the expert's own."""
+    if episodes < 1 or label_every < 1:
+        raise ValueError(f"episodes and label_every must be >= 1, got {episodes} and {label_every}")
+    env = DrivingTask(task.partition("/")[2], scene, max_episode_steps=max_episode_steps)
+    buffer = ReplayBuffer()
+    records = []
+    bar = tqdm(range(episodes), desc=f"relabel {task}", disable=not progress, dynamic_ncols=True)
+    for i in bar:
+        ep = relabelled_episode(env, seed + i, act_for_episode(seed + i), n_obs_steps, label_every)
+        if ep["labels"]:
+            buffer.add_episode(ep.pop("data"))
+        records.append(ep)
+        bar.set_postfix(crashed=sum(r["crashed"] for r in records), offroad=sum(r["offroad"] for r in records))
+    env.close()
+    kept = [seed + i for i, r in enumerate(records) if r["labels"]]
+    buffer.attrs.update({
+        "task": task, "episodes": len(kept), "seeds": kept,
+        "failed_seeds": [seed + i for i, r in enumerate(records) if not r["labels"]],
+        "scene": env.scene.to_dict(), "branch_every": 0, "branches": list(BRANCHES),
+        "expert": "highway-env IDMVehicle (IDM + MOBIL), driver style drawn per episode",
+        "relabelled": {"planner": planner, "label_every": label_every, "seeds": kept,
+                       "planner_collision_rate": float(np.mean([r["crashed"] for r in records])),
+                       "planner_offroad_rate": float(np.mean([r["offroad"] for r in records])),
+                       "planner_progress_m": float(np.mean([r["progress_m"] for r in records])),
+                       "labels": int(sum(r["labels"] for r in records))},
+        "image": False, "image_size": None, "created": datetime.datetime.now().isoformat(timespec="seconds"),
     })
     return buffer

@@ -11,8 +11,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from deploy.kinds import read_config
+from deploy.runtime import RuntimeSettings, build_policy
 from envs.driving import DrivingTask
-from envs.driving_expert import drive_episode
+from envs.driving_expert import collect_relabelled, drive_episode
+
+from .episodes import TimedPolicy
 
 DIVERSITY_WIDTH = 2.0  # [m] a trajectory rasterised as a polyline this wide (a car's width)
 DIVERSITY_CELL = 0.5  # [m]
@@ -99,3 +103,23 @@ def closed_loop_figures(results: list[dict]) -> dict:
             "offroad_rate": float(np.mean([e["offroad"] for e in m])),
             "progress_m": float(np.mean([e["progress_m"] for e in m])),
             "mean_abs_jerk": float(np.mean([e["mean_abs_jerk"] for e in m]))}
+
+
+def relabel_drives(checkpoint: str, episodes: int, seed: int, label_every: int = 1, progress: bool = True,
+                   max_episode_steps: int | None = None):
+    """A DAgger round (envs.driving_expert): the checkpoint's planner drives `episodes` episodes of its task on
+    seeds seed, seed + 1, ... (one torch thread, sampler noise seeded per episode as `rtdp eval` does), labelled by
+    the expert; returns the dataset to append to the one the planner was trained on."""
+    task = read_config(checkpoint).data.task
+    if not task or not task.startswith("highway/"):
+        raise ValueError(f"checkpoint {checkpoint} drives task {task!r}: relabelled drives are for highway/ tasks")
+    torch.set_num_threads(1)
+    runtime = build_policy(RuntimeSettings(checkpoint))
+    act = TimedPolicy(runtime.policy)
+
+    def act_for_episode(episode_seed: int):
+        act.reset(episode_seed)
+        return act
+
+    return collect_relabelled(task, episodes, act_for_episode, runtime.policy.spec.n_obs_steps, seed, label_every,
+                              planner=str(checkpoint), progress=progress, max_episode_steps=max_episode_steps)

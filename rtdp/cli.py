@@ -208,6 +208,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from envs.collect import append_demos, check_appendable, collect_demos, next_seed
     from envs.datasets import ReplayBuffer
 
+    if args.relabel and not args.task.startswith("highway/"):
+        raise ValueError(f"--relabel is for driving tasks (highway/...), not {args.task}")
     if args.task.startswith("pointmaze/"):
         return _collect_maze(args)
     if args.task.startswith("motion/"):
@@ -223,14 +225,25 @@ def cmd_collect(args: argparse.Namespace) -> int:
     elif Path(args.out).exists() and not args.overwrite:  # refused before the episodes are collected, not after
         raise ValueError(f"{args.out} already exists; nothing was written (choose another --out, pass --append "
                          f"to add episodes to it, or --overwrite to replace it)")
+    if args.relabel:
+        from deploy.kinds import read_config
+
+        trained_on = read_config(args.relabel).data.task
+        if trained_on != args.task:
+            raise ValueError(f"--relabel {args.relabel} drives {trained_on!r}, not --task {args.task}")
     seed = args.seed if args.seed is not None else (next_seed(existing) if existing is not None else 0)
     if args.task.startswith("highway/"):
         from envs.driving_expert import collect_drives
 
         if args.image:
             raise ValueError(f"{args.task} records a bird's-eye raster and agent tokens, not camera images")
-        buffer = collect_drives(args.task, args.episodes, seed=seed, branch_every=args.branch_every,
-                                progress=not args.no_progress)
+        if args.relabel:
+            from evaluation.driving import relabel_drives
+
+            buffer = relabel_drives(args.relabel, args.episodes, seed, args.label_every, progress=not args.no_progress)
+        else:
+            buffer = collect_drives(args.task, args.episodes, seed=seed, branch_every=args.branch_every,
+                                    progress=not args.no_progress)
     else:
         buffer = collect_demos(args.task, args.episodes, seed=seed, image=args.image, image_size=args.image_size,
                                progress=not args.no_progress)
@@ -239,10 +252,15 @@ def cmd_collect(args: argparse.Namespace) -> int:
         buffer = append_demos(existing, buffer)
     buffer.save(args.out, overwrite=args.overwrite or existing is not None)
     a = buffer.attrs
-    what = f"{added} expert episodes added, {a['episodes']} in all" if existing is not None else \
-        f"{a['episodes']} expert episodes"
-    print(f"{args.task}: {what} ({buffer.n_steps} steps) in {args.out}; expert success "
-          f"{a['expert_success_rate']:.2f}")
+    what = "planner episodes labelled by the expert" if args.relabel else "expert episodes"
+    what = f"{added} {what} added, {a['episodes']} in all" if existing is not None else f"{a['episodes']} {what}"
+    if args.relabel:
+        r = a["relabelled"][-1] if isinstance(a["relabelled"], list) else a["relabelled"]
+        outcome = (f"the planner collided in {r['planner_collision_rate']:.2f} and left the road in "
+                   f"{r['planner_offroad_rate']:.2f} of them; {r['labels']} labels")
+    else:
+        outcome = f"expert success {a['expert_success_rate']:.2f}"
+    print(f"{args.task}: {what} ({buffer.n_steps} steps) in {args.out}; {outcome}")
     _write_report(args.report, {"out": str(args.out), "steps": buffer.n_steps, "added": added, **a})
     return 0
 
@@ -676,6 +694,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--image-size", type=POSITIVE, default=96)
     c.add_argument("--branch-every", type=NON_NEGATIVE, default=40, help="driving tasks: record the lane-choice "
                    "branch futures every N steps (0: none)")
+    c.add_argument("--relabel", metavar="CHECKPOINT", help="driving tasks: this planner drives and the expert labels "
+                   "its states with the future it would drive from there (a DAgger round; append to the planner's "
+                   "training data and train again)")
+    c.add_argument("--label-every", type=POSITIVE, default=1, help="with --relabel: label every N-th step")
     c.add_argument("--steps", type=POSITIVE, default=1_000_000, help="maze tasks: steps of the continuing expert "
                    "stream")
     c.add_argument("--action-noise", type=float, default=0.3, help="maze tasks: std of the expert's action noise")

@@ -4,10 +4,21 @@ expert and its lane-branch labels, and `rtdp collect` on a driving task."""
 import numpy as np
 import pytest
 
+from envs.collect import append_demos
 from envs.datasets import ReplayBuffer
 from envs.datasets.plan_dataset import PlanDataset
-from envs.driving import DrivingTask, SceneConfig, TrackerConfig, future_plan, to_ego, track
-from envs.driving_expert import BRANCHES, DriverStyle, branch_futures, hand_to_idm
+from envs.driving import DrivingTask, SceneConfig, TrackerConfig, from_ego, future_plan, to_ego, track
+from envs.driving_expert import (
+    BRANCHES,
+    DriverStyle,
+    branch_futures,
+    collect_drives,
+    collect_relabelled,
+    drive_episode,
+    expert_future,
+    hand_to_idm,
+    relabelled_episode,
+)
 from envs.tasks import make_env
 from rtdp.cli import main
 
@@ -156,3 +167,56 @@ def test_the_tracker_brakes_as_hard_as_a_slowing_plan_says():
         plan = np.stack([s, np.zeros_like(t), np.zeros_like(t)], -1)
         acc, _ = track(plan, 25.0, 5.0, cfg, TrackerConfig())
         assert acc == pytest.approx(decel, abs=1e-6)
+
+
+def drifting_planner(task: DrivingTask, lateral_speed: float = 0.4):
+    """Plans straight ahead at the ego's speed, sliding `lateral_speed` m/s to the right: a planner with a bias."""
+    t = task.scene.dt * np.arange(1, task.scene.points + 1)
+
+    def act(_history):
+        plan = np.stack([task.ego.speed * t, lateral_speed * t, np.zeros_like(t)], -1)
+        return plan.reshape(1, -1).astype(np.float32)
+
+    return act
+
+
+def test_the_expert_labels_a_drifted_car_with_its_way_back_to_the_lane():
+    task = DrivingTask("highway-v0")
+    task.reset(seed=3)
+    act = drifting_planner(task)
+    for _ in range(12):
+        task.step(act(None)[0])
+    lane = task.env.road.network.get_lane(task.ego.lane_index)
+    assert lane.local_coordinates(task.ego.position)[1] > 0.6  # the planner has taken the car off the centre
+    keeps_lane = DriverStyle(25.0, 0.0, 1e6, 1.5)  # no lane change is worth it: the label is the way back
+    label = expert_future(task, keeps_lane, 40)
+    end = from_ego(label[-1, :2], np.asarray(task.ego.position), task.ego.heading)
+    assert abs(lane.local_coordinates(end)[1]) < 0.2
+
+
+def test_a_relabelled_drive_is_the_planners_states_with_the_experts_futures():
+    task = DrivingTask("highway-v0", max_episode_steps=12)
+    ep = relabelled_episode(task, 3, drifting_planner(task), 1, label_every=3)
+    plans = ep["data"]["plan"]
+    assert ep["steps"] == len(plans) == 12 and ep["labels"] == 4
+    assert np.flatnonzero(np.isfinite(plans).all(axis=1)).tolist() == [0, 3, 6, 9]
+    assert np.isnan(ep["data"]["branch_plans"]).all()
+    # Step 0 is the state the expert starts from too: the label is the expert's own recorded future.
+    own = drive_episode(DrivingTask("highway-v0"), 3, branch_every=0, max_steps=45)["data"]["plan"][0]
+    assert np.abs(plans[0] - own).max() < 0.5
+    # Later states are the planner's (it drifts right); the labels bend back left, more the further it drifted.
+    final_y = plans[[3, 6, 9]].reshape(3, -1, 3)[:, -1, 1]
+    assert (np.diff(final_y) < 0).all() and final_y[-1] < -1.0
+
+
+def test_relabelled_drives_append_to_the_experts_dataset_and_train_as_plans():
+    expert = collect_drives("highway/highway-v0", 1, seed=0, branch_every=0, progress=False, max_episode_steps=50)
+    task = DrivingTask("highway-v0")
+    relabelled = collect_relabelled("highway/highway-v0", 2, lambda seed: drifting_planner(task), 1, seed=1,
+                                    label_every=5, planner="drift", progress=False, max_episode_steps=10)
+    # steps 0 and 5 of each 10-step drive
+    assert relabelled.attrs["relabelled"]["labels"] == 4 and relabelled.attrs["seeds"] == [1, 2]
+    merged = append_demos(expert, relabelled)
+    assert merged.attrs["relabelled"][0]["planner"] == "drift"
+    assert merged.attrs["expert_collision_rate"] == expert.attrs["expert_collision_rate"]
+    assert len(PlanDataset(merged)) == len(PlanDataset(expert)) + 4

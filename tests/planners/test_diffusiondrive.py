@@ -11,11 +11,12 @@ from deploy.kinds import kind_named
 from deploy.runtime import RuntimeSettings, build_policy
 from envs.datasets.plan_dataset import PlanDataset
 from envs.driving_expert import collect_drives
-from evaluation.driving import mode_diversity
+from evaluation.driving import mode_diversity, relabel_drives
 from planners.diffusion_planner import DiffusionPlanner
 from planners.diffusiondrive import DiffusionDrive, DiffusionDriveRunConfig, focal_loss, load_planner
 from planners.driving_blocks import SceneEncoder, fourier_features
 from policy.train import train
+from rtdp.cli import main
 
 TASK = "highway/highway-v0"
 
@@ -300,3 +301,19 @@ def test_against_the_vanilla_planner_no_worse_ade_3x_the_diversity_at_10x_fewer_
     assert vanilla["calls"] >= 10 * drive["calls"]
     assert drive["ade"] <= vanilla["ade"], figures
     assert drive["diversity"] >= max(0.5, 3 * vanilla["diversity"]), figures
+
+
+def test_a_dagger_round_lets_the_planner_drive_and_the_expert_label(drives, tmp_path, capsys):
+    data = relabel_drives(str(drives["checkpoint"]), 1, seed=60, label_every=2, progress=False, max_episode_steps=6)
+    assert data.attrs["seeds"] == [60] and data.attrs["relabelled"]["planner"] == str(drives["checkpoint"])
+    labelled = np.isfinite(data["plan"]).all(axis=1)
+    assert data.n_steps == 6 and np.flatnonzero(labelled).tolist() == [0, 2, 4]
+    assert data["ego"].shape[1:] == drives["train"]["ego"].shape[1:]
+    out = tmp_path / "d.zarr"
+    assert main(["collect", "--task", "highway/roundabout-v0", "--relabel", str(drives["checkpoint"]), "--out",
+                 str(out), "--no-progress"]) == 2
+    assert "drives 'highway/highway-v0', not --task highway/roundabout-v0" in capsys.readouterr().err
+    assert main(["collect", "--task", "pointmaze/umaze", "--relabel", str(drives["checkpoint"]), "--out",
+                 str(out), "--no-progress"]) == 2
+    assert "--relabel is for driving tasks" in capsys.readouterr().err
+    assert not out.exists()
