@@ -8,7 +8,8 @@ on the expert's scenes) -> decision latency on one thread in torch and onnxrunti
     python benchmarks/diffusiondrive.py --scenarios roundabout-v0 --dagger-rounds 1   # then DAgger rounds
 
 Data and checkpoints go to benchmarks/results/diffusiondrive/runs/ (not committed); results to
-benchmarks/results/diffusiondrive/<scenario>.json, with a plot per scenario.
+benchmarks/results/diffusiondrive/<scenario>[-variant].json, the `rtdp eval` plot of each planner beside it
+and closed_loop.png over all of them.
 """
 
 from __future__ import annotations
@@ -94,11 +95,10 @@ def dagger(scenario: str, kind: str, data: Path, run: Path, rounds: int, episode
     return run, records
 
 
-def evaluate_kind(run: Path, episodes: int, backend: str = "torch") -> dict:
+def evaluate_kind(run: Path, episodes: int, plot: Path, backend: str = "torch") -> dict:
     from evaluation.evaluate import EvalSettings, evaluate
 
-    report = evaluate(EvalSettings(checkpoint=str(run), episodes=episodes, backend=backend,
-                                   plot=str(run / f"eval-{backend}.png")))
+    report = evaluate(EvalSettings(checkpoint=str(run), episodes=episodes, backend=backend, plot=str(plot)))
     return {k: report[k] for k in KEYS if k in report}
 
 
@@ -160,6 +160,41 @@ def table(out: Path) -> str:
     return "\n".join(rows)
 
 
+def plot_closed_loop(out: Path) -> None:
+    """closed_loop.png: collision, success and progress (a fraction of the expert's) of every planner, one panel per
+    scenario, a bar group per setting (the first training, each DAgger variant)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = sorted((json.loads(p.read_text()) for p in out.glob("*.json")), key=lambda r: r.get("variant") or "")
+    scenarios = sorted({r["scenario"] for r in results})
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(6 * len(scenarios), 4), squeeze=False)
+    figures = ("collision_rate", "success_rate", "progress")
+    for ax, scenario in zip(axes[0], scenarios, strict=True):
+        bars = []
+        for r in (r for r in results if r["scenario"] == scenario):
+            for kind, e in r["planners"].items():
+                if "eval" in e:
+                    ev = e["eval"]
+                    bars.append((f"{kind}\n{r.get('variant') or 'expert data'}", ev["collision_rate"],
+                                 ev["success_rate"], ev["progress_m"] / ev["expert"]["progress_m"]))
+                    expert = ev["expert"]
+        bars.append(("IDM expert", expert["collision_rate"], expert["success_rate"], 1.0))
+        width = 0.8 / len(figures)
+        for j, name in enumerate(figures):
+            ax.bar([i + j * width for i in range(len(bars))], [b[j + 1] for b in bars], width, label=name)
+        ax.set_xticks([i + width for i in range(len(bars))], [b[0] for b in bars], rotation=60, ha="right",
+                      fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{scenario}: 50 held-out seeds (progress / expert's)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "closed_loop.png", dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scenarios", nargs="*", default=["highway-v0", "roundabout-v0"])
@@ -180,6 +215,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.table:
         print(table(args.out))
+        plot_closed_loop(args.out)
         return
     for scenario in args.scenarios:
         base_variant = f"-{args.variant}" if args.variant else ""
@@ -201,13 +237,14 @@ def main() -> None:
                 entry["train"]["seconds_all_rounds"] = entry["train"]["seconds"] + sum(
                     r["train_seconds"] + r["seconds"] for r in entry["dagger"])
             if "eval" not in entry or "eval" in args.redo:
-                entry["eval"] = evaluate_kind(run, args.episodes)
+                entry["eval"] = evaluate_kind(run, args.episodes, args.out / f"{scenario}{variant}-{kind}.png")
             if "latency" not in entry or "latency" in args.redo:
                 entry["latency"] = latency(run)
             entry["date"], entry["machine"] = datetime.date.today().isoformat(), platform.node()
             path.write_text(json.dumps(result, indent=1))
             print(f"{scenario} {kind}: {json.dumps(entry['eval'])[:300]}", flush=True)
     print(table(args.out))
+    plot_closed_loop(args.out)
 
 
 if __name__ == "__main__":
