@@ -190,7 +190,7 @@ def plot_closed_loop(out: Path) -> None:
         ax.set_xticks([i + width for i in range(len(bars))], [b[0] for b in bars], rotation=60, ha="right",
                       fontsize=7)
         ax.set_ylim(0, 1.05)
-        ax.set_title(f"{scenario}: 50 held-out seeds (progress / expert's)")
+        ax.set_title(f"{scenario}: {expert['episodes']} held-out seeds (progress / expert's)")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "closed_loop.png", dpi=110)
