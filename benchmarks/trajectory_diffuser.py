@@ -1,13 +1,16 @@
-"""Trajectory Diffuser against its baselines on the maze tasks, per task: the noisy waypoint expert's continuing
-stream (`rtdp collect`) -> Trajectory Diffuser and the Decision-Diffuser-style planner trained on the same data with
-the same U-Net -> `rtdp eval` on the same 50 held-out seeds for Trajectory Diffuser, its draft alone (`--steps 0`)
-and Decision-Diffuser-style -> planning latency per decision on one thread, back to back, 32 candidates.
+"""Trajectory Diffuser against its baselines on the maze and hopper tasks, per task: the data `rtdp collect` makes
+(the mazes: the noisy waypoint expert's continuing stream; hopper: a SAC behaviour policy stopped at a third of the
+expert's return, its samples or its training stream) -> Trajectory Diffuser and the Decision-Diffuser-style planner
+trained on the same data with the same U-Net -> `rtdp eval` on the same 50 held-out seeds for Trajectory Diffuser,
+its draft alone (`--steps 0`) and Decision-Diffuser-style -> planning latency per decision on one thread, back to
+back, 32 candidates.
 
     python benchmarks/trajectory_diffuser.py --tasks pointmaze/umaze pointmaze/medium   # resumable per stage
+    python benchmarks/trajectory_diffuser.py --tasks mujoco/hopper-medium mujoco/hopper-medium-replay
     python benchmarks/trajectory_diffuser.py --table
 
 Data and checkpoints go to benchmarks/results/trajectory_diffuser/runs/ (not committed); results to
-benchmarks/results/trajectory_diffuser/<maze>.json.
+benchmarks/results/trajectory_diffuser/<maze or hopper dataset>.json.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 OUT = ROOT / "benchmarks" / "results" / "trajectory_diffuser"
 CONFIGS = {"trajectory_diffuser": "trajectory_diffuser.yaml", "decision_diffuser": "decision_diffuser.yaml"}
-HORIZONS = {"umaze": 32, "medium": 64, "large": 128}  # the reference's
+# the reference's horizons
+HORIZONS = {"umaze": 32, "medium": 64, "large": 128, "hopper-medium": 16, "hopper-medium-replay": 16}
 # What is evaluated: (row name, checkpoint kind, the refinement's steps (None: the config's))
 ROWS = (("trajectory_diffuser", "trajectory_diffuser", None), ("draft_alone", "trajectory_diffuser", 0),
         ("decision_diffuser", "decision_diffuser", None))
@@ -35,12 +39,16 @@ KEYS = ("success_rate", "success_ci95", "mean_return", "normalized_return", "nfe
 
 def dataset(task: str, steps: int) -> Path:
     from envs.datasets.offline import save_offline
+    from envs.hopper import collect_hopper
     from envs.pointmaze import collect_maze
 
     path = OUT / "runs" / f"{task.partition('/')[2]}.hdf5"
     if not path.exists():
         t0 = time.perf_counter()
-        buffer = collect_maze(task, steps, seed=0)
+        if task.startswith("mujoco/"):
+            buffer = collect_hopper(task, steps, OUT / "runs" / "hopper-behaviour", seed=0)
+        else:
+            buffer = collect_maze(task, steps, seed=0)
         buffer.attrs["collect_seconds"] = time.perf_counter() - t0
         save_offline(buffer, path)
     return path
@@ -53,13 +61,13 @@ def checkpoint(task: str, kind: str, data: Path, overrides: list[str]) -> tuple[
     from policy.config import load_config
     from policy.train import train
 
-    maze = task.partition("/")[2]
-    run = OUT / "runs" / f"{maze}-{kind}"
+    name = task.partition("/")[2]
+    run = OUT / "runs" / f"{name}-{kind}"
     if (run / "model.safetensors").is_file():
         return run, json.loads((run / "train_report.json").read_text())
     k = kind_named(kind)
     cfg = load_config(ROOT / "configs" / "planners" / CONFIGS[kind],
-                      [f"planner.horizon={HORIZONS[maze]}", *overrides], k.config_class)
+                      [f"planner.horizon={HORIZONS[name]}", *overrides], k.config_class)
     buffer = load_offline(data)
     cfg.data.task = buffer.attrs["task"]
     cfg.data.reference_returns = dict(buffer.attrs["reference_returns"])
@@ -75,23 +83,29 @@ def evaluate_row(run: Path, steps: int | None, episodes: int) -> dict:
     return {k: report[k] for k in KEYS if k in report}
 
 
-def latency(run: Path, steps: int | None, decisions: int) -> dict:
-    """One thread, back to back, on the states of one expert episode (fixed goal)."""
+def latency(run: Path, steps: int | None, decisions: int, data: Path) -> dict:
+    """One thread, back to back, on the states of one episode: the mazes' expert's (fixed goal), the hopper data's
+    first rows."""
     import numpy as np
     import torch
 
     from deploy.kinds import read_config
     from deploy.runtime import RuntimeSettings, build_policy
+    from envs.datasets.offline import load_offline
     from envs.pointmaze import PointMazeTask
 
     torch.set_num_threads(1)
-    env = PointMazeTask(read_config(run).data.task.partition("/")[2])
-    expert = env.expert()
-    obs, _ = env.reset(seed=100_000)
-    states = []
-    for _ in range(decisions + 3):
-        states.append(obs["state"])
-        obs, *_ = env.step(expert(obs["state"]))
+    task = read_config(run).data.task
+    if task.startswith("pointmaze/"):
+        env = PointMazeTask(task.partition("/")[2])
+        expert = env.expert()
+        obs, _ = env.reset(seed=100_000)
+        states = []
+        for _ in range(decisions + 3):
+            states.append(obs["state"])
+            obs, *_ = env.step(expert(obs["state"]))
+    else:
+        states = list(load_offline(data)["obs"][: decisions + 3])
     policy = build_policy(RuntimeSettings(str(run), steps=steps)).policy
     g = torch.Generator().manual_seed(0)
     times = []
@@ -126,7 +140,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", nargs="*", default=["pointmaze/umaze", "pointmaze/medium"])
     ap.add_argument("--rows", nargs="*", default=[r[0] for r in ROWS], choices=[r[0] for r in ROWS])
-    ap.add_argument("--data-steps", type=int, default=1_000_000)
+    ap.add_argument("--data-steps", type=int, default=1_000_000, help="maze streams and hopper-medium's samples")
     ap.add_argument("--override", nargs="*", default=[], help="config overrides for every kind, e.g. train.steps=2000")
     ap.add_argument("--dd-override", nargs="*", default=[], help="config overrides for decision_diffuser only")
     ap.add_argument("--episodes", type=int, default=50)
@@ -139,8 +153,7 @@ def main() -> None:
         print(table(OUT))
         return
     for task in args.tasks:
-        maze = task.partition("/")[2]
-        path = OUT / f"{maze}.json"
+        path = OUT / f"{task.partition('/')[2]}.json"
         result = json.loads(path.read_text()) if path.is_file() else {"task": task, "rows": {}}
         data = dataset(task, args.data_steps)
         result["data"] = {"path": str(data.relative_to(ROOT)), "steps": args.data_steps}
@@ -154,7 +167,7 @@ def main() -> None:
             if "eval" not in entry or "eval" in args.redo:
                 entry["eval"] = evaluate_row(run, steps, args.episodes)
             if "latency" not in entry or "latency" in args.redo:
-                entry["latency"] = latency(run, steps, args.latency_decisions)
+                entry["latency"] = latency(run, steps, args.latency_decisions, data)
             result.update(machine=f"{platform.machine()}, {platform.processor() or 'cpu'}",
                           date=datetime.date.today().isoformat())
             path.write_text(json.dumps(result, indent=2))

@@ -5,7 +5,8 @@ image tasks, `image` (H, W, 3 uint8); `info["success"]` flags success; `max_epis
 `expert()` returns its scripted policy (state -> action). Driving tasks (`highway/<scenario>`, envs/driving.py)
 observe a scene (`ego`, `agents`, `bev`) and take a plan; their expert drives the simulator itself
 (envs/driving_expert.py). Maze tasks (`pointmaze/<maze>`, envs/pointmaze.py) run to their step limit
-(`stops_at_success = False`): their return counts the steps spent at the goal, as D4RL scores it.
+(`stops_at_success = False`): their return counts the steps spent at the goal, as D4RL scores it. Hopper tasks
+(`mujoco/hopper-medium|hopper-medium-replay`, envs/hopper.py) likewise run to the step limit or the fall.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import gymnasium as gym
 
 def known_tasks() -> list[str]:
     from .driving import SCENARIOS
+    from .hopper import DATASETS
     from .metaworld_env import metaworld_task_names
     from .pointmaze import MAZES
 
     return (["point_mass/reach", "point_mass/obstacle"] + [f"metaworld/{n}" for n in metaworld_task_names()]
-            + [f"highway/{n}" for n in SCENARIOS] + [f"pointmaze/{n}" for n in MAZES])
+            + [f"highway/{n}" for n in SCENARIOS] + [f"pointmaze/{n}" for n in MAZES]
+            + [f"mujoco/hopper-{d}" for d in DATASETS])
 
 
 def discrete_action_dims(task: str | None) -> list[int]:
@@ -71,6 +74,13 @@ def make_env(task: str, image: bool = False, image_size: int = 96, max_episode_s
 
         if name in MAZES:
             return PointMazeTask(name, max_episode_steps=max_episode_steps)
+    elif family == "mujoco":
+        if image:
+            raise ValueError(f"{task} observes a state vector (joint positions and velocities), not camera images")
+        from .hopper import HopperTask, dataset_name
+
+        dataset_name(task)  # a known hopper dataset, or a clear error
+        return HopperTask(max_episode_steps=max_episode_steps)
     elif task == "point_mass/reach":
         from .point_mass import PointMassReach
 

@@ -212,6 +212,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
         raise ValueError(f"--relabel is for driving tasks (highway/...), not {args.task}")
     if args.task.startswith("pointmaze/"):
         return _collect_maze(args)
+    if args.task.startswith("mujoco/"):
+        return _collect_hopper(args)
     if args.task.startswith("motion/"):
         return _collect_motion(args)
     if "," in args.task:
@@ -360,6 +362,35 @@ def _collect_maze(args: argparse.Namespace) -> int:
     refs = buffer.attrs["reference_returns"]
     print(f"{args.task}: {buffer.n_steps} steps, {buffer.attrs['goals_reached']} goals reached, in {out}; "
           f"reference returns random {refs['random']:.1f}, expert {refs['expert']:.1f}")
+    _write_report(args.report, {"out": out, "steps": buffer.n_steps, "episodes": buffer.n_episodes, **buffer.attrs})
+    return 0
+
+
+def _collect_hopper(args: argparse.Namespace) -> int:
+    """A hopper dataset as D4RL's was made: a SAC behaviour policy stopped at a third of the expert's return, then
+    its samples (medium) or its training stream (medium-replay)."""
+    from envs.datasets.offline import save_offline
+    from envs.hopper import ENV_ID, collect_hopper, dataset_name
+
+    if args.append or args.image:
+        raise ValueError(f"{args.task} makes one dataset from its behaviour policy: --append and --image do not "
+                         f"apply")
+    dataset_name(args.task)  # refused before anything is trained
+    if Path(args.out).exists() and not args.overwrite:
+        raise ValueError(f"{args.out} already exists; nothing was written (choose another --out or pass "
+                         f"--overwrite)")
+    behaviour = args.behaviour or str(Path(args.out).with_name("hopper-behaviour"))
+    buffer = collect_hopper(args.task, args.steps, behaviour, seed=args.seed or 0,
+                            target_return=args.behaviour_return, behaviour_steps=args.behaviour_steps,
+                            progress=not args.no_progress)
+    import gymnasium as gym
+
+    spec = gym.spec(ENV_ID) if args.out.startswith("minari:") else None
+    out = save_offline(buffer, args.out, overwrite=args.overwrite, minari_dir=args.minari_dir, env_spec=spec)
+    refs, b = buffer.attrs["reference_returns"], buffer.attrs["behaviour"]
+    print(f"{args.task}: {buffer.n_steps} steps in {buffer.n_episodes} episodes, in {out}; behaviour policy "
+          f"(in {behaviour}) return {b['final_return']} after {b['steps']} steps; reference returns random "
+          f"{refs['random']:.1f}, expert {refs['expert']:.1f} (D4RL's)")
     _write_report(args.report, {"out": out, "steps": buffer.n_steps, "episodes": buffer.n_episodes, **buffer.attrs})
     return 0
 
@@ -683,8 +714,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "separated, make one multi-task dataset whose episodes carry their task's index")
     c.add_argument("--episodes", type=POSITIVE, default=50, help="successful episodes to keep (driving tasks: "
                    "every episode is kept, a crash cut from its labels)")
-    c.add_argument("--out", required=True, help="zarr store to write (maze tasks: also .hdf5 for D4RL's layout, or "
-                   "minari:<id> for a Minari dataset)")
+    c.add_argument("--out", required=True, help="zarr store to write (maze and hopper tasks: also .hdf5 for D4RL's "
+                   "layout, or minari:<id> for a Minari dataset)")
     c.add_argument("--seed", type=int, help="first episode seed (tasks vary with the seed); default 0, or with "
                    "--append the seed after the dataset's last")
     c.add_argument("--image", action="store_true", help="also record rendered RGB frames")
@@ -699,11 +730,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "training data and train again)")
     c.add_argument("--label-every", type=POSITIVE, default=1, help="with --relabel: label every N-th step")
     c.add_argument("--steps", type=POSITIVE, default=1_000_000, help="maze tasks: steps of the continuing expert "
-                   "stream")
+                   "stream; mujoco/hopper-medium: transitions sampled from the behaviour policy")
+    c.add_argument("--behaviour", metavar="DIR", help="hopper tasks: the behaviour policy's folder (trained there "
+                   "first if empty; default: hopper-behaviour beside --out)")
+    c.add_argument("--behaviour-return", type=float, help="hopper tasks: train the behaviour policy until this "
+                   "return (default: a third of D4RL's expert reference, 1078)")
+    c.add_argument("--behaviour-steps", type=POSITIVE, default=300_000, help="hopper tasks: the behaviour "
+                   "policy's most training steps")
     c.add_argument("--action-noise", type=float, default=0.3, help="maze tasks: std of the expert's action noise")
     c.add_argument("--bvh", metavar="DIR", help="motion/bvh: the folder of .bvh files (e.g. LaFAN1's)")
-    c.add_argument("--minari-dir", help="maze tasks with --out minari:<id>: the Minari datasets folder (default: "
-                   "MINARI_DATASETS_PATH or ~/.minari/datasets)")
+    c.add_argument("--minari-dir", help="maze and hopper tasks with --out minari:<id>: the Minari datasets folder "
+                   "(default: MINARI_DATASETS_PATH or ~/.minari/datasets)")
     c.add_argument("--report", help="write a JSON summary here")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_collect)
