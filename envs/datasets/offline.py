@@ -1,5 +1,6 @@
 """Offline-RL datasets in the layouts their users already have, as one ReplayBuffer (`obs`, `action`, `reward`,
-`terminal`, episode ends at terminals and timeouts, `attrs["reference_returns"]` for D4RL's normalised score):
+`terminal`, `next_obs` where the source has next observations, episode ends at terminals and timeouts,
+`attrs["reference_returns"]` for D4RL's normalised score):
 
     load_offline("data/umaze.hdf5")                 # D4RL's HDF5 layout (rtdp's metadata in the file's attrs)
     load_offline("data/umaze.zarr")                 # rtdp's own replay buffer
@@ -55,6 +56,8 @@ def d4rl_buffer(data: dict[str, np.ndarray], source: str, attrs: dict | None = N
         ends = np.append(ends, n)
     fields = {"obs": np.asarray(data["observations"], np.float32), "action": np.asarray(data["actions"], np.float32),
               "reward": np.asarray(data["rewards"], np.float32), "terminal": np.asarray(data["terminals"], bool)}
+    if "next_observations" in data:  # an episode's last next-observation is in no other row (a fall, a time limit)
+        fields["next_obs"] = np.asarray(data["next_observations"], np.float32)
     return ReplayBuffer(fields, ends, {"source_format": "d4rl", **(attrs or {})}, source=source)
 
 
@@ -66,8 +69,11 @@ def buffer_arrays(buffer: ReplayBuffer) -> dict[str, np.ndarray]:
     terminals = np.asarray(buffer["terminal"], bool)
     timeouts = np.zeros(buffer.n_steps, bool)
     timeouts[buffer.episode_ends - 1] = True
-    return {"observations": buffer["obs"], "actions": buffer["action"], "rewards": buffer["reward"],
-            "terminals": terminals, "timeouts": timeouts & ~terminals}
+    arrays = {"observations": buffer["obs"], "actions": buffer["action"], "rewards": buffer["reward"],
+              "terminals": terminals, "timeouts": timeouts & ~terminals}
+    if "next_obs" in buffer.data:
+        arrays["next_observations"] = buffer["next_obs"]
+    return arrays
 
 
 # -- Minari -------------------------------------------------------------------------------------------------------
@@ -112,7 +118,7 @@ def read_minari(source: str | Path) -> ReplayBuffer:
             dataset = minari.MinariDataset(folder / "data" if (folder / "data").is_dir() else folder)
     except (FileNotFoundError, ValueError, KeyError, OSError) as e:
         raise DatasetError(f"{source} is not a readable Minari dataset: {e}") from None
-    obs, act, rew, term, trunc = [], [], [], [], []
+    obs, nxt, act, rew, term, trunc = [], [], [], [], [], []
     for episode in dataset.iterate_episodes():
         n = len(episode.actions)
         o = _flat_observations(episode.observations, text)
@@ -120,6 +126,7 @@ def read_minari(source: str | Path) -> ReplayBuffer:
             raise DatasetError(f"{source}: episode {episode.id} has {len(o)} observations, {n} actions and "
                                f"{len(episode.rewards)} rewards; Minari stores one observation more than actions")
         obs.append(o[:n])
+        nxt.append(o[1:])
         act.append(np.asarray(episode.actions))
         rew.append(np.asarray(episode.rewards))
         term.append(np.asarray(episode.terminations, bool))
@@ -136,7 +143,8 @@ def read_minari(source: str | Path) -> ReplayBuffer:
     if description.startswith("{"):  # rtdp's own datasets keep their metadata here
         attrs.update(json.loads(description))
     data = {"observations": np.concatenate(obs), "actions": np.concatenate(act), "rewards": np.concatenate(rew),
-            "terminals": np.concatenate(term), "timeouts": np.concatenate(trunc)}
+            "terminals": np.concatenate(term), "timeouts": np.concatenate(trunc),
+            "next_observations": np.concatenate(nxt)}
     buffer = d4rl_buffer(data, text, attrs)
     buffer.attrs["source_format"] = "minari"
     return buffer
@@ -166,8 +174,11 @@ def write_minari(buffer: ReplayBuffer, dataset_id: str, root: str | Path | None 
 
     episodes = []
     for i, (s, e) in enumerate(zip(starts, buffer.episode_ends, strict=True)):
-        rows = np.append(np.arange(s, e), min(e, len(obs) - 1))  # the next episode's first step follows
-        episodes.append(EpisodeBuffer(id=i, observations=observation(rows), actions=arrays["actions"][s:e],
+        if "next_observations" in arrays and not goal_dim:  # ends with the observation its last step led to
+            observations = np.concatenate([obs[s:e], arrays["next_observations"][e - 1 : e]])
+        else:  # a goal-segmented stream: the next episode's first step follows
+            observations = observation(np.append(np.arange(s, e), min(e, len(obs) - 1)))
+        episodes.append(EpisodeBuffer(id=i, observations=observations, actions=arrays["actions"][s:e],
                                       rewards=arrays["rewards"][s:e], terminations=arrays["terminals"][s:e],
                                       truncations=arrays["timeouts"][s:e]))
     dim = obs.shape[1]

@@ -112,6 +112,11 @@ def test_medium_samples_the_policy_and_round_trips_in_d4rl_and_minari(behaviour,
     dataset = minari.load_dataset("rtdp/hopper-medium-test-v0")
     assert dataset.total_steps == 600 and dataset.total_episodes == medium.n_episodes
     assert dataset.storage.metadata["ref_max_score"] == D4RL_EXPERT_RETURN
+    episode = next(dataset.iterate_episodes())  # it ends with the observation its last step led to (the fall)
+    assert np.allclose(episode.observations[-1], medium["next_obs"][first - 1])
+    assert not np.allclose(episode.observations[-1], medium["obs"][first])  # not the next episode's start
+    back = load_offline("minari:rtdp/hopper-medium-test-v0")
+    assert np.allclose(back["next_obs"], medium["next_obs"], atol=1e-6)
 
 
 def test_collect_cli_makes_a_hopper_dataset_with_an_existing_behaviour_policy(behaviour, tmp_path, capsys):
