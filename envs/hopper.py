@@ -1,11 +1,11 @@
 """Hopper (gymnasium MuJoCo) as D4RL's hopper datasets were made: `mujoco/hopper-medium|hopper-medium-replay`.
 
 Both tasks run gymnasium's `Hopper-v5` (1,000 steps, ended early when the hopper falls); they differ in the data
-`rtdp collect` makes for them. A behaviour policy is trained first (SAC, stopped once its return reaches about a
-third of the expert's reference: envs/behaviour_policy.py); "medium" is `steps` transitions sampled from it,
-"medium-replay" every transition it saw while training. The observation is `state`, the 11-d joint positions and
-velocities; `info["success"]` is set on an episode that runs to its step limit without falling, so an evaluation's
-success rate is the share of episodes the hopper stayed up.
+`rtdp collect` makes for them. A behaviour policy is trained first (PPO by default, or SAC as D4RL used; stopped
+once its return reaches about a third of the expert's reference: envs/behaviour_policy.py); "medium" is `steps`
+transitions sampled from it, "medium-replay" every transition it took while training. The observation is `state`,
+the 11-d joint positions and velocities; `info["success"]` is set on an episode that runs to its step limit without
+falling, so an evaluation's success rate is the share of episodes the hopper stayed up.
 
 Normalised return: the random reference is measured here (uniform actions); the expert reference is D4RL's
 (3234.3, its SAC expert on Hopper-v3), since no expert policy is trained here; the dataset's metadata says so.
@@ -67,12 +67,12 @@ def _make_raw_env() -> gym.Env:
 
 
 def collect_hopper(task: str, steps: int, behaviour: str | Path, seed: int = 0, target_return: float | None = None,
-                   behaviour_steps: int = 300_000, progress: bool = True):
+                   algorithm: str = "ppo", behaviour_steps: int = 1_000_000, progress: bool = True):
     """The task's dataset as a ReplayBuffer. The behaviour policy in folder `behaviour` is trained there first when
-    the folder holds none (to `target_return`, default a third of D4RL's expert reference, within
+    the folder holds none (`algorithm`, to `target_return`, default a third of D4RL's expert reference, within
     `behaviour_steps`). "medium": `steps` transitions sampled from it, episode after episode on seeds seed, seed + 1,
     ...; "medium-replay": its whole training stream (`steps` does not apply)."""
-    from .behaviour_policy import ACTOR_FILE, REPLAY_FILE, BehaviourPolicy, BehaviourSettings, train_behaviour
+    from .behaviour_policy import POLICY_FILE, REPLAY_FILE, BehaviourPolicy, BehaviourSettings, train_behaviour
     from .datasets.d4rl import read_d4rl
     from .datasets.offline import d4rl_buffer
 
@@ -80,10 +80,11 @@ def collect_hopper(task: str, steps: int, behaviour: str | Path, seed: int = 0, 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     folder = Path(behaviour)
-    if not (folder / ACTOR_FILE).is_file():
+    if not (folder / POLICY_FILE).is_file():
         target = D4RL_EXPERT_RETURN * MEDIUM_FRACTION if target_return is None else target_return
-        train_behaviour(_make_raw_env, BehaviourSettings(target_return=target, max_steps=behaviour_steps,
-                                                         seed=seed), folder, progress=progress)
+        train_behaviour(_make_raw_env, BehaviourSettings(target_return=target, algorithm=algorithm,
+                                                         max_steps=behaviour_steps, seed=seed), folder,
+                        progress=progress)
     policy = BehaviourPolicy(folder, _make_raw_env, seed=seed)
     if kind == "medium-replay":
         data = read_d4rl(folder / REPLAY_FILE)
@@ -91,7 +92,8 @@ def collect_hopper(task: str, steps: int, behaviour: str | Path, seed: int = 0, 
         data = rollout_stream(policy, steps, seed, progress)
     attrs = {"task": task, "steps": int(len(data["rewards"])), "seed": seed, "env": ENV_ID,
              "behaviour": {k: policy.record[k] for k in ("algorithm", "steps", "seconds", "final_return", "reached")},
-             "expert": f"SAC behaviour policy, stopped at return {policy.record['final_return']}",
+             "expert": f"{policy.record['algorithm']} behaviour policy, stopped at return "
+                       f"{policy.record['final_return']}",
              "reference_returns": reference_returns(),
              "created": datetime.datetime.now().isoformat(timespec="seconds")}
     return d4rl_buffer(data, str(folder), attrs)

@@ -367,8 +367,8 @@ def _collect_maze(args: argparse.Namespace) -> int:
 
 
 def _collect_hopper(args: argparse.Namespace) -> int:
-    """A hopper dataset as D4RL's was made: a SAC behaviour policy stopped at a third of the expert's return, then
-    its samples (medium) or its training stream (medium-replay)."""
+    """A hopper dataset as D4RL's was made: a behaviour policy stopped at a third of the expert's return, then its
+    samples (medium) or its training stream (medium-replay)."""
     from envs.datasets.offline import save_offline
     from envs.hopper import ENV_ID, collect_hopper, dataset_name
 
@@ -381,7 +381,8 @@ def _collect_hopper(args: argparse.Namespace) -> int:
                          f"--overwrite)")
     behaviour = args.behaviour or str(Path(args.out).with_name("hopper-behaviour"))
     buffer = collect_hopper(args.task, args.steps, behaviour, seed=args.seed or 0,
-                            target_return=args.behaviour_return, behaviour_steps=args.behaviour_steps,
+                            target_return=args.behaviour_return, algorithm=args.behaviour_algorithm,
+                            behaviour_steps=args.behaviour_steps,
                             progress=not args.no_progress)
     import gymnasium as gym
 
@@ -735,7 +736,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "first if empty; default: hopper-behaviour beside --out)")
     c.add_argument("--behaviour-return", type=float, help="hopper tasks: train the behaviour policy until this "
                    "return (default: a third of D4RL's expert reference, 1078)")
-    c.add_argument("--behaviour-steps", type=POSITIVE, default=300_000, help="hopper tasks: the behaviour "
+    c.add_argument("--behaviour-algorithm", choices=("ppo", "sac"), default="ppo", help="hopper tasks: how the "
+                   "behaviour policy is trained (PPO: minutes on a CPU; SAC: as D4RL, much longer)")
+    c.add_argument("--behaviour-steps", type=POSITIVE, default=1_000_000, help="hopper tasks: the behaviour "
                    "policy's most training steps")
     c.add_argument("--action-noise", type=float, default=0.3, help="maze tasks: std of the expert's action noise")
     c.add_argument("--bvh", metavar="DIR", help="motion/bvh: the folder of .bvh files (e.g. LaFAN1's)")

@@ -1,6 +1,7 @@
 """The hopper tasks (mujoco/hopper-medium|hopper-medium-replay): gymnasium's Hopper-v5 behind the task contract, a
-SAC behaviour policy saved without pickle and reloaded exactly, its samples (medium) and its training stream
-(medium-replay) as D4RL-layout datasets that round-trip and load in Minari."""
+behaviour policy (PPO or SAC) that stops at its target return, saved without pickle and reloaded exactly, its
+samples (medium) and its training stream (medium-replay) as D4RL-layout datasets that round-trip and load in
+Minari."""
 
 import json
 
@@ -9,7 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from envs.behaviour_policy import ACTOR_FILE, META_FILE, REPLAY_FILE, BehaviourPolicy, BehaviourSettings
+from envs.behaviour_policy import (
+    META_FILE,
+    POLICY_FILE,
+    REPLAY_FILE,
+    BehaviourPolicy,
+    BehaviourSettings,
+    train_behaviour,
+)
 from envs.datasets.offline import load_offline, save_offline
 from envs.hopper import D4RL_EXPERT_RETURN, ENV_ID, STATE_DIM, _make_raw_env, collect_hopper
 from envs.tasks import known_tasks, make_env
@@ -17,13 +25,12 @@ from envs.tasks import known_tasks, make_env
 
 @pytest.fixture(scope="module")
 def behaviour(tmp_path_factory):
-    """A behaviour policy trained for 400 steps (tiny; far from "medium", which is not what is tested here)."""
-    from envs.behaviour_policy import train_behaviour
-
+    """A SAC behaviour policy trained for 400 steps (tiny; far from "medium", which is not what is tested here)."""
     folder = tmp_path_factory.mktemp("hopper") / "behaviour"
     torch.manual_seed(0)
-    record = train_behaviour(_make_raw_env, BehaviourSettings(target_return=1e9, max_steps=400, learning_starts=100,
-                                                              eval_every=200, eval_episodes=1, net_arch=[32, 32]),
+    record = train_behaviour(_make_raw_env, BehaviourSettings(target_return=1e9, algorithm="sac", max_steps=400,
+                                                              learning_starts=100, eval_every=200, eval_episodes=1,
+                                                              net_arch=[32, 32]),
                              folder, progress=False)
     return folder, record
 
@@ -52,12 +59,12 @@ def test_hopper_task_observes_state_and_counts_staying_up_as_success():
 
 def test_behaviour_policy_is_saved_without_pickle_and_reloads_exactly(behaviour):
     folder, record = behaviour
-    assert sorted(p.name for p in folder.iterdir()) == sorted([ACTOR_FILE, META_FILE, REPLAY_FILE])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([POLICY_FILE, META_FILE, REPLAY_FILE])
     assert json.loads((folder / META_FILE).read_text())["steps"] == record["steps"] == 400
     assert not record["reached"] and record["evaluations"][0]["step"] == 200
     policy = BehaviourPolicy(folder, _make_raw_env, deterministic=True)
-    saved = load_file(str(folder / ACTOR_FILE))
-    loaded = policy.model.actor.state_dict()
+    saved = load_file(str(folder / POLICY_FILE))
+    loaded = policy.model.policy.state_dict()
     assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
     obs = np.linspace(-1, 1, STATE_DIM).astype(np.float32)
     with torch.no_grad():
@@ -66,6 +73,23 @@ def test_behaviour_policy_is_saved_without_pickle_and_reloads_exactly(behaviour)
     assert np.all(np.abs(mode) < 1)
     with pytest.raises(FileNotFoundError, match="holds no behaviour policy"):
         BehaviourPolicy(folder.parent / "missing", _make_raw_env)
+
+
+def test_ppo_behaviour_stops_at_its_target_and_reloads(tmp_path):
+    folder = tmp_path / "ppo"
+    torch.manual_seed(0)
+    # a target any policy meets: training stops at the first evaluation, mid-rollout
+    record = train_behaviour(_make_raw_env, BehaviourSettings(target_return=-1e9, max_steps=5000, eval_every=300,
+                                                              eval_episodes=1, net_arch=[16, 16]),
+                             folder, progress=False)
+    assert record["reached"] and record["steps"] == 300 and record["replay_transitions"] == 300
+    policy = BehaviourPolicy(folder, _make_raw_env, deterministic=True)
+    obs = np.linspace(-1, 1, STATE_DIM).astype(np.float32)
+    with torch.no_grad():
+        mean = policy.model.policy.get_distribution(torch.from_numpy(obs[None])).mode()[0].numpy()
+    assert np.allclose(policy(obs), np.clip(mean, -1, 1), atol=1e-6)  # the Gaussian's mean, clipped to the box
+    with pytest.raises(ValueError, match="ppo"):
+        BehaviourSettings(target_return=1.0, algorithm="td3")
 
 
 def test_medium_replay_is_the_training_stream_in_order(behaviour):
