@@ -17,6 +17,7 @@ from planners import (
     aamdm,
     amdm,
     decision_diffuser,
+    diffuser,
     diffusion_planner,
     diffusiondrive,
     motion_autoencoder,
@@ -63,9 +64,9 @@ for _module, _planner in ((diffusion_planner, diffusion_planner.DiffusionPlanner
                                     _planner, partial(diffusiondrive.load_planner, planner_class=_planner),
                                     _module.build_for_training, denoising_wrappers=False,
                                     bounded_by_training_range=False)
-# Offline-RL planners over state plans: Trajectory Diffuser and its Decision-Diffuser-style baseline.
+# Offline-RL planners over state plans: Trajectory Diffuser and its Decision-Diffuser- and Diffuser-style baselines.
 for _module, _planner in ((trajectory_diffuser, trajectory_diffuser.TrajectoryDiffuser),
-                          (decision_diffuser, decision_diffuser.DecisionDiffuser)):
+                          (decision_diffuser, decision_diffuser.DecisionDiffuser), (diffuser, diffuser.Diffuser)):
     KINDS[_module.KIND] = ModelKind(_module.KIND, trajectory_diffuser.TrajectoryDiffuserRunConfig,
                                     trajectory_diffuser.read_config, _planner,
                                     partial(trajectory_diffuser.load_planner, planner_class=_planner),

@@ -19,7 +19,8 @@ One decision, as the released code's `select_action` makes it:
    and a critic Q(s_0, a) regressed on the return-to-go; one candidate drawn from softmax(Q / temperature) (by the
    Gumbel-max trick, so the draw is an input of the exported graph).
 `refine_steps: 0` is the draft alone. Decision-Diffuser-style planning (from noise, every step) is
-planners/decision_diffuser.py, built on the same parts. Learned variance and the Adroit 2-step setting are left out.
+planners/decision_diffuser.py, Diffuser-style planning (from noise, value-guided) planners/diffuser.py, both built on
+the same parts. Learned variance and the Adroit 2-step setting are left out.
 """
 
 from __future__ import annotations
@@ -82,6 +83,11 @@ class TrajectoryDiffuserConfig:
     draft_weight: float = 1.0
     inverse_weight: float = 1.0
     critic_weight: float = 1.0
+    # the Diffuser-style baseline's value guidance (planners/diffuser.py); the other kinds have no value net
+    value_weight: float = 1.0
+    value_hidden: int = 256
+    guide_scale: float = 0.1
+    guide_stop_t: int = 2  # no guidance below this noise level (Janner's t_stopgrad)
 
 
 @dataclass

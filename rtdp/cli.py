@@ -96,7 +96,7 @@ def _config_kind(path: str) -> str:
 
 
 # Planner kinds trained on offline-RL data (state windows with returns), read from D4RL HDF5, zarr or Minari.
-OFFLINE_RL_KINDS = ("trajectory_diffuser", "decision_diffuser")
+OFFLINE_RL_KINDS = ("trajectory_diffuser", "decision_diffuser", "diffuser")
 # Motion kinds, trained on windows of consecutive frames (a zarr with `frame` per step, one episode per clip).
 MOTION_KINDS = ("aamdm", "amdm")
 

@@ -13,6 +13,7 @@ from deploy.runtime import RuntimeSettings, build_policy
 from envs.datasets.trajectory_dataset import TrajectoryDataset
 from envs.pointmaze import collect_maze
 from planners.decision_diffuser import DecisionDiffuser
+from planners.diffuser import Diffuser
 from planners.trajectory_diffuser import (
     TrajectoryDiffuser,
     TrajectoryDiffuserConfig,
@@ -45,11 +46,14 @@ def maze(tmp_path_factory):
     buffer = collect_maze(TASK, 4000, seed=0, progress=False)
     data = TrajectoryDataset(buffer, 32, 0.99)
     torch.manual_seed(0)
-    for kind, extra in (("trajectory_diffuser", {}), ("decision_diffuser", {"train_timesteps": 200})):
+    for kind, extra in (("trajectory_diffuser", {}), ("decision_diffuser", {"train_timesteps": 200}),
+                        ("diffuser", {"train_timesteps": 20, "condition_dropout": 1.0, "draft_weight": 0.0,
+                                      "beta_schedule": "squaredcos_cap_v2", "value_hidden": 64})):
         cfg = small(TrajectoryDiffuserRunConfig(kind=kind), 60, **extra)
         cfg.data.reference_returns = dict(buffer.attrs["reference_returns"])
         train(cfg, data, root / kind, progress=False, build=kind_named(kind).build_for_training)
-    return {"root": root, "buffer": buffer, "td": root / "trajectory_diffuser", "dd": root / "decision_diffuser"}
+    return {"root": root, "buffer": buffer, "td": root / "trajectory_diffuser", "dd": root / "decision_diffuser",
+            "diffuser": root / "diffuser"}
 
 
 def observations(buffer, n: int = 3) -> dict:
@@ -103,6 +107,34 @@ def test_refinement_starts_from_the_draft_and_makes_exactly_5_calls_against_200_
     td.configure_inference(steps=0)  # the draft alone
     calls = UnetCalls(td.unet)
     assert td.predict_chunk(obs).nfe == 0 and calls.timesteps == []
+
+
+def test_diffuser_style_denoises_from_noise_in_20_calls_and_its_value_guidance_raises_the_value(maze):
+    planner, _ = load_planner(maze["diffuser"], Diffuser)
+    obs = observations(maze["buffer"])
+    calls = UnetCalls(planner.unet)
+    value_steps = []
+    handle = planner.value.register_forward_pre_hook(lambda m, args: value_steps.append(int(args[1][0])))
+    chunk = planner.predict_chunk(obs, generator=torch.Generator().manual_seed(0))
+    assert chunk.nfe == len(calls.timesteps) == 20 and calls.timesteps == list(range(19, -1, -1))
+    assert value_steps == list(range(19, 1, -1))  # one value gradient per step down to t = 2, none below
+    assert chunk.extras["draft_steps"] == 0 and not hasattr(planner, "draft")
+    handle.remove()
+    calls.handle.remove()
+
+    def values(scale: float) -> torch.Tensor:
+        planner.cfg.guide_scale = scale
+        plans = planner.normalizer["state"].normalize(
+            planner.predict_chunk(obs, generator=torch.Generator().manual_seed(1)).extras["plans"].flatten(0, 1))
+        with torch.no_grad():
+            return planner.value(plans, torch.zeros(len(plans), dtype=torch.long))
+
+    # the same noise, steered further up the value's slope the stronger the guidance
+    unguided, guided, strong = values(0.0), values(10.0), values(30.0)
+    assert unguided.mean() < guided.mean() < strong.mean()
+    assert strong.mean() - unguided.mean() > unguided.std(), (unguided.mean(), strong.mean(), unguided.std())
+    with pytest.raises(ValueError, match="torch only"):
+        export_policy(ExportSettings(str(maze["diffuser"])))
 
 
 def test_the_drafts_cached_rollout_is_the_full_prefix_rerun():
