@@ -2,8 +2,8 @@
 (the mazes: the noisy waypoint expert's continuing stream; hopper: a SAC behaviour policy stopped at a third of the
 expert's return, its samples or its training stream) -> Trajectory Diffuser and the Decision-Diffuser-style planner
 trained on the same data with the same U-Net -> `rtdp eval` on the same 50 held-out seeds for Trajectory Diffuser,
-its draft alone (`--steps 0`) and Decision-Diffuser-style -> planning latency per decision on one thread, back to
-back, 32 candidates.
+its draft alone (`--steps 0`), Decision-Diffuser-style and Diffuser-style -> planning latency per decision on one
+thread, back to back, 32 candidates.
 
     python benchmarks/trajectory_diffuser.py --tasks pointmaze/umaze pointmaze/medium   # resumable per stage
     python benchmarks/trajectory_diffuser.py --tasks mujoco/hopper-medium mujoco/hopper-medium-replay
@@ -27,12 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 OUT = ROOT / "benchmarks" / "results" / "trajectory_diffuser"
-CONFIGS = {"trajectory_diffuser": "trajectory_diffuser.yaml", "decision_diffuser": "decision_diffuser.yaml"}
+CONFIGS = {"trajectory_diffuser": "trajectory_diffuser.yaml", "decision_diffuser": "decision_diffuser.yaml",
+           "diffuser": "diffuser.yaml"}
 # the reference's horizons
 HORIZONS = {"umaze": 32, "medium": 64, "large": 128, "hopper-medium": 16, "hopper-medium-replay": 16}
 # What is evaluated: (row name, checkpoint kind, the refinement's steps (None: the config's))
 ROWS = (("trajectory_diffuser", "trajectory_diffuser", None), ("draft_alone", "trajectory_diffuser", 0),
-        ("decision_diffuser", "decision_diffuser", None))
+        ("decision_diffuser", "decision_diffuser", None), ("diffuser", "diffuser", None))
 KEYS = ("success_rate", "success_ci95", "mean_return", "normalized_return", "nfe_per_decision",
         "draft_steps_per_decision", "actions_per_decision", "latency_ms", "decisions", "seconds", "config")
 
