@@ -55,6 +55,14 @@ def dataset(task: str, steps: int) -> Path:
     return path
 
 
+def _steps(data: Path) -> int:
+    """The dataset's transitions (medium-replay holds its behaviour policy's training stream, not --data-steps)."""
+    import h5py
+
+    with h5py.File(data, "r") as f:
+        return len(f["rewards"])
+
+
 def checkpoint(task: str, kind: str, data: Path, overrides: list[str]) -> tuple[Path, dict]:
     from deploy.kinds import kind_named
     from envs.datasets.offline import load_offline
@@ -157,7 +165,7 @@ def main() -> None:
         path = OUT / f"{task.partition('/')[2]}.json"
         result = json.loads(path.read_text()) if path.is_file() else {"task": task, "rows": {}}
         data = dataset(task, args.data_steps)
-        result["data"] = {"path": str(data.relative_to(ROOT)), "steps": args.data_steps}
+        result["data"] = {"path": str(data.relative_to(ROOT)), "steps": _steps(data)}
         for name, kind, steps in ROWS:
             if name not in args.rows:
                 continue

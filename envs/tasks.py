@@ -75,12 +75,13 @@ def make_env(task: str, image: bool = False, image_size: int = 96, max_episode_s
         if name in MAZES:
             return PointMazeTask(name, max_episode_steps=max_episode_steps)
     elif family == "mujoco":
-        if image:
-            raise ValueError(f"{task} observes a state vector (joint positions and velocities), not camera images")
-        from .hopper import HopperTask, dataset_name
+        from .hopper import DATASETS, HopperTask
 
-        dataset_name(task)  # a known hopper dataset, or a clear error
-        return HopperTask(max_episode_steps=max_episode_steps)
+        if name in [f"hopper-{d}" for d in DATASETS]:
+            if image:
+                raise ValueError(f"{task} observes a state vector (joint positions and velocities), not camera "
+                                 f"images")
+            return HopperTask(max_episode_steps=max_episode_steps)
     elif task == "point_mass/reach":
         from .point_mass import PointMassReach
 

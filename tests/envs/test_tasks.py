@@ -18,7 +18,8 @@ def test_unknown_task_lists_the_known_ones():
 def test_every_metaworld_mt1_task_has_the_same_layout():
     names = metaworld_task_names()
     assert len(names) == 50 and set(BENCHMARK) <= set(names)
-    assert len(known_tasks()) == 58  # with point_mass/reach, point_mass/obstacle, three highway scenarios, three mazes
+    assert len(known_tasks()) == 60  # with point_mass/reach, point_mass/obstacle, three highway scenarios, three mazes,
+    # two hopper datasets
     for name in names:
         env = make_env(f"metaworld/{name}")
         obs, info = env.reset(seed=1)
