@@ -389,8 +389,9 @@ def _collect_hopper(args: argparse.Namespace) -> int:
     spec = gym.spec(ENV_ID) if args.out.startswith("minari:") else None
     out = save_offline(buffer, args.out, overwrite=args.overwrite, minari_dir=args.minari_dir, env_spec=spec)
     refs, b = buffer.attrs["reference_returns"], buffer.attrs["behaviour"]
+    reached = "" if b["reached"] else " (short of its target: raise --behaviour-steps or lower --behaviour-return)"
     print(f"{args.task}: {buffer.n_steps} steps in {buffer.n_episodes} episodes, in {out}; behaviour policy "
-          f"(in {behaviour}) return {b['final_return']} after {b['steps']} steps; reference returns random "
+          f"(in {behaviour}) return {b['final_return']} after {b['steps']} steps{reached}; reference returns random "
           f"{refs['random']:.1f}, expert {refs['expert']:.1f} (D4RL's)")
     _write_report(args.report, {"out": out, "steps": buffer.n_steps, "episodes": buffer.n_episodes, **buffer.attrs})
     return 0
