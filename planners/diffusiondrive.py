@@ -246,7 +246,7 @@ class DiffusionDrive(nn.Module):
         """The truncated denoise, one decoder pass per listed timestep: (the last pass's clean trajectories
         (B, K, P, C), its scores (B, K) as logits)."""
         batch = anchor_noise.shape[0]
-        t0 = torch.full((batch,), self.cfg.init_t, dtype=torch.long)
+        t0 = torch.full((batch,), self.cfg.init_t, dtype=torch.long, device=anchor_noise.device)
         x = self.schedule.add_noise(self.anchors.expand(batch, -1, -1, -1), anchor_noise, t0)
         last = {}
 
