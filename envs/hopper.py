@@ -21,6 +21,7 @@ import numpy as np
 
 ENV_ID = "Hopper-v5"
 DATASETS = ("medium", "medium-replay")
+TASK_NAMES = tuple(f"hopper-{d}" for d in DATASETS)  # under the mujoco/ family
 STATE_DIM, ACTION_DIM = 11, 3
 D4RL_EXPERT_RETURN = 3234.3  # D4RL's REF_MAX_SCORE for hopper
 MEDIUM_FRACTION = 1 / 3  # D4RL's medium policies reach about a third of the expert's return

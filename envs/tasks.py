@@ -16,13 +16,13 @@ import gymnasium as gym
 
 def known_tasks() -> list[str]:
     from .driving import SCENARIOS
-    from .hopper import DATASETS
+    from .hopper import TASK_NAMES as HOPPER_TASKS
     from .metaworld_env import metaworld_task_names
     from .pointmaze import MAZES
 
     return (["point_mass/reach", "point_mass/obstacle"] + [f"metaworld/{n}" for n in metaworld_task_names()]
             + [f"highway/{n}" for n in SCENARIOS] + [f"pointmaze/{n}" for n in MAZES]
-            + [f"mujoco/hopper-{d}" for d in DATASETS])
+            + [f"mujoco/{n}" for n in HOPPER_TASKS])
 
 
 def discrete_action_dims(task: str | None) -> list[int]:
@@ -75,9 +75,9 @@ def make_env(task: str, image: bool = False, image_size: int = 96, max_episode_s
         if name in MAZES:
             return PointMazeTask(name, max_episode_steps=max_episode_steps)
     elif family == "mujoco":
-        from .hopper import DATASETS, HopperTask
+        from .hopper import TASK_NAMES, HopperTask
 
-        if name in [f"hopper-{d}" for d in DATASETS]:
+        if name in TASK_NAMES:
             if image:
                 raise ValueError(f"{task} observes a state vector (joint positions and velocities), not camera "
                                  f"images")

@@ -19,7 +19,8 @@ from torch import nn
 from policy.contract import GraphSpec
 from policy.nets.unet1d import SinusoidalPosEmb
 
-from .trajectory_diffuser import TrajectoryDiffuser, TrajectoryDiffuserRunConfig, hold_first, mlp, prepare_training
+from .decision_diffuser import DecisionDiffuser
+from .trajectory_diffuser import TrajectoryDiffuserRunConfig, hold_first, mlp, prepare_training
 
 KIND = "diffuser"
 
@@ -36,35 +37,20 @@ class PlanValue(nn.Module):
         return self.net(torch.cat([plans.flatten(1), self.step(t.float())], dim=-1))[:, 0]
 
 
-class Diffuser(TrajectoryDiffuser):
+class Diffuser(DecisionDiffuser):
+    """Decision-Diffuser-style planning from noise (its steps, start and inference settings), with the return
+    condition replaced by value guidance."""
+
     kind = KIND
-    has_draft = False
 
     def __init__(self, cfg, normalizer):
         super().__init__(cfg, normalizer)
         self.value = PlanValue(cfg.horizon, cfg.state_dim, cfg.step_embed_dim, cfg.value_hidden)
 
-    def configure_inference(self, sampler: str | None = None, steps: int | None = None) -> Diffuser:
-        """`steps` evenly spaced ("leading") over the schedule; by default every one of its steps."""
-        if steps is not None and steps < 1:
-            raise ValueError(f"a plan from noise needs at least one step, got {steps}")
-        super().configure_inference(sampler, 0)
-        self.timesteps = self.schedule.timesteps(steps or self.cfg.train_timesteps, "leading").tolist()
-        return self
-
     def inference_config(self) -> dict:
         cfg = self.cfg
-        return {**super().inference_config(), "start": "noise", "entry": None, "draft_steps": 0,
-                "guidance": "value", "guide_scale": cfg.guide_scale, "guide_stop_t": cfg.guide_stop_t,
-                "guidance_weight": None, "target_return": None}
-
-    @property
-    def draft_steps(self) -> int:
-        return 0
-
-    def start(self, state: torch.Tensor, returns: torch.Tensor, entry_noise: torch.Tensor) -> torch.Tensor:
-        """Pure noise, its first state held at the current one."""
-        return hold_first(entry_noise, state.repeat_interleave(self.cfg.candidates, dim=0))
+        return {**super().inference_config(), "guidance": "value", "guide_scale": cfg.guide_scale,
+                "guide_stop_t": cfg.guide_stop_t, "guidance_weight": None, "target_return": None}
 
     def guided_denoiser(self, first_state: torch.Tensor, returns: torch.Tensor):
         """The unconditional epsilon, shifted up the value's gradient (the return is not an input here)."""
