@@ -38,10 +38,10 @@ class DiffusionPlanner(DiffusionDrive):
         """A full denoise of every candidate from pure noise; scores are all zero (nothing ranks them)."""
         points = sample(lambda x_t, t: self.decode(x_t, t, scene)[-1][1], anchor_noise, self.schedule,
                         self.timesteps, self.method)
-        return points, torch.zeros(points.shape[:2])
+        return points, points.new_zeros(points.shape[:2])
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(scores.shape[0], dtype=torch.long)
+        return scores.new_zeros(scores.shape[0], dtype=torch.long)
 
     def compute_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         """Clean-sample regression (L1 x reg_weight, every cascade layer) of the ground truth noised to t drawn

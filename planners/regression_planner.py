@@ -30,11 +30,11 @@ class RegressionPlanner(DiffusionDrive):
         """One pass from the mean plan (the anchor buffer); `anchor_noise` only sets the batch."""
         batch = anchor_noise.shape[0]
         start = self.anchors.expand(batch, -1, -1, -1)
-        scores, points = self.decode(start, torch.zeros(batch, dtype=torch.long), scene)[-1]
+        scores, points = self.decode(start, anchor_noise.new_zeros(batch, dtype=torch.long), scene)[-1]
         return points, scores
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(scores.shape[0], dtype=torch.long)
+        return scores.new_zeros(scores.shape[0], dtype=torch.long)
 
     def compute_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         """L1 (x reg_weight) of every cascade layer's plan against the ground truth."""

@@ -2,6 +2,8 @@
 classifier, diversity and the cost against the vanilla planner; its export parity; bad scenes refused by name and
 held under the control loop. One small model is trained on a few expert drives, once for the module."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from evaluation.driving import mode_diversity, relabel_drives
 from planners.diffusion_planner import DiffusionPlanner
 from planners.diffusiondrive import DiffusionDrive, DiffusionDriveRunConfig, focal_loss, load_planner
 from planners.driving_blocks import SceneEncoder, fourier_features
+from planners.regression_planner import RegressionPlanner
 from policy.train import train
 from rtdp.cli import main
 
@@ -114,6 +117,24 @@ def test_ten_times_fewer_decoder_calls_than_the_vanilla_planner(drives, planner)
         rec.handle.remove()
         counts[name] = (len(rec.calls), chunk.nfe)
     assert counts == {"drive": (2, 2), "vanilla": (20, 20)}
+
+
+def test_every_driving_planners_decision_stays_on_the_device_of_its_inputs(planner):
+    """A tensor made on the CPU inside the decision breaks it on a GPU (or its capture by torch.compile); run on
+    the meta device, such a tensor shows without a GPU."""
+    one = copy.deepcopy(planner.cfg)
+    one.n_anchors = 1
+    models = {"diffusiondrive": copy.deepcopy(planner),
+              "diffusion_planner": DiffusionPlanner(copy.deepcopy(planner.cfg), planner.normalizer),
+              "regression_planner": RegressionPlanner(one, planner.normalizer)}
+    devices = {}
+    for name, model in models.items():
+        graph = model.eval().export_graphs(batch=2, generator=torch.Generator().manual_seed(0))["planner"]
+        model.to("meta")
+        with torch.no_grad():
+            out = graph.fn(**{k: v.to("meta") for k, v in graph.inputs.items()})
+        devices[name] = {o.device.type for o in out}
+    assert devices == dict.fromkeys(models, {"meta"})
 
 
 def test_the_cascade_refines_ade_does_not_grow_from_layer_to_layer(drives, planner):
