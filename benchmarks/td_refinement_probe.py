@@ -1,0 +1,94 @@
+"""Where Trajectory Diffuser's refinement moves the plan, away from the closed loop: on states the noiseless
+waypoint expert visits (every 5th of the first 150 steps of six held-out seeds), each refinement setting's planned
+first step and the action inverse dynamics makes of it, against the draft alone.
+
+    python benchmarks/td_refinement_probe.py benchmarks/results/trajectory_diffuser/runs/medium-trajectory_diffuser
+
+Per setting: `plan_step_m` (mean distance from the current position to the planned next one: a real step of the data
+is a few cm), `chosen_action_error` and `candidate_action_error` (L2 to the expert's action, both clipped to the
+action box), `candidate_spread` (the 32 candidates' std per action dim) and `critic_range` (max - min of their
+values). Writes benchmarks/results/trajectory_diffuser/refinement_probe/<maze>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+OUT = ROOT / "benchmarks" / "results" / "trajectory_diffuser"
+# (name, sampler, refinement steps, entry); steps 0 is the draft alone
+SETTINGS = (("draft alone", None, 0, "direct"), ("ddpm 5, direct (default)", "ddpm", 5, "direct"),
+            ("ddim 5, direct", "ddim", 5, "direct"), ("ddpm 5, renoise", "ddpm", 5, "renoise"),
+            ("ddim 5, renoise", "ddim", 5, "renoise"), ("ddpm 2, direct", "ddpm", 2, "direct"),
+            ("ddim 2, direct", "ddim", 2, "direct"), ("ddim 1, direct", "ddim", 1, "direct"))
+
+
+def expert_states(task: str, seeds: range, steps: int = 150, every: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    from envs.pointmaze import PointMazeTask
+
+    env = PointMazeTask(task.partition("/")[2])
+    expert = env.expert()
+    states = []
+    for seed in seeds:
+        obs, _ = env.reset(seed=seed)
+        for i in range(steps):
+            if i % every == 0:
+                states.append(obs["state"].copy())
+            obs, *_ = env.step(expert(obs["state"]))
+    states = np.stack(states)
+    return states, np.stack([expert(s) for s in states])
+
+
+def probe(model, states: np.ndarray, expert_actions: np.ndarray) -> dict:
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for s, a in zip(states, np.clip(expert_actions, -1, 1), strict=True):
+        chunk = model.predict_chunk({"state": torch.from_numpy(s[None, None])}, generator=g)
+        chosen = np.clip(chunk.action[0, 0].numpy(), -1, 1)
+        candidates = np.clip(chunk.extras["candidates"][0, :, 0].numpy(), -1, 1)
+        scores = chunk.extras["scores"][0].numpy()
+        plans = chunk.extras["plans"][0].numpy()
+        rows.append((np.linalg.norm(plans[:, 1, :2] - s[:2], axis=-1).mean(), np.linalg.norm(chosen - a),
+                     np.linalg.norm(candidates - a, axis=-1).mean(), candidates.std(0).mean(),
+                     scores.max() - scores.min()))
+    m = np.mean(rows, axis=0)
+    return dict(zip(("plan_step_m", "chosen_action_error", "candidate_action_error", "candidate_spread",
+                     "critic_range"), map(float, m), strict=True))
+
+
+def main() -> None:
+    from deploy.kinds import read_config
+    from deploy.runtime import RuntimeSettings, build_policy
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("checkpoint")
+    ap.add_argument("--seeds", type=int, default=6)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    task = read_config(args.checkpoint).data.task
+    if not task.startswith("pointmaze/"):
+        sys.exit(f"the probe follows the maze expert; {args.checkpoint} was trained on {task}")
+    states, actions = expert_states(task, range(100_000, 100_000 + args.seeds))
+    result = {"checkpoint": args.checkpoint, "task": task, "states": len(states),
+              "expert_action_abs_mean": float(np.abs(actions).mean()), "settings": {}}
+    for name, sampler, steps, entry in SETTINGS:
+        model = build_policy(RuntimeSettings(args.checkpoint, sampler=sampler, steps=steps)).model
+        model.cfg.entry = entry
+        result["settings"][name] = probe(model, states, actions)
+        print(name, {k: round(v, 3) for k, v in result["settings"][name].items()}, flush=True)
+    out = OUT / "refinement_probe" / f"{task.partition('/')[2]}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
