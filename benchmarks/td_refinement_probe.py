@@ -7,7 +7,7 @@ first step and the action inverse dynamics makes of it, against the draft alone.
 Per setting: `plan_step_m` (mean distance from the current position to the planned next one: a real step of the data
 is a few cm), `chosen_action_error` and `candidate_action_error` (L2 to the expert's action, both clipped to the
 action box), `candidate_spread` (the 32 candidates' std per action dim) and `critic_range` (max - min of their
-values). Writes benchmarks/results/trajectory_diffuser/refinement_probe/<maze>.json.
+values). Writes benchmarks/results/trajectory_diffuser/refinement_probe/<checkpoint folder's name>.json.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main() -> None:
         model.cfg.entry = entry
         result["settings"][name] = probe(model, states, actions)
         print(name, {k: round(v, 3) for k, v in result["settings"][name].items()}, flush=True)
-    out = OUT / "refinement_probe" / f"{task.partition('/')[2]}.json"
+    out = OUT / "refinement_probe" / f"{Path(args.checkpoint).resolve().name}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(out)

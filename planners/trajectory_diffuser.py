@@ -69,6 +69,9 @@ class TrajectoryDiffuserConfig:
     condition_dropout: float = 0.25
     guidance_weight: float = 1.2
     refine_steps: int = 5  # enter at t = refine_steps - 1; 0: the draft alone
+    # The U-Net trains on t < this (0: the whole schedule, the released code). A refiner that only ever enters at
+    # t < refine_steps can spend all its training on the low noise levels, where its error becomes the action's.
+    refine_train_timesteps: int = 0
     entry: str = "direct"  # direct | renoise
     sampler: str = "ddpm"
     # actions
@@ -139,6 +142,12 @@ class TrajectoryDiffuser(nn.Module):
                              f"{cfg.actions_per_decision}")
         if cfg.return_scale <= 0:
             raise ValueError(f"planner.return_scale must be > 0 (filled from the data), got {cfg.return_scale}")
+        if not 0 <= cfg.refine_train_timesteps <= cfg.train_timesteps:
+            raise ValueError(f"planner.refine_train_timesteps must be in [0, {cfg.train_timesteps}] (0: all), got "
+                             f"{cfg.refine_train_timesteps}")
+        if cfg.refine_train_timesteps and not self.has_draft:
+            raise ValueError("planner.refine_train_timesteps trains the U-Net on low noise only; a planner that "
+                             "denoises from pure noise needs the whole schedule: leave it 0")
         factor = 2 ** (len(cfg.down_dims) - 1)
         if cfg.horizon % factor:
             raise ValueError(f"planner.horizon must be divisible by {factor} for down_dims {cfg.down_dims}, got "
@@ -170,6 +179,9 @@ class TrajectoryDiffuser(nn.Module):
             cfg.refine_steps = steps
         if not 0 <= cfg.refine_steps <= cfg.train_timesteps:
             raise ValueError(f"the refinement runs 0 to {cfg.train_timesteps} steps, got {cfg.refine_steps}")
+        if self.has_draft and cfg.refine_train_timesteps and cfg.refine_steps > cfg.refine_train_timesteps:
+            raise ValueError(f"this refiner was trained on t < {cfg.refine_train_timesteps} only; a {cfg.refine_steps}"
+                             f"-step refinement would enter at t = {cfg.refine_steps - 1}")
         self.method = cfg.sampler
         self.timesteps = list(range(cfg.refine_steps - 1, -1, -1))
         return self
@@ -324,7 +336,7 @@ class TrajectoryDiffuser(nn.Module):
         rtg = batch["rtg"].float() / cfg.return_scale
         valid = batch["valid"].bool()
         b = states.shape[0]
-        t = torch.randint(0, cfg.train_timesteps, (b,), generator=generator)
+        t = torch.randint(0, cfg.refine_train_timesteps or cfg.train_timesteps, (b,), generator=generator)
         noise = torch.randn(states.shape, generator=generator)
         noise[:, 0] = 0.0
         noisy = hold_first(self.schedule.add_noise(states, noise, t), states[:, 0])

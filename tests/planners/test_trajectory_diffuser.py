@@ -269,3 +269,24 @@ def test_eval_reports_normalized_return_and_draft_passes(maze):
     assert report["normalized_return"] == pytest.approx(want)
     assert report["nfe_per_decision"] == 5 and report["draft_steps_per_decision"] == 31
     assert report["decisions"] == 40  # a maze runs to its step limit, one decision per step
+
+
+def test_a_refiner_trained_on_low_noise_only_samples_t_below_the_bound_and_refuses_to_enter_above_it(maze):
+    data = TrajectoryDataset(maze["buffer"], 32, 0.99)
+    batch = {k: torch.from_numpy(v) for k, v in data.batch(np.arange(256)).items()}
+    seen = {}
+    for bound in (0, 5):
+        cfg = small(TrajectoryDiffuserRunConfig(), 1, refine_train_timesteps=bound)
+        td = kind_named("trajectory_diffuser").build_for_training(cfg, data)
+        seen[bound] = []
+        td.unet.register_forward_pre_hook(lambda module, args, into=seen[bound]: into.append(args[1].clone()))
+        td.compute_loss(batch, generator=torch.Generator().manual_seed(0))
+        seen[bound] = torch.cat(seen[bound])
+    assert set(seen[5].tolist()) == {0, 1, 2, 3, 4}  # every t below the bound, nothing above it
+    assert int(seen[0].max()) > 90  # the default trains on the whole 100-step schedule
+    with pytest.raises(ValueError, match="trained on t < 5 only"):
+        td.configure_inference(steps=8)
+    assert td.configure_inference(steps=5).timesteps == [4, 3, 2, 1, 0]
+    dd_cfg = small(TrajectoryDiffuserRunConfig(kind="decision_diffuser"), 1, refine_train_timesteps=5)
+    with pytest.raises(ValueError, match="refine_train_timesteps"):
+        kind_named("decision_diffuser").build_for_training(dd_cfg, data)
