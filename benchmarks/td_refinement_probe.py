@@ -79,8 +79,9 @@ def main() -> None:
     states, actions = expert_states(task, range(100_000, 100_000 + args.seeds))
     result = {"checkpoint": args.checkpoint, "task": task, "states": len(states),
               "expert_action_abs_mean": float(np.abs(actions).mean()), "settings": {}}
+    model = build_policy(RuntimeSettings(args.checkpoint)).model
     for name, sampler, steps, entry in SETTINGS:
-        model = build_policy(RuntimeSettings(args.checkpoint, sampler=sampler, steps=steps)).model
+        model.configure_inference(sampler, steps)
         model.cfg.entry = entry
         result["settings"][name] = probe(model, states, actions)
         print(name, {k: round(v, 3) for k, v in result["settings"][name].items()}, flush=True)

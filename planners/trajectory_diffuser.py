@@ -179,7 +179,7 @@ class TrajectoryDiffuser(nn.Module):
             cfg.refine_steps = steps
         if not 0 <= cfg.refine_steps <= cfg.train_timesteps:
             raise ValueError(f"the refinement runs 0 to {cfg.train_timesteps} steps, got {cfg.refine_steps}")
-        if self.has_draft and cfg.refine_train_timesteps and cfg.refine_steps > cfg.refine_train_timesteps:
+        if cfg.refine_train_timesteps and cfg.refine_steps > cfg.refine_train_timesteps:
             raise ValueError(f"this refiner was trained on t < {cfg.refine_train_timesteps} only; a {cfg.refine_steps}"
                              f"-step refinement would enter at t = {cfg.refine_steps - 1}")
         self.method = cfg.sampler
