@@ -38,8 +38,11 @@ MODELS = {
                  "data.image_key=image", "train.batch_size=64", "train.steps=2000"],
 }
 RTI = ["--rti", "27", "--rti-exec", "4", "--rti-steps", "4"]
-LATENCY_SETTINGS = {"ddim10": [], "ddpm50": ["--sampler", "ddpm", "--steps", "50"],  # ddpm50: the paper's sampler
-                    "rti4": ["--rti", "27", "--rti-steps", "4"], "rti2": ["--rti", "27", "--rti-steps", "2"]}
+# ddpm50: the paper's sampler; "_frames": the predicted frames also decoded each decision, as a video shows them
+LATENCY_SETTINGS = {"ddim10": [], "ddpm50": ["--sampler", "ddpm", "--steps", "50"],
+                    "rti4": ["--rti", "27", "--rti-steps", "4"], "rti2": ["--rti", "27", "--rti-steps", "2"],
+                    "ddim10_frames": ["--predicted-frames"],
+                    "rti2_frames": ["--rti", "27", "--rti-steps", "2", "--predicted-frames"]}
 
 
 def rtdp(*args: str, threads: int = 2) -> None:

@@ -49,6 +49,7 @@ class ProfileSettings:
     ort: dict | None = None  # onnxruntime session settings (deploy.backends.OrtOptions)
     fused: bool = True  # also time the exported fused graph (one engine call per decision), when present
     rate_hz: float = 50.0  # the control rate reaction times are given for
+    predicted_frames: bool = False  # a frame-predicting model (PAD) also decodes its predicted frames
     plot: str | None = None
 
     def runtime(self, backend: str) -> RuntimeSettings:
@@ -61,7 +62,7 @@ class ProfileSettings:
                                backend=backend, precision=self.precision,
                                export=self.export if not backend.startswith("torch") else None,
                                ort=self.ort if backend.startswith("onnxruntime") else None,
-                               threads=self.threads)
+                               threads=self.threads, predicted_frames=self.predicted_frames)
 
 
 def raw_observation(spec, normalizer, generator: torch.Generator) -> dict[str, torch.Tensor]:

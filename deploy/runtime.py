@@ -58,6 +58,9 @@ class RuntimeSettings:
     # Anytime decisions: {"margin_ms", "period_ms": the control period, "mode": truncate | respace, "max_budget_ms":
     # a cap}; the decider gives each decision the time until the actions it has run out (policy.chunking).
     anytime: dict | None = None
+    # A frame-predicting model (PAD) decodes its predicted frames into every chunk's extras only when something
+    # shows them (a video); a control loop acts on the poses alone.
+    predicted_frames: bool = False
 
 
 @dataclass
@@ -89,6 +92,8 @@ def load_model(settings: RuntimeSettings):
     if getattr(model.cfg, "discrete_action_dims", ()) is None:  # a checkpoint from before the field existed
         model.cfg.discrete_action_dims = list(settings.discrete_action_dims or [])
     model.configure_inference(settings.sampler, settings.steps)
+    if hasattr(model.cfg, "decode_frames"):
+        model.cfg.decode_frames = settings.predicted_frames
     return model.eval(), run_cfg
 
 

@@ -60,12 +60,13 @@ class EvalSettings:
     seeds: list[int] = field(default_factory=list)  # set by the orchestrator for each worker
 
 
-def runtime_settings(settings, task: str) -> RuntimeSettings:
-    """What the runtime builds for these evaluation (or calibration) settings on `task`."""
+def runtime_settings(settings, task: str, predicted_frames: bool = False) -> RuntimeSettings:
+    """What the runtime builds for these evaluation (or calibration) settings on `task`; `predicted_frames`: a
+    video will show a frame-predicting model's predictions."""
     return RuntimeSettings(checkpoint=settings.checkpoint, sampler=settings.sampler, steps=settings.steps,
                            rti=settings.rti, cache=settings.cache, backend=settings.backend,
                            precision=settings.precision, export=settings.export, ort=settings.ort,
-                           discrete_action_dims=discrete_action_dims(task))
+                           discrete_action_dims=discrete_action_dims(task), predicted_frames=predicted_frames)
 
 
 def worker_episodes(settings: EvalSettings, emit) -> None:
@@ -75,11 +76,12 @@ def worker_episodes(settings: EvalSettings, emit) -> None:
     torch.set_num_threads(1)
     run_cfg = read_config(settings.checkpoint)
     task = resolve_task(settings.checkpoint, run_cfg, settings.task)
-    runtime = build_policy(runtime_settings(settings, task))
     env = open_env(settings.checkpoint, run_cfg, task, settings.max_episode_steps)
     try:
         video_seeds = set(episode_seeds(settings.seed, settings.episodes)[: settings.video_episodes]) \
             if settings.video_dir and hasattr(env, "render_frame") else set()
+        shows = bool(video_seeds & set(settings.seeds))
+        runtime = build_policy(runtime_settings(settings, task, predicted_frames=shows))
         run_episodes(runtime.policy, env, runtime.policy.spec.n_obs_steps, settings.seeds, task, emit,
                      settings.video_dir, video_seeds)
     finally:
@@ -99,7 +101,9 @@ def evaluate(settings: EvalSettings, progress: bool = True) -> dict:
     if settings.rti is not None and settings.rti.get("k0") == "auto":
         calibration = calibrate_rti(settings, progress)
         settings = replace(settings, rti={**settings.rti, "k0": calibration.k0})
-    runtime = build_policy(runtime_settings(settings, task))  # validates everything before any worker starts
+    videos = bool(settings.video_dir) and settings.video_episodes > 0
+    # validates everything before any worker starts
+    runtime = build_policy(runtime_settings(settings, task, predicted_frames=videos))
     config = runtime.config
     if calibration is not None:
         config["rti"]["calibration"] = calibration.to_dict()

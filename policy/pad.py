@@ -117,6 +117,10 @@ class PADConfig:
     n_action_steps: int = 4  # env steps executed before the next decision
     image_shape: list[int] = field(default_factory=lambda: [64, 64])
     predict_images: bool = True  # false: "PAD w/o img", the same network trained on the pose loss only
+    # Decode the predicted frames into chunk.extras["frames"] at each decision, for a viewer (`rtdp eval --video`).
+    # Acting needs only the poses, and on a CPU decoding three frames costs a decision more than two DiT calls, so
+    # the runtime turns it off unless asked (deploy.runtime.RuntimeSettings.predicted_frames).
+    decode_frames: bool = True
     image_loss_weight: float = 1.0
     action_loss_weight: float = 1.0
     action_loss_start: int = 0  # training steps before the pose loss is switched on
@@ -229,7 +233,8 @@ class PAD(nn.Module, DenoisingPolicy):
     def inference_config(self) -> dict:
         inf = self.cfg.inference
         return {"sampler": self.method, "steps": len(self.timesteps), "spacing": inf.spacing, "eta": inf.eta,
-                "denoiser": "dit", "predict_images": self.cfg.predict_images}
+                "denoiser": "dit", "predict_images": self.cfg.predict_images,
+                "decode_frames": self.cfg.predict_images and self.cfg.decode_frames}
 
     @property
     def model(self) -> PAD:
@@ -362,7 +367,7 @@ class PAD(nn.Module, DenoisingPolicy):
         position = self._decision_pose[:, self.cfg.position_dims]
         actions = track_targets(position, targets, self.cfg)
         extras = {**(extras or {}), "targets": targets}
-        if self.cfg.predict_images:
+        if self.cfg.predict_images and self.cfg.decode_frames:
             extras["frames"] = self.predicted_frames(denoised.x0)
         return Chunk(actions[:, : self.cfg.n_action_steps], actions, actions, denoised.nfe, kind,
                      denoised.block_evals, extras)

@@ -514,7 +514,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                                rti_k0=_rti_k0(args), threads=args.threads, plot=args.plot,
                                precision=args.precision, export=args.export, ort=_ort(args),
                                rate_hz=args.rate, rti_steps=None if args.rti_steps in (None, "all") else args.rti_steps,
-                               rti_every_step=args.rti_steps == "all")
+                               rti_every_step=args.rti_steps == "all", predicted_frames=args.predicted_frames)
     report = profile(settings, progress=not args.no_progress)
     print(comparison_table(report))
     _write_report(args.report, report)
@@ -817,6 +817,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "strided (default 4; all: every step)")
     f.add_argument("--threads", type=POSITIVE, default=1)
     f.add_argument("--rate", type=RATE, default=50.0, help="the control rate reaction times are given for (Hz)")
+    f.add_argument("--predicted-frames", action="store_true", help="a frame-predicting model (PAD): also decode "
+                   "the predicted frames each decision, as `rtdp eval --video` does")
     _add_export_argument(f)
     _add_precision_argument(f, "the network's precision")
     f.add_argument("--report", help="write the JSON report here")

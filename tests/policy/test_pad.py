@@ -244,3 +244,16 @@ def test_command_line_trains_a_pad_and_its_video_shows_the_predicted_frames(tmp_
     assert r["nfe_per_decision"] == 10 and r["actions_per_decision"] == 4 and r["config"]["kind"] == "pad"
     frames = iio.imread(next((tmp_path / "videos").iterdir()))
     assert frames.shape[2] == 240 + 80  # the rollout, and beside it 3 predicted frames of 80 px stacked
+    assert r["config"]["decode_frames"] is True
+
+    # without a viewer the runtime acts on the poses alone: the same actions, no frames decoded
+    from deploy.profile import raw_observation
+    from deploy.runtime import RuntimeSettings, build_policy
+
+    chunks = {}
+    for shown in (False, True):
+        runtime = build_policy(RuntimeSettings(checkpoint=str(run), predicted_frames=shown))
+        obs = raw_observation(runtime.policy.spec, runtime.model.normalizer, torch.Generator().manual_seed(0))
+        chunks[shown] = runtime.policy.predict_chunk(obs, generator=torch.Generator().manual_seed(1))
+    assert "frames" not in chunks[False].extras and chunks[True].extras["frames"].shape == (1, 3, 24, 24, 3)
+    torch.testing.assert_close(chunks[False].action, chunks[True].action, rtol=0, atol=0)
