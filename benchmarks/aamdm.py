@@ -45,10 +45,14 @@ AMDM5 = ["planner.train_timesteps=5", "planner.beta_schedule=scaled_linear", "pl
 # AAMDM step trains the generator, the discriminator with R1 and the polisher's rollout: 0.37 s at batch 256;
 # an AMDM step 0.13 s)
 STEPS = ["train.steps=4000", "train.checkpoint_every=1000"]
+# AAMDM's generator and polisher at half the width (the discriminator, which sampling never runs, as it is): a
+# frame streams a quarter of the weights
+NARROW = ["planner.hidden=256"]
 MODELS = {  # name: (config, overrides)
     "aamdm": ("configs/planners/aamdm.yaml", STEPS),
     "amdm200": ("configs/planners/amdm.yaml", STEPS),
     "amdm5": ("configs/planners/amdm.yaml", [*STEPS, *AMDM5]),
+    "aamdm_narrow": ("configs/planners/aamdm.yaml", [*STEPS, *NARROW]),
 }
 
 
@@ -208,6 +212,36 @@ def evaluate(name: str, held: Path) -> dict:
     return result
 
 
+def speed(names: list[str], train: Path, held: Path) -> dict:
+    """Frames per second of every model's architecture, back to back in one process (torch, then onnxruntime; batch
+    1, one thread), on checkpoints trained 10 steps: a frame's cost does not depend on the weights' values, and
+    timings taken on different days on a shared VM are not comparable."""
+    import torch
+
+    from deploy.export import ExportSettings, export_policy
+    from deploy.runtime import RuntimeSettings, build_policy
+    from evaluation.motion import open_motion_session
+
+    torch.set_num_threads(1)
+    (RUNS / "speed").mkdir(exist_ok=True)
+    result: dict = {"threads": 1, "date": datetime.date.today().isoformat(),
+                    "machine": f"{platform.processor() or platform.machine()}, {platform.system()}"}
+    for name in names:
+        config, overrides = MODELS[name]
+        steps = ["train.steps=10", "train.checkpoint_every=10"]
+        train_run(f"speed/{name}", config, train, [f"data.autoencoder={RUNS / 'motion_ae'}", *overrides, *steps])
+        run = RUNS / "speed" / name
+        session = open_motion_session(str(run), str(held))
+        export_policy(ExportSettings(str(run)))
+        onnx = build_policy(RuntimeSettings(str(run), backend="onnxruntime", threads=1)).policy
+        result[name] = {"torch": frame_rate(session.policy, session.start_frame, frames=400),
+                        "onnxruntime": frame_rate(onnx, session.start_frame, frames=400)}
+        print(f"{name}: {result[name]['torch']['fps']:.1f} / {result[name]['onnxruntime']['fps']:.1f} frames/s "
+              f"(torch / onnxruntime)", flush=True)
+    (OUT / "speed.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
 def plot(results: dict) -> None:
     import matplotlib
 
@@ -255,6 +289,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--table", action="store_true", help="print the table from the results there")
     p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--speed", action="store_true", help="only the frames per second of --models' architectures, "
+                   "side by side in one process, to speed.json")
     p.add_argument("--quick", action="store_true", help="every stage at toy sizes into /tmp/rtdp-aamdm-quick, to "
                    "check the pipeline in minutes (the figures mean nothing)")
     args = p.parse_args()
@@ -269,6 +305,9 @@ def main() -> int:
         train, held = datasets()
         ae = train_run("motion_ae", "configs/planners/motion_autoencoder.yaml", train, ["train.steps=2000"])
         print(f"autoencoder: {ae['seconds']:.0f} s", flush=True)
+        if args.speed:
+            speed(args.models, train, held)
+            return 0
         for name in args.models:
             config, overrides = MODELS[name]
             r = train_run(name, config, train, [f"data.autoencoder={RUNS / 'motion_ae'}", *overrides])
