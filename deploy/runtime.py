@@ -92,8 +92,8 @@ def load_model(settings: RuntimeSettings):
     if getattr(model.cfg, "discrete_action_dims", ()) is None:  # a checkpoint from before the field existed
         model.cfg.discrete_action_dims = list(settings.discrete_action_dims or [])
     model.configure_inference(settings.sampler, settings.steps)
-    if hasattr(model.cfg, "decode_frames"):
-        model.cfg.decode_frames = settings.predicted_frames
+    if hasattr(model, "decode_frames"):  # a frame-predicting model (PAD)
+        model.decode_frames = settings.predicted_frames
     return model.eval(), run_cfg
 
 

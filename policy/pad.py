@@ -117,10 +117,6 @@ class PADConfig:
     n_action_steps: int = 4  # env steps executed before the next decision
     image_shape: list[int] = field(default_factory=lambda: [64, 64])
     predict_images: bool = True  # false: "PAD w/o img", the same network trained on the pose loss only
-    # Decode the predicted frames into chunk.extras["frames"] at each decision, for a viewer (`rtdp eval --video`).
-    # Acting needs only the poses, and on a CPU decoding three frames costs a decision more than two DiT calls, so
-    # the runtime turns it off unless asked (deploy.runtime.RuntimeSettings.predicted_frames).
-    decode_frames: bool = True
     image_loss_weight: float = 1.0
     action_loss_weight: float = 1.0
     action_loss_start: int = 0  # training steps before the pose loss is switched on
@@ -228,13 +224,18 @@ class PAD(nn.Module, DenoisingPolicy):
         self.schedule = NoiseSchedule(s.num_train_timesteps, s.beta_schedule, s.prediction_type,
                                       clip_sample=s.clip_sample)
         self._decision_pose: torch.Tensor | None = None
+        # Decode the predicted frames into chunk.extras["frames"] at each decision, for a viewer. Acting needs only
+        # the poses, and on a CPU the decode of three frames costs 4-5 ms a decision, so the runtime turns it off
+        # unless something shows them (deploy.runtime.RuntimeSettings.predicted_frames); a build-time setting like
+        # the sampler's, not a training config.
+        self.decode_frames = True
         self.configure_inference()
 
     def inference_config(self) -> dict:
         inf = self.cfg.inference
         return {"sampler": self.method, "steps": len(self.timesteps), "spacing": inf.spacing, "eta": inf.eta,
                 "denoiser": "dit", "predict_images": self.cfg.predict_images,
-                "decode_frames": self.cfg.predict_images and self.cfg.decode_frames}
+                "decode_frames": self.cfg.predict_images and self.decode_frames}
 
     @property
     def model(self) -> PAD:
@@ -367,7 +368,7 @@ class PAD(nn.Module, DenoisingPolicy):
         position = self._decision_pose[:, self.cfg.position_dims]
         actions = track_targets(position, targets, self.cfg)
         extras = {**(extras or {}), "targets": targets}
-        if self.cfg.predict_images and self.cfg.decode_frames:
+        if self.cfg.predict_images and self.decode_frames:
             extras["frames"] = self.predicted_frames(denoised.x0)
         return Chunk(actions[:, : self.cfg.n_action_steps], actions, actions, denoised.nfe, kind,
                      denoised.block_evals, extras)
