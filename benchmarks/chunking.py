@@ -14,7 +14,8 @@ chain when the actions left would run out, and `anytime-respace` runs the shorte
 delay 0), beside the full decision.
 
 Delays are in control periods (20 ms at 50 Hz) added to every decision on top of its own inference time. Reports
-go to benchmarks/results/chunking/<task>_<method>_<delay>.json; a run whose report is there is skipped.
+go to benchmarks/results/chunking/<task>_<method>_<delay>.json; a run whose report is there is skipped. The tables
+and the plot cover every report there for the task, from this run or earlier ones ("-" where a point was not run).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ METHOD_FLAGS = {
     # RTI whose full denoise (an episode's first, off the clock; a fallback after a gap, on it) is DDIM-10, not
     # DDPM-100: a fallback of 100 calls takes ~1 s, and the gap it leaves starts the next fallback
     "rti-ddim10": ["--rti", "--rti-full-sampler", "ddim", "--rti-full-steps", "10"],
+    # RTI whose warm tails hold the actions that run during the decision to the executed chunk (replacement)
+    "rti-inpaint": ["--rti", "--chunking", "inpaint"],
     "anytime": ["--anytime"],
     "anytime-respace": ["--anytime", "--anytime-mode", "respace"],
 }
@@ -75,7 +78,12 @@ def main() -> int:
     delays, methods = [int(d) for d in args.delays.split(",")], args.methods.split(",")
     if unknown := set(methods) - set(METHOD_FLAGS):
         ap.error(f"unknown methods {sorted(unknown)}; choose from {sorted(METHOD_FLAGS)}")
-    results = {m: {d: run(args.checkpoint, args.task, m, d, args.episodes) for d in delays} for m in methods}
+    for m in methods:
+        for d in delays:
+            run(args.checkpoint, args.task, m, d, args.episodes)
+    results = reports_on_disk(args.task)
+    methods = [m for m in METHOD_FLAGS if m in results]
+    delays = sorted({d for by_delay in results.values() for d in by_delay})
     tables = [success_table(results, methods, delays), jump_table(results, methods, delays)]
     if args.half_budget:
         full = run(args.checkpoint, args.task, "naive", 0, args.episodes)
@@ -96,10 +104,11 @@ def main() -> int:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for m in methods:
-        rates = [results[m][d]["success_rate"] for d in delays]
-        lo = [results[m][d]["success_rate"] - results[m][d]["success_ci95"][0] for d in delays]
-        hi = [results[m][d]["success_ci95"][1] - results[m][d]["success_rate"] for d in delays]
-        ax.errorbar(delays, rates, yerr=[lo, hi], marker="o", capsize=3, label=m)
+        ran = sorted(results[m])
+        rates = [results[m][d]["success_rate"] for d in ran]
+        lo = [results[m][d]["success_rate"] - results[m][d]["success_ci95"][0] for d in ran]
+        hi = [results[m][d]["success_ci95"][1] - results[m][d]["success_rate"] for d in ran]
+        ax.errorbar(ran, rates, yerr=[lo, hi], marker="o", capsize=3, label=m)
     ax.set_xlabel("injected delay (control periods of 20 ms), on top of inference")
     ax.set_ylabel("success rate")
     ax.set_ylim(0, 1.05)
@@ -111,13 +120,28 @@ def main() -> int:
     return 0
 
 
+def reports_on_disk(task: str) -> dict[str, dict[int, dict]]:
+    """method -> delay -> report, for every report of the task (anytime's half-budget runs excluded)."""
+    name = task.split("/")[-1]
+    results: dict[str, dict[int, dict]] = {}
+    for method in METHOD_FLAGS:
+        for path in OUT.glob(f"{name}_{method}_*.json"):
+            delay = path.stem.removeprefix(f"{name}_{method}_")
+            if delay.isdigit():
+                results.setdefault(method, {})[int(delay)] = json.loads(path.read_text())
+    return results
+
+
 def success_table(results: dict, methods: list[str], delays: list[int]) -> str:
     """Success [Wilson 95%], median decision time and the share of ticks held for want of an action."""
     rows = ["| method | " + " | ".join(f"+{d} periods" for d in delays) + " |", "|---|" + "---|" * len(delays)]
     for m in methods:
         cells = []
         for d in delays:
-            r = results[m][d]
+            r = results[m].get(d)
+            if r is None:
+                cells.append("-")
+                continue
             lo, hi = r["success_ci95"]
             cells.append(f"{r['success_rate']:.2f} [{lo:.2f}, {hi:.2f}]; {r['inference_ms']['p50']:.0f} ms, "
                          f"held {r['held_ticks'] / max(r['ticks'], 1):.0%}")
@@ -132,7 +156,7 @@ def jump_table(results: dict, methods: list[str], delays: list[int]) -> str:
     for m in methods:
         cells = []
         for d in delays:
-            j = results[m][d]["action_jump"]
+            j = results[m][d]["action_jump"] if d in results[m] else {"at_chunk_boundary": None}
             cells.append("-" if j["at_chunk_boundary"] is None else
                          f"{j['at_chunk_boundary']:.3f} ({j['within_chunk']:.3f})")
         rows.append(f"| {m} | " + " | ".join(cells) + " |")

@@ -147,9 +147,6 @@ def validate(settings: RuntimeSettings) -> None:
         if settings.chunking.get("method") == "guidance" and settings.backend != "torch":
             raise ValueError(f"chunking by guidance differentiates through the denoiser: run it on the torch "
                              f"backend, not {settings.backend} (inpainting runs on any)")
-        if settings.rti is not None:
-            raise ValueError("prefix-conditioned chunking re-denoises every chunk from noise; it does not combine "
-                             "with RTI's warm start yet: pass one of them")
     if settings.anytime is not None and set(settings.anytime) - ANYTIME_FIELDS:
         raise ValueError(f"anytime settings are {sorted(ANYTIME_FIELDS)}, got {sorted(settings.anytime)}")
     if settings.anytime is not None and settings.chunking is not None:
@@ -192,14 +189,15 @@ def build_policy(settings: RuntimeSettings, model=None, run_cfg=None, record_pai
                                       decision.timesteps)
         policy = CachedPolicy(policy, schedule)
         cache = describe_cache(schedule)
-    rti = rti_policy = None
-    if rti_cfg is not None:
-        policy = rti_policy = RTIPolicy(policy, rti_cfg, record_pairs=record_pairs)
+    rti = rti_policy = chunking = anytime_policy = None
+    prefix = ChunkingConfig(**settings.chunking) if settings.chunking is not None else None
+    if rti_cfg is not None:  # RTI conditions its own warm tails on the prefix
+        policy = rti_policy = RTIPolicy(policy, rti_cfg, record_pairs=record_pairs, prefix=prefix)
         rti = policy.describe()
-    chunking = anytime_policy = None
-    if settings.chunking is not None:
-        policy = PrefixConditionedPolicy(policy, ChunkingConfig(**settings.chunking))
-        chunking = policy.describe()
+    elif prefix is not None:
+        policy = PrefixConditionedPolicy(policy, prefix)
+    if prefix is not None:
+        chunking = prefix.describe()
     if settings.anytime is not None:
         fields = {k: v for k, v in settings.anytime.items() if k != "period_ms"}
         policy = anytime_policy = AnytimePolicy(policy, **fields)

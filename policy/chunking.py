@@ -58,6 +58,11 @@ class ChunkingConfig:
     latency_smoothing: float = 0.3  # the weight of the newest decision in the latency estimate
     added_latency_ms: float = 0.0  # latency outside the policy that delays its chunks (an injected delay, transport)
 
+    def describe(self) -> dict:
+        """What a report's config records."""
+        return {"method": self.method, "delay": self.delay, "period_ms": self.period_ms,
+                "guidance_max": self.guidance_max if self.method == "guidance" else None}
+
 
 def base_denoiser(policy) -> Callable:
     """The (x, t, cond) -> prediction function under any wrappers: the backend's where one runs the model."""
@@ -123,6 +128,47 @@ def guided_denoiser(denoise: Callable, schedule, target: torch.Tensor, weights: 
     return fn
 
 
+class DelayEstimate:
+    """The actions a new chunk loses to its own decision: `cfg.delay` when set, else the smoothed measured decision
+    latency plus `cfg.added_latency_ms`, over the control period, rounded up."""
+
+    def __init__(self, cfg: ChunkingConfig):
+        if cfg.method not in CHUNKING_METHODS:
+            raise ValueError(f"chunking method must be one of {CHUNKING_METHODS}, got {cfg.method!r}")
+        if cfg.delay is not None and cfg.delay < 0:
+            raise ValueError(f"chunking delay must be >= 0 actions, got {cfg.delay}")
+        if not cfg.period_ms > 0:
+            raise ValueError(f"chunking period_ms must be > 0, got {cfg.period_ms}")
+        self.cfg = cfg
+        self.latency_ms: float | None = None
+
+    def actions(self) -> int:
+        if self.cfg.delay is not None:
+            return self.cfg.delay
+        if self.latency_ms is None:
+            return 0
+        return math.ceil((self.latency_ms + self.cfg.added_latency_ms) / self.cfg.period_ms)
+
+    def record(self, ms: float) -> None:
+        a = self.cfg.latency_smoothing
+        self.latency_ms = ms if self.latency_ms is None else (1 - a) * self.latency_ms + a * ms
+
+
+def prefix_conditioned_sample(policy, cfg: ChunkingConfig, cond, x_init, timesteps, method: str, target, frozen: int,
+                              overlap: int, generator) -> Denoised:
+    """`policy.sample_normalized` on `timesteps` from `x_init`, each call conditioned on the frozen prefix of
+    `target` (normalised, the horizon's shape) by cfg.method; inpainting's clean chunk holds the prefix exactly."""
+    denoise = base_denoiser(policy)
+    if cfg.method == "inpaint":
+        fn = replacement_denoiser(denoise, policy.schedule, target, frozen, generator)
+        out = policy.sample_normalized(cond, x_init, timesteps, method, generator, denoiser=fn)
+        out.x0[:, :frozen] = target[:, :frozen]
+        return out
+    weights = prefix_weights(target.shape[1], frozen, overlap)
+    fn = guided_denoiser(denoise, policy.schedule, target, weights, cfg.guidance_max)
+    return policy.sample_normalized(cond, x_init, timesteps, method, generator, denoiser=fn)
+
+
 class PrefixConditionedPolicy(DenoisingWrapper):
     """Each decision after the first is denoised with its first actions held to the previous chunk's; the same
     contract. Decisions are `full` (the episode's first, or after a gap longer than the chunk) or `prefix`."""
@@ -130,34 +176,23 @@ class PrefixConditionedPolicy(DenoisingWrapper):
     def __init__(self, policy, cfg: ChunkingConfig | None = None):
         super().__init__(policy)
         self.cfg = cfg = cfg or ChunkingConfig()
-        if cfg.method not in CHUNKING_METHODS:
-            raise ValueError(f"chunking method must be one of {CHUNKING_METHODS}, got {cfg.method!r}")
-        if cfg.delay is not None and cfg.delay < 0:
-            raise ValueError(f"chunking delay must be >= 0 actions, got {cfg.delay}")
-        if not cfg.period_ms > 0:
-            raise ValueError(f"chunking period_ms must be > 0, got {cfg.period_ms}")
+        self.delay = DelayEstimate(cfg)
         p = policy.spec
         self.exec_start = p.exec_start
         self.max_shift = p.horizon - p.exec_start - 1
-        self._denoise = base_denoiser(policy)
         self.reset()
 
     def reset(self) -> None:
         self._chunk: torch.Tensor | None = None  # the previous clean chunk, normalised
-        self.latency_ms: float | None = None
+        self.delay.latency_ms = None
         self.stats = {"full": 0, "prefix": 0, "gap_fallbacks": 0}
         self.inner.reset()
 
     def delay_actions(self) -> int:
-        if self.cfg.delay is not None:
-            return self.cfg.delay
-        if self.latency_ms is None:
-            return 0
-        return math.ceil((self.latency_ms + self.cfg.added_latency_ms) / self.cfg.period_ms)
+        return self.delay.actions()
 
     def describe(self) -> dict:
-        return {"method": self.cfg.method, "delay": self.cfg.delay, "period_ms": self.cfg.period_ms,
-                "guidance_max": self.cfg.guidance_max if self.cfg.method == "guidance" else None}
+        return self.cfg.describe()
 
     @torch.no_grad()
     def predict_chunk(self, obs: dict[str, torch.Tensor], *, executed: int | None = None,
@@ -183,25 +218,14 @@ class PrefixConditionedPolicy(DenoisingWrapper):
             target = torch.cat([self._chunk[:, executed:], self._chunk[:, -1:].expand(-1, executed, -1)], dim=1)
             overlap = horizon - executed  # positions where the previous chunk holds a prediction
             frozen = min(self.exec_start + self.delay_actions(), overlap)
-            denoised = self._conditioned(cond, x_init, target, frozen, overlap, generator)
+            denoised = prefix_conditioned_sample(self.inner, self.cfg, cond, x_init, self.timesteps, self.method,
+                                                 target, frozen, overlap, generator)
             kind = "prefix"
             extras.update(frozen=frozen - self.exec_start, overlap=overlap - self.exec_start)
         self.stats[kind] += 1
         self._chunk = denoised.x0.clone()
-        ms = (time.perf_counter() - start) * 1e3
-        a = self.cfg.latency_smoothing
-        self.latency_ms = ms if self.latency_ms is None else (1 - a) * self.latency_ms + a * ms
+        self.delay.record((time.perf_counter() - start) * 1e3)
         return self.inner.to_chunk(denoised, kind, extras)
-
-    def _conditioned(self, cond, x_init, target, frozen: int, overlap: int, generator) -> Denoised:
-        if self.cfg.method == "inpaint":
-            fn = replacement_denoiser(self._denoise, self.schedule, target, frozen, generator)
-            out = self.inner.sample_normalized(cond, x_init, self.timesteps, self.method, generator, denoiser=fn)
-            out.x0[:, :frozen] = target[:, :frozen]
-            return out
-        weights = prefix_weights(target.shape[1], frozen, overlap)
-        fn = guided_denoiser(self._denoise, self.schedule, target, weights, self.cfg.guidance_max)
-        return self.inner.sample_normalized(cond, x_init, self.timesteps, self.method, generator, denoiser=fn)
 
 
 class AnytimePolicy(DenoisingWrapper):

@@ -23,6 +23,11 @@ normalised space so a few low-noise steps can still flip them: `scale` is for po
 divided by the factor (`policy.discrete_action_scale`), `clip` sets the guess to +-1/factor for policies trained
 without it. The executed discrete actions are snapped to the two levels the dim takes in the training data.
 
+Prefix conditioning (real-time chunking, policy/chunking.py): with `prefix` (a ChunkingConfig), each warm tail is
+denoised with the actions that run while the decision is computed held to the warm guess's (inpainting or RTC's
+guidance), the delay measured from the warm decisions' own latency. The guess is the chunk being executed, so this
+keeps the executed prefix where the tail would otherwise move it a little; full denoises are left free.
+
 A reset, a gap in observations longer than the chunk covers, or a NaN in the warm start falls back to a full
 denoise; the chunk's `extras["fallback"]` names the gap or NaN one, and `stats` counts each since the reset.
 
@@ -42,10 +47,12 @@ and the full denoise.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from .chunking import ChunkingConfig, DelayEstimate, prefix_conditioned_sample
 from .contract import Chunk, PolicySpec
 from .denoising import DenoisingWrapper
 from .diffusion import NoiseSchedule
@@ -99,11 +106,15 @@ class RTIPolicy(DenoisingWrapper):
     """A denoising policy with RTI warm-start state; the same contract. Its decisions are `full` (a full denoise:
     the episode start, or a fallback named in the chunk's extras) or `warm` (the tail)."""
 
-    def __init__(self, policy, cfg: RTIConfig | None = None, record_pairs: bool = False):
+    def __init__(self, policy, cfg: RTIConfig | None = None, record_pairs: bool = False,
+                 prefix: ChunkingConfig | None = None):
         """`policy`: any denoising policy (policy.denoising), e.g. a block cache whose schedule was made for this
-        tail (policy.cache.CachedPolicy), which then caches the warm decisions."""
+        tail (policy.cache.CachedPolicy), which then caches the warm decisions. `prefix`: hold each warm tail's
+        first actions to the guess's (see the module docstring)."""
         super().__init__(policy)
         self.cfg = cfg = cfg or RTIConfig()
+        self.prefix = prefix
+        self.delay = DelayEstimate(prefix) if prefix is not None else None
         p = policy.spec
         model_cfg = policy.model.cfg
         schedule = policy.schedule
@@ -232,7 +243,8 @@ class RTIPolicy(DenoisingWrapper):
                 "full_steps": len(self.full_timesteps),
                 "refresh": self.refresh, "drift_limit": self.drift_limit if "drift" in self.refresh else None,
                 "refresh_sampler": self.refresh_method if self.refresh else None,
-                "refresh_steps": len(self.refresh_timesteps) if self.refresh else None}
+                "refresh_steps": len(self.refresh_timesteps) if self.refresh else None,
+                "prefix": self.prefix.describe() if self.prefix is not None else None}
 
     @staticmethod
     def _zero_stats() -> dict[str, int]:
@@ -245,6 +257,8 @@ class RTIPolicy(DenoisingWrapper):
         self._warm_run = 0
         self.pairs = []
         self.stats = self._zero_stats()
+        if self.delay is not None:
+            self.delay.latency_ms = None
         self.inner.reset()
 
     def warm_guess(self, executed: int) -> torch.Tensor | None:
@@ -291,8 +305,7 @@ class RTIPolicy(DenoisingWrapper):
             kind, extras["refresh"] = "refresh", "age"
             self.stats["age_refreshes"] += 1
         else:
-            denoised = policy.sample_normalized(cond, self._enter(guess, generator), self.tail, self.cfg.sampler,
-                                                generator)
+            denoised = self._tail(cond, guess, executed, extras, generator)
             kind = "warm"
             signal = self._stale(guess, denoised)
             if signal is not None:
@@ -312,6 +325,22 @@ class RTIPolicy(DenoisingWrapper):
         if self.discrete_dims:
             self._executed_discrete = out.action[:, -1, self.discrete_dims].clone()
         return out
+
+    def _tail(self, cond: torch.Tensor, guess: torch.Tensor, executed: int, extras: dict,
+              generator: torch.Generator | None):
+        x_init = self._enter(guess, generator)
+        if self.prefix is None:
+            return self.inner.sample_normalized(cond, x_init, self.tail, self.cfg.sampler, generator)
+        start = time.perf_counter()
+        exec_start = self.inner.spec.exec_start
+        overlap = guess.shape[1] - executed  # positions where the executed chunk still holds a prediction
+        frozen = min(exec_start + self.delay.actions(), overlap)
+        denoised = prefix_conditioned_sample(self.inner, self.prefix, cond, x_init, self.tail, self.cfg.sampler,
+                                             guess, frozen, overlap, generator)
+        # Only warm decisions time the delay: a full denoise is an episode start or a fallback, many times longer.
+        self.delay.record((time.perf_counter() - start) * 1e3)
+        extras.update(frozen=frozen - exec_start, overlap=overlap - exec_start)
+        return denoised
 
     def _refreshed(self, cond: torch.Tensor, generator: torch.Generator | None):
         x_init = self.inner.initial_noise(cond, generator, None)

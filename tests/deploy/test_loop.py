@@ -186,7 +186,7 @@ def test_an_anytime_decision_with_no_time_is_skipped_and_the_chunk_kept():
 @pytest.mark.parametrize("extra", [[], ["--rti", "2"], ["--worker", "thread"],
                                    ["--backend", "onnxruntime", "--precision", "fp16"],
                                    ["--chunking", "guidance"], ["--chunking", "ensemble", "--worker", "thread"],
-                                   ["--anytime"]])
+                                   ["--chunking", "inpaint", "--rti", "2"], ["--anytime"]])
 def test_control_cli_reports_what_design_md_lists(extra, tmp_path, capsys):
     from deploy.export import ExportSettings, export_policy
     from tests.deploy.test_export import saved_policy
@@ -215,8 +215,10 @@ def test_control_cli_reports_what_design_md_lists(extra, tmp_path, capsys):
     assert "deadline misses" in capsys.readouterr().out
     if "--chunking" in extra:
         assert r["config"]["chunking"] == extra[1]
-    if extra[:2] == ["--chunking", "guidance"]:
-        assert r["config"]["prefix_conditioning"]["method"] == "guidance"
+    if extra[:2] in (["--chunking", "guidance"], ["--chunking", "inpaint"]):
+        assert r["config"]["prefix_conditioning"]["method"] == extra[1]
+    if extra[:2] == ["--chunking", "inpaint"]:  # RTI conditions its own warm tails
+        assert r["config"]["rti"]["prefix"]["method"] == "inpaint"
     calls = r["denoiser_calls"]  # every decision's denoiser calls, the primed first one included
     assert sum(calls["decisions_by_calls"].values()) == r["decisions"]
     if not {"--rti", "--anytime"} & set(extra):

@@ -19,6 +19,7 @@ from policy.chunking import (
 from policy.diffusion import NoiseSchedule, sample
 from policy.diffusion_policy import DiffusionPolicy
 from policy.normalizer import FieldNormalizer, Normalizer
+from policy.rti import RTIConfig, RTIPolicy
 from tests.conftest import tiny_config
 
 
@@ -111,11 +112,29 @@ def test_replacement_inpainting_holds_the_frozen_prefix_exactly():
     assert policy.stats == {"full": 2, "prefix": 1, "gap_fallbacks": 1}
 
 
+def test_rti_with_an_inpainted_prefix_holds_the_executed_chunk_in_its_warm_tail():
+    cfg = RTIConfig(k0=5, steps=3, full_steps=10)
+    rti = RTIPolicy(make_policy(), cfg, prefix=ChunkingConfig(method="inpaint", delay=2))
+    free = RTIPolicy(make_policy(), cfg)
+    g, g_free = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    first = rti.predict_chunk(obs(0), generator=g)
+    free.predict_chunk(obs(0), generator=g_free)
+    assert first.kind == "full" and first.nfe == 10 and "frozen" not in first.extras
+    second = rti.predict_chunk(obs(1), executed=1, generator=g)
+    unconditioned = free.predict_chunk(obs(1), executed=1, generator=g_free)
+    assert second.kind == "warm" and second.nfe == 3 and second.extras == {"frozen": 2, "overlap": 6}
+    # exec_start = 1: positions 0 .. 2 are the executed chunk's, shifted by the one action run since
+    torch.testing.assert_close(second.action_pred[:, :3], first.action_pred[:, 1:4], atol=1e-6, rtol=0)
+    assert (unconditioned.action_pred[:, :3] - first.action_pred[:, 1:4]).abs().max() > 1e-3  # a free tail moves it
+    assert not torch.allclose(second.action_pred[:, 3:7], first.action_pred[:, 4:8], atol=1e-3)
+    assert rti.describe()["prefix"]["method"] == "inpaint"
+
+
 def test_the_delay_follows_measured_latency_and_bad_settings_are_refused():
     policy = PrefixConditionedPolicy(make_policy(), ChunkingConfig(period_ms=20.0))
     assert policy.delay_actions() == 0
     for ms, ticks in ((31.0, 2), (45.0, 3), (52.0, 3)):  # ceil at 50 Hz
-        policy.latency_ms = ms
+        policy.delay.latency_ms = ms
         assert policy.delay_actions() == ticks
     with pytest.raises(ValueError, match="chunking method must be one of"):
         PrefixConditionedPolicy(make_policy(), ChunkingConfig(method="splice"))
