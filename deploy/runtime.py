@@ -151,8 +151,6 @@ def validate(settings: RuntimeSettings) -> None:
         raise ValueError(f"anytime settings are {sorted(ANYTIME_FIELDS)}, got {sorted(settings.anytime)}")
     if settings.anytime is not None and settings.chunking is not None:
         raise ValueError("anytime decisions and prefix-conditioned chunking do not combine yet: pass one")
-    if settings.anytime is not None and settings.rti is not None:
-        raise ValueError("anytime decisions stop a full denoise early; RTI's warm tail is already short: pass one")
     if settings.export is not None and not settings.backend.startswith(("onnxruntime", "tensorrt")):
         raise ValueError(f"--export names the folder an engine backend reads; backend {settings.backend!r} runs "
                          f"the checkpoint's torch weights")

@@ -25,6 +25,9 @@ measured step latency, in one of two ways:
 - `respace`: the budget is known when the decision starts (the loop knows when the actions it has run out), so the
   step count is chosen first and the chain respaced over the whole noise range (DDIM-10 with time for 5 steps runs
   DDIM-5, not the first half of DDIM-10, whose clean prediction from mid-chain is still a blur of modes).
+Over RTI (policy/rti.py) the same budget caps each decision's calls: a warm tail respaced from k0 (or stopped
+early), and a full denoise (an episode start off the clock, or a fallback after a gap, on it) likewise, so a
+fallback no longer takes a hundred calls while the robot waits.
 A budget shorter than one step returns no chunk (`chunk.kind == "skipped"`, empty action), which the loop treats
 as no new chunk: it keeps executing the previous one, or holds. `max_budget_ms` caps every decision's budget (a
 robot that wants its decisions no slower than that, or a benchmark of decisions at a fraction of their time).
@@ -155,18 +158,18 @@ class DelayEstimate:
 
 
 def prefix_conditioned_sample(policy, cfg: ChunkingConfig, cond, x_init, timesteps, method: str, target, frozen: int,
-                              overlap: int, generator) -> Denoised:
+                              overlap: int, generator, stop=None) -> Denoised:
     """`policy.sample_normalized` on `timesteps` from `x_init`, each call conditioned on the frozen prefix of
     `target` (normalised, the horizon's shape) by cfg.method; inpainting's clean chunk holds the prefix exactly."""
     denoise = base_denoiser(policy)
     if cfg.method == "inpaint":
         fn = replacement_denoiser(denoise, policy.schedule, target, frozen, generator)
-        out = policy.sample_normalized(cond, x_init, timesteps, method, generator, denoiser=fn)
+        out = policy.sample_normalized(cond, x_init, timesteps, method, generator, denoiser=fn, stop=stop)
         out.x0[:, :frozen] = target[:, :frozen]
         return out
     weights = prefix_weights(target.shape[1], frozen, overlap)
     fn = guided_denoiser(denoise, policy.schedule, target, weights, cfg.guidance_max)
-    return policy.sample_normalized(cond, x_init, timesteps, method, generator, denoiser=fn)
+    return policy.sample_normalized(cond, x_init, timesteps, method, generator, denoiser=fn, stop=stop)
 
 
 class PrefixConditionedPolicy(DenoisingWrapper):
@@ -252,11 +255,19 @@ class AnytimePolicy(DenoisingWrapper):
         self.stats = {"decisions": 0, "stopped_early": 0, "skipped": 0}
         self.inner.reset()
 
-    def affordable_steps(self, budget_ms: float) -> int:
+    def affordable_steps(self, budget_ms: float, cap: bool = True) -> int:
+        """The denoising steps the budget covers at the measured step latency; at most the decision's step list's
+        length unless `cap` is False (an unmeasured step or an unbounded budget covers the whole list)."""
         steps = len(self.timesteps)
         if self.step_ms is None or math.isinf(budget_ms):  # inf // x is NaN, not inf
             return steps
-        return max(0, min(steps, int((budget_ms - self.margin_ms) // self.step_ms)))
+        affordable = max(0, int((budget_ms - self.margin_ms) // self.step_ms))
+        return min(steps, affordable) if cap else affordable
+
+    def _record_step(self, ms: float, calls: int) -> None:
+        per_step = ms / max(calls, 1)
+        s = self.smoothing
+        self.step_ms = per_step if self.step_ms is None else (1 - s) * self.step_ms + s * per_step
 
     def describe(self) -> dict:
         return {"mode": self.mode, "margin_ms": self.margin_ms, "max_budget_ms": self.max_budget_ms}
@@ -269,11 +280,21 @@ class AnytimePolicy(DenoisingWrapper):
         if self.max_budget_ms is not None:
             budget = min(budget, self.max_budget_ms)
         steps = self.affordable_steps(budget)
+        steps_by_budget = self.affordable_steps(budget, cap=False)
         self.stats["decisions"] += 1
-        if steps == 0:
+        if steps_by_budget == 0:
             self.stats["skipped"] += 1
             empty = torch.zeros(1, 0, self.spec.action_dim)
             return Chunk(empty, empty, empty, 0, "skipped", extras={"steps": 0, "budget_ms": budget})
+        within = getattr(self.inner, "predict_chunk_within", None)
+        if within is not None:  # a policy with its own decision path (RTI) caps its calls itself
+            calls = None if self.step_ms is None or math.isinf(budget) else steps_by_budget
+            chunk = within(obs, calls, self.mode, executed=executed, generator=generator, noise=noise)
+            self._record_step((time.perf_counter() - start) * 1e3, chunk.nfe)
+            if chunk.extras.get("capped"):
+                self.stats["stopped_early"] += 1
+            chunk.extras.update(steps=chunk.nfe, budget_ms=budget)
+            return chunk
         cond = self.inner.condition(obs)
         x_init = self.inner.initial_noise(cond, generator, noise)
         timesteps = self.timesteps
@@ -281,10 +302,7 @@ class AnytimePolicy(DenoisingWrapper):
             timesteps = self.inner.inference_timesteps(steps).tolist()
         denoised = self.inner.sample_normalized(cond, x_init, timesteps, self.method, generator,
                                                 stop=lambda calls: calls >= steps)
-        ms = (time.perf_counter() - start) * 1e3
-        per_step = ms / max(denoised.nfe, 1)
-        s = self.smoothing
-        self.step_ms = per_step if self.step_ms is None else (1 - s) * self.step_ms + s * per_step
+        self._record_step((time.perf_counter() - start) * 1e3, denoised.nfe)
         if denoised.nfe < len(self.timesteps):
             self.stats["stopped_early"] += 1
         return self.inner.to_chunk(denoised, "anytime", {"steps": denoised.nfe, "budget_ms": budget})

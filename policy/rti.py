@@ -28,6 +28,10 @@ denoised with the actions that run while the decision is computed held to the wa
 guidance), the delay measured from the warm decisions' own latency. The guess is the chunk being executed, so this
 keeps the executed prefix where the tail would otherwise move it a little; full denoises are left free.
 
+Anytime decisions (policy.chunking.AnytimePolicy) cap a decision's calls through `predict_chunk_within`: the warm
+tail respaced from k0 to the calls that fit (`respace`; one call is the clean prediction at k0) or stopped early
+(`truncate`), and a full denoise respaced or stopped the same way.
+
 A reset, a gap in observations longer than the chunk covers, or a NaN in the warm start falls back to a full
 denoise; the chunk's `extras["fallback"]` names the gap or NaN one, and `stats` counts each since the reset.
 
@@ -153,6 +157,7 @@ class RTIPolicy(DenoisingWrapper):
         self._chunk: torch.Tensor | None = None  # the previous clean chunk, normalised
         self._executed_discrete: torch.Tensor | None = None  # the last executed action's discrete dims, raw
         self._warm_run = 0  # warm decisions since the last full denoise
+        self._calls_cap: tuple[int, str] | None = None  # (calls, mode) of the anytime decision being made
 
     def _check_refresh(self, cfg: RTIConfig) -> list[str]:
         """The refresh signals in force (the default's `discrete` only where a discrete dim moves)."""
@@ -269,6 +274,33 @@ class RTIPolicy(DenoisingWrapper):
         """The previous chunk advanced by `executed` actions, its last action repeated to fill the horizon."""
         return self.inner.shift_chunk(self._chunk, executed)
 
+    def predict_chunk_within(self, obs: dict[str, torch.Tensor], calls: int | None, mode: str, *,
+                             executed: int | None = None, generator: torch.Generator | None = None,
+                             noise: torch.Tensor | None = None) -> Chunk:
+        """predict_chunk with at most `calls` denoiser calls (None: no cap), the chain respaced or truncated
+        (`mode`); the chunk's extras say `capped` when the cap cut the decision short."""
+        if calls is not None and calls < 1:
+            raise ValueError(f"an anytime RTI decision needs at least one call, got {calls}")
+        self._calls_cap = None if calls is None else (int(calls), mode)
+        try:
+            return self.predict_chunk(obs, executed=executed, generator=generator, noise=noise)
+        finally:
+            self._calls_cap = None
+
+    def _capped(self, timesteps: list[int], method: str, full: bool, extras: dict) -> tuple[list[int], str, object]:
+        """The step list, sampler and stop rule an anytime cap leaves of a full denoise's or the tail's `timesteps`.
+        A full denoise respaced runs the tail's sampler: DDPM's fresh noise over a few long steps leaves the chunk
+        noisy where DDIM does not."""
+        if self._calls_cap is None or self._calls_cap[0] >= len(timesteps):
+            return timesteps, method, None
+        calls, mode = self._calls_cap
+        extras["capped"] = True
+        if mode == "respace" and calls >= 2:
+            if full:
+                return self.inner.inference_timesteps(calls).tolist(), self.cfg.sampler, None
+            return rti_tail(timesteps[0], self.schedule, calls), method, None
+        return timesteps, method, lambda n: n >= calls
+
     @torch.no_grad()
     def predict_chunk(self, obs: dict[str, torch.Tensor], *, executed: int | None = None,
                       generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> Chunk:
@@ -296,7 +328,8 @@ class RTIPolicy(DenoisingWrapper):
                     guess = None
         if guess is None or self.record_pairs:
             x_init = policy.initial_noise(cond, generator, noise)
-            denoised = policy.sample_normalized(cond, x_init, self.full_timesteps, self.cfg.full_sampler, generator)
+            timesteps, method, stop = self._capped(self.full_timesteps, self.cfg.full_sampler, True, extras)
+            denoised = policy.sample_normalized(cond, x_init, timesteps, method, generator, stop=stop)
             if guess is not None:
                 self.pairs.append((guess, denoised.x0.clone()))
             kind = "full"
@@ -329,14 +362,15 @@ class RTIPolicy(DenoisingWrapper):
     def _tail(self, cond: torch.Tensor, guess: torch.Tensor, executed: int, extras: dict,
               generator: torch.Generator | None):
         x_init = self._enter(guess, generator)
+        tail, method, stop = self._capped(self.tail, self.cfg.sampler, False, extras)
         if self.prefix is None:
-            return self.inner.sample_normalized(cond, x_init, self.tail, self.cfg.sampler, generator)
+            return self.inner.sample_normalized(cond, x_init, tail, method, generator, stop=stop)
         start = time.perf_counter()
         exec_start = self.inner.spec.exec_start
         overlap = guess.shape[1] - executed  # positions where the executed chunk still holds a prediction
         frozen = min(exec_start + self.delay.actions(), overlap)
-        denoised = prefix_conditioned_sample(self.inner, self.prefix, cond, x_init, self.tail, self.cfg.sampler,
-                                             guess, frozen, overlap, generator)
+        denoised = prefix_conditioned_sample(self.inner, self.prefix, cond, x_init, tail, method, guess, frozen,
+                                             overlap, generator, stop)
         # Only warm decisions time the delay: a full denoise is an episode start or a fallback, many times longer.
         self.delay.record((time.perf_counter() - start) * 1e3)
         extras.update(frozen=frozen - exec_start, overlap=overlap - exec_start)

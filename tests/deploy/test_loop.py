@@ -186,7 +186,7 @@ def test_an_anytime_decision_with_no_time_is_skipped_and_the_chunk_kept():
 @pytest.mark.parametrize("extra", [[], ["--rti", "2"], ["--worker", "thread"],
                                    ["--backend", "onnxruntime", "--precision", "fp16"],
                                    ["--chunking", "guidance"], ["--chunking", "ensemble", "--worker", "thread"],
-                                   ["--chunking", "inpaint", "--rti", "2"], ["--anytime"]])
+                                   ["--chunking", "inpaint", "--rti", "2"], ["--anytime"], ["--anytime", "--rti", "2"]])
 def test_control_cli_reports_what_design_md_lists(extra, tmp_path, capsys):
     from deploy.export import ExportSettings, export_policy
     from tests.deploy.test_export import saved_policy

@@ -130,6 +130,41 @@ def test_rti_with_an_inpainted_prefix_holds_the_executed_chunk_in_its_warm_tail(
     assert rti.describe()["prefix"]["method"] == "inpaint"
 
 
+def test_an_anytime_rti_decision_respaces_its_tail_and_its_full_denoise_to_the_calls_that_fit():
+    capped = RTIPolicy(make_policy(), RTIConfig(k0=5, steps=3, full_steps=10))
+    two_call = RTIPolicy(make_policy(), RTIConfig(k0=5, steps=2, full_steps=10))
+    g, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    first = capped.predict_chunk_within(obs(0), None, "respace", generator=g)
+    two_call.predict_chunk(obs(0), generator=g2)
+    assert first.kind == "full" and first.nfe == 10 and "capped" not in first.extras
+    warm = capped.predict_chunk_within(obs(1), 2, "respace", executed=1, generator=g)
+    reference = two_call.predict_chunk(obs(1), executed=1, generator=g2)
+    assert warm.kind == "warm" and warm.nfe == 2 and warm.extras["capped"]  # [5, 0] instead of [5, 2, 0]
+    torch.testing.assert_close(warm.action_pred, reference.action_pred)
+    assert capped.predict_chunk_within(obs(2), 1, "respace", executed=1, generator=g).nfe == 1  # x0 at k0
+    assert capped.predict_chunk_within(obs(2), 3, "truncate", executed=1, generator=g).extras == {}  # fits
+    gap = capped.predict_chunk_within(obs(3), 4, "respace", executed=7, generator=g)
+    assert gap.kind == "full" and gap.nfe == 4 and gap.extras == {"fallback": "gap", "capped": True}
+    with pytest.raises(ValueError, match="at least one call"):
+        capped.predict_chunk_within(obs(3), 0, "respace", executed=1)
+
+
+def test_an_anytime_policy_over_rti_gives_each_decision_the_calls_its_budget_covers():
+    rti = RTIPolicy(make_policy(), RTIConfig(k0=5, steps=3, full_steps=10))
+    budget = [float("inf")]
+    policy = AnytimePolicy(rti, budget_ms=lambda: budget[0], margin_ms=0.0, mode="truncate")
+    g = torch.Generator().manual_seed(0)
+    assert policy.predict_chunk(obs(0), generator=g).nfe == 10  # the episode start: unbounded, all its calls
+    policy.step_ms = 2.0
+    budget[0] = 4.5
+    chunk = policy.predict_chunk(obs(1), executed=1, generator=g)
+    assert (chunk.kind, chunk.nfe, chunk.extras["steps"]) == ("warm", 2, 2) and chunk.extras["capped"]
+    policy.step_ms = 2.0
+    budget[0] = 1.5
+    assert policy.predict_chunk(obs(2), executed=1, generator=g).kind == "skipped"
+    assert policy.stats == {"decisions": 3, "stopped_early": 1, "skipped": 1}
+
+
 def test_the_delay_follows_measured_latency_and_bad_settings_are_refused():
     policy = PrefixConditionedPolicy(make_policy(), ChunkingConfig(period_ms=20.0))
     assert policy.delay_actions() == 0
