@@ -17,8 +17,9 @@ executed since its observation):
 The delay is `delay` actions when set, else the measured decision latency (plus `added_latency_ms`, a delay the
 caller adds) over the control period, rounded up.
 
-Anytime decisions. `AnytimePolicy` gives each decision the denoising steps its time budget covers at the
-measured step latency, in one of two ways:
+Anytime decisions. `AnytimePolicy` gives each decision the denoising steps its time budget covers, from the
+measured cost of a step and of the rest of a decision (conditioning, un-normalising: what a step count does not
+change, timed apart from the sampler), in one of two ways:
 - `truncate`: the sampler's own chain, stopped after those steps; the chunk is the last clean-sample prediction.
   Stopped after k steps it is the same chunk as a run on the first k steps alone, so the chain can be cut wherever
   the deadline falls.
@@ -76,6 +77,13 @@ def base_denoiser(policy) -> Callable:
         if not hasattr(policy, "inner"):
             return policy.denoise
         policy = policy.inner
+
+
+def base_policy(policy):
+    """The denoising policy under any wrappers (the one whose sampler runs)."""
+    while hasattr(policy, "inner"):
+        policy = policy.inner
+    return policy
 
 
 def prefix_weights(horizon: int, frozen: int, overlap: int) -> torch.Tensor:
@@ -248,7 +256,9 @@ class AnytimePolicy(DenoisingWrapper):
             raise ValueError(f"anytime max_budget_ms must be > 0, got {max_budget_ms}")
         self.budget_ms, self.margin_ms, self.smoothing = budget_ms, margin_ms, smoothing
         self.mode, self.max_budget_ms = mode, max_budget_ms
-        self.step_ms: float | None = None
+        self.step_ms: float | None = None  # one denoising step
+        self.overhead_ms = 0.0  # the rest of a decision
+        self._sampling = base_policy(policy)
         self.stats = {"decisions": 0, "stopped_early": 0, "skipped": 0}
 
     def reset(self) -> None:
@@ -261,13 +271,20 @@ class AnytimePolicy(DenoisingWrapper):
         steps = len(self.timesteps)
         if self.step_ms is None or math.isinf(budget_ms):  # inf // x is NaN, not inf
             return steps
-        affordable = max(0, int((budget_ms - self.margin_ms) // self.step_ms))
+        affordable = max(0, int((budget_ms - self.margin_ms - self.overhead_ms) // self.step_ms))
         return min(steps, affordable) if cap else affordable
 
-    def _record_step(self, ms: float, calls: int) -> None:
-        per_step = ms / max(calls, 1)
+    def _record(self, start: float, sampling_before: float, calls: int) -> None:
+        """Split the decision that began at `start` into its sampler's time per step and the rest."""
+        total = (time.perf_counter() - start) * 1e3
+        sampling = self._sampling.sampling_ms - sampling_before
+        per_step, overhead = sampling / max(calls, 1), max(total - sampling, 0.0)
         s = self.smoothing
-        self.step_ms = per_step if self.step_ms is None else (1 - s) * self.step_ms + s * per_step
+        if self.step_ms is None:
+            self.step_ms, self.overhead_ms = per_step, overhead
+        else:
+            self.step_ms = (1 - s) * self.step_ms + s * per_step
+            self.overhead_ms = (1 - s) * self.overhead_ms + s * overhead
 
     def describe(self) -> dict:
         return {"mode": self.mode, "margin_ms": self.margin_ms, "max_budget_ms": self.max_budget_ms}
@@ -275,7 +292,7 @@ class AnytimePolicy(DenoisingWrapper):
     @torch.no_grad()
     def predict_chunk(self, obs: dict[str, torch.Tensor], *, executed: int | None = None,
                       generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> Chunk:
-        start = time.perf_counter()
+        start, sampling_before = time.perf_counter(), self._sampling.sampling_ms
         budget = float(self.budget_ms())
         if self.max_budget_ms is not None:
             budget = min(budget, self.max_budget_ms)
@@ -290,7 +307,7 @@ class AnytimePolicy(DenoisingWrapper):
         if within is not None:  # a policy with its own decision path (RTI) caps its calls itself
             calls = None if self.step_ms is None or math.isinf(budget) else steps_by_budget
             chunk = within(obs, calls, self.mode, executed=executed, generator=generator, noise=noise)
-            self._record_step((time.perf_counter() - start) * 1e3, chunk.nfe)
+            self._record(start, sampling_before, chunk.nfe)
             if chunk.extras.get("capped"):
                 self.stats["stopped_early"] += 1
             chunk.extras.update(steps=chunk.nfe, budget_ms=budget)
@@ -302,7 +319,7 @@ class AnytimePolicy(DenoisingWrapper):
             timesteps = self.inner.inference_timesteps(steps).tolist()
         denoised = self.inner.sample_normalized(cond, x_init, timesteps, self.method, generator,
                                                 stop=lambda calls: calls >= steps)
-        self._record_step((time.perf_counter() - start) * 1e3, denoised.nfe)
+        self._record(start, sampling_before, denoised.nfe)
         if denoised.nfe < len(self.timesteps):
             self.stats["stopped_early"] += 1
         return self.inner.to_chunk(denoised, "anytime", {"steps": denoised.nfe, "budget_ms": budget})

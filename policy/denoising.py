@@ -15,6 +15,7 @@ backend the encoder and the denoiser, a block cache the denoiser on its schedule
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,10 @@ class DenoisingPolicy:
     """The contract's `predict_chunk` for any denoising policy: a full denoise with the build-time sampler. A kind
     brings `cfg.inference` (sampler, steps, spacing, eta), a `schedule`, `denoise(x, t, cond)`, `condition`,
     `chunk_shape` and `to_chunk`; the sampler plumbing below is shared."""
+
+    # Wall time spent in sample_normalized, summed over the policy's life: a deadline-aware caller tells the
+    # denoising steps' cost apart from the rest of a decision (policy.chunking.AnytimePolicy).
+    sampling_ms: float = 0.0
 
     def configure_inference(self, sampler: str | None = None, steps: int | None = None):
         """Fix the sampler and step count every decision runs (build time: before any wrapper is put around)."""
@@ -59,10 +64,12 @@ class DenoisingPolicy:
         """Denoise `x_init` (normalised, at noise level timesteps[0]) to a clean normalised chunk, counting the
         denoiser calls. `denoiser` (x, t, cond) replaces `self.denoise` (a block cache, another backend); `stop`
         ends the chain early (the sampler's anytime stop)."""
+        start = time.perf_counter()
         denoise = denoiser or self.denoise
         counter = CallCounter(lambda x, t: denoise(x, t, cond))
         x0 = sample(counter, x_init.to(cond), self.schedule, timesteps, method, generator=generator,
                     eta=self.cfg.inference.eta, stop=stop)
+        self.sampling_ms += (time.perf_counter() - start) * 1e3
         return Denoised(x0, counter.calls)
 
     @torch.no_grad()

@@ -61,25 +61,39 @@ def test_the_budget_picks_the_step_count_and_a_budget_under_one_step_skips_count
     policy = AnytimePolicy(make_policy(steps=10), lambda: budget["ms"], margin_ms=0.0)
     first = policy.predict_chunk(obs())
     assert first.nfe == 10 and first.extras["steps"] == 10 and policy.step_ms > 0
-    policy.step_ms = 2.0  # a known step latency (the measured one varies with the machine)
+    policy.step_ms, policy.overhead_ms = 2.0, 0.0  # a known step latency (the measured one varies with the machine)
     budget["ms"] = 7.0
     assert policy.affordable_steps(7.0) == 3
     assert policy.affordable_steps(float("inf")) == 10  # a new episode's first decision, step latency known
-    policy.step_ms = 2.0
+    policy.step_ms, policy.overhead_ms = 2.0, 0.0
     chunk = policy.predict_chunk(obs(1))
     assert chunk.nfe == 3 and chunk.kind == "anytime" and chunk.action.shape == (1, 4, 2)
     budget["ms"] = 1.0
-    policy.step_ms = 2.0
+    policy.step_ms, policy.overhead_ms = 2.0, 0.0
     skipped = policy.predict_chunk(obs(2))
     assert skipped.kind == "skipped" and skipped.action.shape[1] == 0 and skipped.nfe == 0
     assert policy.stats == {"decisions": 3, "stopped_early": 1, "skipped": 1}
+
+
+def test_a_decisions_fixed_cost_is_measured_apart_from_its_steps():
+    """A slow encoder (100 ms here) is paid once per decision whatever the step count: charged to the steps it
+    would make every step look 10 ms and a budget under one "step" skip every decision after it."""
+    import time
+
+    inner = make_policy(steps=10)
+    condition = inner.condition
+    inner.condition = lambda o: (time.sleep(0.1), condition(o))[1]
+    policy = AnytimePolicy(inner, lambda: 1e6, margin_ms=0.0)
+    policy.predict_chunk(obs())
+    assert policy.overhead_ms >= 95 and policy.step_ms < 5, (policy.overhead_ms, policy.step_ms)
+    assert policy.affordable_steps(policy.overhead_ms + 3.5 * policy.step_ms) == 3
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_respaced_anytime_runs_the_shorter_schedule_the_budget_covers_and_a_cap_binds(sampler):
     full = make_policy(steps=10).configure_inference(sampler=sampler)
     policy = AnytimePolicy(full, lambda: 1e6, margin_ms=0.0, mode="respace", max_budget_ms=11.0)
-    policy.step_ms = 2.0  # the cap leaves 11 ms: 5 steps of 2 ms
+    policy.step_ms, policy.overhead_ms = 2.0, 0.0  # the cap leaves 11 ms: 5 steps of 2 ms
     noise = torch.randn(1, 8, 2, generator=torch.Generator().manual_seed(4))
     chunk = policy.predict_chunk(obs(3), noise=noise, generator=torch.Generator().manual_seed(5))
     five = make_policy(steps=5).configure_inference(sampler=sampler)  # the same weights, DDIM/DDPM-5
@@ -88,7 +102,7 @@ def test_respaced_anytime_runs_the_shorter_schedule_the_budget_covers_and_a_cap_
     torch.testing.assert_close(chunk.action_pred, reference.action_pred, atol=1e-5, rtol=0)
     truncated = AnytimePolicy(make_policy(steps=10).configure_inference(sampler=sampler), lambda: 11.0,
                               margin_ms=0.0)
-    truncated.step_ms = 2.0
+    truncated.step_ms, truncated.overhead_ms = 2.0, 0.0
     cut = truncated.predict_chunk(obs(3), noise=noise, generator=torch.Generator().manual_seed(5))
     assert cut.nfe == 5 and not torch.allclose(cut.action_pred, chunk.action_pred, atol=1e-3)
     with pytest.raises(ValueError, match="anytime mode must be one of"):
@@ -155,11 +169,11 @@ def test_an_anytime_policy_over_rti_gives_each_decision_the_calls_its_budget_cov
     policy = AnytimePolicy(rti, budget_ms=lambda: budget[0], margin_ms=0.0, mode="truncate")
     g = torch.Generator().manual_seed(0)
     assert policy.predict_chunk(obs(0), generator=g).nfe == 10  # the episode start: unbounded, all its calls
-    policy.step_ms = 2.0
+    policy.step_ms, policy.overhead_ms = 2.0, 0.0
     budget[0] = 4.5
     chunk = policy.predict_chunk(obs(1), executed=1, generator=g)
     assert (chunk.kind, chunk.nfe, chunk.extras["steps"]) == ("warm", 2, 2) and chunk.extras["capped"]
-    policy.step_ms = 2.0
+    policy.step_ms, policy.overhead_ms = 2.0, 0.0
     budget[0] = 1.5
     assert policy.predict_chunk(obs(2), executed=1, generator=g).kind == "skipped"
     assert policy.stats == {"decisions": 3, "stopped_early": 1, "skipped": 1}
