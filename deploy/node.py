@@ -200,7 +200,9 @@ class ControlNode:
         self.ros.service(f"{base}/change_state", CHANGE_STATE, self._on_change_state)
         self.ros.service(f"{base}/get_state", GET_STATE, lambda _: encode(get_state_response(self.state)))
         self.diagnostics_pub = self.ros.publisher(settings.topics.diagnostics, DIAGNOSTICS_TYPE)
-        threading.Thread(target=self._diagnostics_loop, name="rtdp-diagnostics", daemon=True).start()
+        self._diagnostics_thread = threading.Thread(target=self._diagnostics_loop, name="rtdp-diagnostics",
+                                                    daemon=True)
+        self._diagnostics_thread.start()
         if settings.robot_node:
             self.ros.watch_node(settings.robot_node, self._on_robot_liveliness)
 
@@ -363,10 +365,15 @@ class ControlNode:
         if self.state != "finalized":
             self.transition("shutdown")
         self._closed.set()
-        self.ros.close()
-        self.session.close()
-        if self.recorder is not None:
-            self.recorder.close()
+        # A publisher in use on another thread cannot be undeclared (zenoh answers "Already borrowed"), so the
+        # diagnostics thread stops before its publisher leaves the graph.
+        self._diagnostics_thread.join()
+        try:
+            self.ros.close()
+        finally:
+            self.session.close()
+            if self.recorder is not None:
+                self.recorder.close()
 
     def __enter__(self) -> ControlNode:
         return self

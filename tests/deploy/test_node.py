@@ -372,3 +372,25 @@ def test_the_robot_holds_while_the_node_restarts_and_carries_on(checkpoint, bus,
     r = json.loads(report.read_text())
     assert r["node_returns"] == 1 and r["episodes"] == 2
     assert r["actions_applied"] == sum(e["steps"] for e in r["per_episode"])
+
+
+
+def test_closing_while_diagnostics_publish_leaves_the_graph_cleanly(checkpoint, bus):
+    # Diagnostics at 2 kHz keep their publisher busy on another thread, and a busy thread makes each put wait for
+    # the GIL with the publisher borrowed: closing used to undeclare it mid-put (zenoh: "Already borrowed"),
+    # leaving the session open and the process alive.
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            pass
+
+    threading.Thread(target=spin, daemon=True).start()
+    try:
+        for _ in range(30):
+            node = ControlNode(node_settings(checkpoint, bus, name="rtdp_closing", diagnostics_hz=2000.0))
+            time.sleep(0.05)
+            node.close()
+            assert not node._diagnostics_thread.is_alive()
+    finally:
+        stop.set()
