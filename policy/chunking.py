@@ -32,6 +32,10 @@ fallback no longer takes a hundred calls while the robot waits.
 A budget shorter than one step returns no chunk (`chunk.kind == "skipped"`, empty action), which the loop treats
 as no new chunk: it keeps executing the previous one, or holds. `max_budget_ms` caps every decision's budget (a
 robot that wants its decisions no slower than that, or a benchmark of decisions at a fraction of their time).
+The costs are medians over the last `window` decisions (one preempted decision must not starve the next ones),
+and after `probe_after` skips in a row a decision runs one step anyway, whose costs replace the estimate: a skipped
+decision measures nothing, so an estimate that once rose above the budget would otherwise skip every decision
+after it.
 
     policy = PrefixConditionedPolicy(policy, ChunkingConfig(method="inpaint", period_ms=20))
     policy = AnytimePolicy(policy, budget_ms=lambda: 30.0, mode="respace")
@@ -40,7 +44,9 @@ robot that wants its decisions no slower than that, or a benchmark of decisions 
 from __future__ import annotations
 
 import math
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -246,7 +252,8 @@ class AnytimePolicy(DenoisingWrapper):
     it got."""
 
     def __init__(self, policy, budget_ms: Callable[[], float] = lambda: math.inf, margin_ms: float = 1.0,
-                 smoothing: float = 0.3, mode: str = "truncate", max_budget_ms: float | None = None):
+                 window: int = 9, mode: str = "truncate", max_budget_ms: float | None = None,
+                 probe_after: int = 25):
         super().__init__(policy)
         if margin_ms < 0:
             raise ValueError(f"anytime margin_ms must be >= 0, got {margin_ms}")
@@ -254,15 +261,19 @@ class AnytimePolicy(DenoisingWrapper):
             raise ValueError(f"anytime mode must be one of {ANYTIME_MODES}, got {mode!r}")
         if max_budget_ms is not None and not max_budget_ms > 0:
             raise ValueError(f"anytime max_budget_ms must be > 0, got {max_budget_ms}")
-        self.budget_ms, self.margin_ms, self.smoothing = budget_ms, margin_ms, smoothing
-        self.mode, self.max_budget_ms = mode, max_budget_ms
+        if window < 1 or probe_after < 1:
+            raise ValueError(f"anytime window and probe_after must be >= 1, got {window} and {probe_after}")
+        self.budget_ms, self.margin_ms, self.mode, self.max_budget_ms = budget_ms, margin_ms, mode, max_budget_ms
+        self.probe_after = probe_after
         self.step_ms: float | None = None  # one denoising step
         self.overhead_ms = 0.0  # the rest of a decision
+        self._costs: deque[tuple[float, float]] = deque(maxlen=window)  # (step, rest) of the latest decisions
+        self._skips_in_a_row = 0
         self._sampling = base_policy(policy)
-        self.stats = {"decisions": 0, "stopped_early": 0, "skipped": 0}
+        self.stats = {"decisions": 0, "stopped_early": 0, "skipped": 0, "probes": 0}
 
     def reset(self) -> None:
-        self.stats = {"decisions": 0, "stopped_early": 0, "skipped": 0}
+        self.stats = {"decisions": 0, "stopped_early": 0, "skipped": 0, "probes": 0}
         self.inner.reset()
 
     def affordable_steps(self, budget_ms: float, cap: bool = True) -> int:
@@ -274,20 +285,22 @@ class AnytimePolicy(DenoisingWrapper):
         affordable = max(0, int((budget_ms - self.margin_ms - self.overhead_ms) // self.step_ms))
         return min(steps, affordable) if cap else affordable
 
-    def _record(self, start: float, sampling_before: float, calls: int) -> None:
-        """Split the decision that began at `start` into its sampler's time per step and the rest."""
-        total = (time.perf_counter() - start) * 1e3
-        sampling = self._sampling.sampling_ms - sampling_before
-        per_step, overhead = sampling / max(calls, 1), max(total - sampling, 0.0)
-        s = self.smoothing
-        if self.step_ms is None:
-            self.step_ms, self.overhead_ms = per_step, overhead
-        else:
-            self.step_ms = (1 - s) * self.step_ms + s * per_step
-            self.overhead_ms = (1 - s) * self.overhead_ms + s * overhead
+    def _record(self, start: float, sampling_before: float, calls: int, probe: bool) -> None:
+        """Costs the decision that began at `start` (the sampler's clock read `sampling_before` then)."""
+        self.add_cost((time.perf_counter() - start) * 1e3, self._sampling.sampling_ms - sampling_before, calls, probe)
+
+    def add_cost(self, total: float, sampling: float, calls: int, probe: bool = False) -> None:
+        """One decision's cost (ms) split into its sampler's time per call and the rest. A probe's costs replace
+        the estimate: it was run because the estimate had gone stale."""
+        if probe:
+            self._costs.clear()
+        self._costs.append((sampling / max(calls, 1), max(total - sampling, 0.0)))
+        self.step_ms = statistics.median(c[0] for c in self._costs)
+        self.overhead_ms = statistics.median(c[1] for c in self._costs)
 
     def describe(self) -> dict:
-        return {"mode": self.mode, "margin_ms": self.margin_ms, "max_budget_ms": self.max_budget_ms}
+        return {"mode": self.mode, "margin_ms": self.margin_ms, "max_budget_ms": self.max_budget_ms,
+                "probe_after": self.probe_after}
 
     @torch.no_grad()
     def predict_chunk(self, obs: dict[str, torch.Tensor], *, executed: int | None = None,
@@ -300,14 +313,19 @@ class AnytimePolicy(DenoisingWrapper):
         steps_by_budget = self.affordable_steps(budget, cap=False)
         self.stats["decisions"] += 1
         if steps_by_budget == 0:
-            self.stats["skipped"] += 1
-            empty = torch.zeros(1, 0, self.spec.action_dim)
-            return Chunk(empty, empty, empty, 0, "skipped", extras={"steps": 0, "budget_ms": budget})
+            self._skips_in_a_row += 1
+            if self._skips_in_a_row < self.probe_after:
+                self.stats["skipped"] += 1
+                empty = torch.zeros(1, 0, self.spec.action_dim)
+                return Chunk(empty, empty, empty, 0, "skipped", extras={"steps": 0, "budget_ms": budget})
+            self.stats["probes"] += 1  # one step, late perhaps, to measure again what the skips could not
+            steps = steps_by_budget = 1
+        probe, self._skips_in_a_row = self._skips_in_a_row >= self.probe_after, 0
         within = getattr(self.inner, "predict_chunk_within", None)
         if within is not None:  # a policy with its own decision path (RTI) caps its calls itself
             calls = None if self.step_ms is None or math.isinf(budget) else steps_by_budget
             chunk = within(obs, calls, self.mode, executed=executed, generator=generator, noise=noise)
-            self._record(start, sampling_before, chunk.nfe)
+            self._record(start, sampling_before, chunk.nfe, probe)
             if chunk.extras.get("capped"):
                 self.stats["stopped_early"] += 1
             chunk.extras.update(steps=chunk.nfe, budget_ms=budget)
@@ -319,7 +337,7 @@ class AnytimePolicy(DenoisingWrapper):
             timesteps = self.inner.inference_timesteps(steps).tolist()
         denoised = self.inner.sample_normalized(cond, x_init, timesteps, self.method, generator,
                                                 stop=lambda calls: calls >= steps)
-        self._record(start, sampling_before, denoised.nfe)
+        self._record(start, sampling_before, denoised.nfe, probe)
         if denoised.nfe < len(self.timesteps):
             self.stats["stopped_early"] += 1
         return self.inner.to_chunk(denoised, "anytime", {"steps": denoised.nfe, "budget_ms": budget})
