@@ -30,10 +30,12 @@ Over RTI (policy/rti.py) the same budget caps each decision's calls: a warm tail
 early), and a full denoise (an episode start off the clock, or a fallback after a gap, on it) likewise, so a
 fallback no longer takes a hundred calls while the robot waits.
 A budget shorter than one step returns no chunk (`chunk.kind == "skipped"`, empty action), which the loop treats
-as no new chunk: it keeps executing the previous one, or holds. `max_budget_ms` caps every decision's budget (a
-robot that wants its decisions no slower than that, or a benchmark of decisions at a fraction of their time).
+as no new chunk: it keeps executing the previous one, or holds. `max_budget_ms` caps every decision made while a
+chunk runs (a robot that wants its decisions no slower than that, or a benchmark of decisions at a fraction of
+their time); an unbounded budget, an episode's first decision made before the clock starts, stays unbounded.
 The costs are medians over the last `window` decisions (one preempted decision must not starve the next ones),
-and after `probe_after` skips in a row a decision runs one step anyway, whose costs replace the estimate: a skipped
+and after `probe_after` skips in a row (fewer than a chunk's actions, so the chunk has not run out) a decision
+runs one step anyway, whose costs replace the estimate: a skipped
 decision measures nothing, so an estimate that once rose above the budget would otherwise skip every decision
 after it.
 
@@ -253,7 +255,7 @@ class AnytimePolicy(DenoisingWrapper):
 
     def __init__(self, policy, budget_ms: Callable[[], float] = lambda: math.inf, margin_ms: float = 1.0,
                  window: int = 9, mode: str = "truncate", max_budget_ms: float | None = None,
-                 probe_after: int = 25):
+                 probe_after: int = 6):
         super().__init__(policy)
         if margin_ms < 0:
             raise ValueError(f"anytime margin_ms must be >= 0, got {margin_ms}")
@@ -307,7 +309,7 @@ class AnytimePolicy(DenoisingWrapper):
                       generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> Chunk:
         start, sampling_before = time.perf_counter(), self._sampling.sampling_ms
         budget = float(self.budget_ms())
-        if self.max_budget_ms is not None:
+        if self.max_budget_ms is not None and math.isfinite(budget):
             budget = min(budget, self.max_budget_ms)
         steps = self.affordable_steps(budget)
         steps_by_budget = self.affordable_steps(budget, cap=False)

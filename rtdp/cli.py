@@ -850,7 +850,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--anytime-mode", choices=("truncate", "respace"), default="truncate",
                    help="truncate: stop the sampler's chain and use its clean prediction so far; respace: run a "
                         "shorter chain over the whole noise range, chosen when the decision starts")
-    c.add_argument("--anytime-budget-ms", type=RATE, help="cap every decision's budget at this")
+    c.add_argument("--anytime-budget-ms", type=RATE, help="cap the budget of every decision made while a chunk runs "
+                   "(an episode's first decision is made before the clock starts)")
     c.add_argument("--bad-obs-every", type=NON_NEGATIVE, default=0, help="corrupt every n-th observation with NaN")
     c.add_argument("--worker", choices=("process", "thread"), default="process",
                    help="run inference in its own process (default: the loop never waits for the GIL) or on a "

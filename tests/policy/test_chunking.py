@@ -4,6 +4,8 @@ counted; RTC's mask values; replacement inpainting holds the frozen prefix exact
 denoiser, the new chunk continues the prefix's mode under guidance (and more often than naive under replacement)
 where a fresh draw picks either."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -124,6 +126,9 @@ def test_respaced_anytime_runs_the_shorter_schedule_the_budget_covers_and_a_cap_
     truncated.step_ms, truncated.overhead_ms = 2.0, 0.0
     cut = truncated.predict_chunk(obs(3), noise=noise, generator=torch.Generator().manual_seed(5))
     assert cut.nfe == 5 and not torch.allclose(cut.action_pred, chunk.action_pred, atol=1e-3)
+    # An episode's first decision (nothing is executing: an unbounded budget) is made before the clock starts.
+    policy.budget_ms = lambda: math.inf
+    assert policy.predict_chunk(obs(3)).nfe == 10
     with pytest.raises(ValueError, match="anytime mode must be one of"):
         AnytimePolicy(full, mode="halve")
     with pytest.raises(ValueError, match="max_budget_ms must be > 0"):
