@@ -35,9 +35,8 @@ chunk runs (a robot that wants its decisions no slower than that, or a benchmark
 their time); an unbounded budget, an episode's first decision made before the clock starts, stays unbounded.
 The costs are medians over the last `window` decisions (one preempted decision must not starve the next ones),
 and after `probe_after` skips in a row (fewer than a chunk's actions, so the chunk has not run out) a decision
-runs one step anyway, whose costs replace the estimate: a skipped
-decision measures nothing, so an estimate that once rose above the budget would otherwise skip every decision
-after it.
+runs one step anyway, whose costs replace the estimate: a skipped decision measures nothing, so an estimate that
+once rose above the budget would otherwise skip every decision after it.
 
     policy = PrefixConditionedPolicy(policy, ChunkingConfig(method="inpaint", period_ms=20))
     policy = AnytimePolicy(policy, budget_ms=lambda: 30.0, mode="respace")
@@ -276,6 +275,7 @@ class AnytimePolicy(DenoisingWrapper):
 
     def reset(self) -> None:
         self.stats = {"decisions": 0, "stopped_early": 0, "skipped": 0, "probes": 0}
+        self._skips_in_a_row = 0  # the measured costs stay: they belong to the machine, not the episode
         self.inner.reset()
 
     def affordable_steps(self, budget_ms: float, cap: bool = True) -> int:
