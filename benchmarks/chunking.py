@@ -55,7 +55,7 @@ METHOD_FLAGS = {
     "rti-anytime": ["--rti", "--anytime", "--anytime-mode", "respace"],
 }
 # --half-budget: each full decision, and the anytime methods capped at half its median decision time
-HALF_BUDGET = {"naive": ("anytime", "anytime-respace"), "rti": ("rti-anytime",)}
+HALF_BUDGET = {"rti": ("rti-anytime",), "naive": ("anytime", "anytime-respace")}
 
 
 def run(checkpoint: str, task: str, method: str, delay: int, episodes: int, extra: list[str] = ()) -> dict:
