@@ -265,17 +265,20 @@ class AnytimePolicy(DenoisingWrapper):
         if window < 1 or probe_after < 1:
             raise ValueError(f"anytime window and probe_after must be >= 1, got {window} and {probe_after}")
         self.budget_ms, self.margin_ms, self.mode, self.max_budget_ms = budget_ms, margin_ms, mode, max_budget_ms
-        self.probe_after = probe_after
+        self.window, self.probe_after = window, probe_after
         self.step_ms: float | None = None  # one denoising step
         self.overhead_ms = 0.0  # the rest of a decision
         self._costs: deque[tuple[float, float]] = deque(maxlen=window)  # (step, rest) of the latest decisions
-        self._skips_in_a_row = 0
         self._sampling = base_policy(policy)
+        self._clear_counts()
+
+    def _clear_counts(self) -> None:
+        """The counts of an episode; the measured costs stay, they belong to the machine, not the episode."""
         self.stats = {"decisions": 0, "stopped_early": 0, "skipped": 0, "probes": 0}
+        self._skips_in_a_row = 0
 
     def reset(self) -> None:
-        self.stats = {"decisions": 0, "stopped_early": 0, "skipped": 0, "probes": 0}
-        self._skips_in_a_row = 0  # the measured costs stay: they belong to the machine, not the episode
+        self._clear_counts()
         self.inner.reset()
 
     def affordable_steps(self, budget_ms: float, cap: bool = True) -> int:
@@ -302,7 +305,7 @@ class AnytimePolicy(DenoisingWrapper):
 
     def describe(self) -> dict:
         return {"mode": self.mode, "margin_ms": self.margin_ms, "max_budget_ms": self.max_budget_ms,
-                "probe_after": self.probe_after}
+                "window": self.window, "probe_after": self.probe_after}
 
     @torch.no_grad()
     def predict_chunk(self, obs: dict[str, torch.Tensor], *, executed: int | None = None,
