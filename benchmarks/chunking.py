@@ -115,7 +115,9 @@ def main() -> int:
         rates = [results[m][d]["success_rate"] for d in ran]
         lo = [results[m][d]["success_rate"] - results[m][d]["success_ci95"][0] for d in ran]
         hi = [results[m][d]["success_ci95"][1] - results[m][d]["success_rate"] for d in ran]
-        ax.errorbar(ran, rates, yerr=[lo, hi], marker="o", capsize=3, label=m)
+        # one colour per method whatever ran, so the tasks' plots read alike
+        ax.errorbar(ran, rates, yerr=[lo, hi], marker="o", capsize=3, label=m,
+                    color=f"C{list(METHOD_FLAGS).index(m) % 10}")
     ax.set_xlabel("injected delay (control periods of 20 ms), on top of inference")
     ax.set_ylabel("success rate")
     ax.set_ylim(0, 1.05)
