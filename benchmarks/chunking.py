@@ -16,7 +16,8 @@ and `anytime-respace` against `naive`, `rti-anytime` against `rti`.
 
 Delays are in control periods (20 ms at 50 Hz) added to every decision on top of its own inference time. Reports
 go to benchmarks/results/chunking/<task>_<method>_<delay>.json; a run whose report is there is skipped. The tables
-and the plot cover every report there for the task, from this run or earlier ones ("-" where a point was not run).
+cover every report there for the task, from this run or earlier ones ("-" where a point was not run); the plot,
+success_vs_delay.png, has a panel for every task with a summary there.
 """
 
 from __future__ import annotations
@@ -104,29 +105,38 @@ def main() -> int:
     (OUT / f"{name}_summary.json").write_text(json.dumps({"task": args.task, "episodes": args.episodes,
                                                           "rate_hz": RATE, "tables": text}, indent=2))
 
+    plot_success_vs_delay()
+    return 0
+
+
+def plot_success_vs_delay() -> None:
+    """success_vs_delay.png: one panel per task that has a summary here, each point with its Wilson interval; the
+    same colour for a method on every panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for m in methods:
-        ran = sorted(results[m])
-        rates = [results[m][d]["success_rate"] for d in ran]
-        lo = [results[m][d]["success_rate"] - results[m][d]["success_ci95"][0] for d in ran]
-        hi = [results[m][d]["success_ci95"][1] - results[m][d]["success_rate"] for d in ran]
-        # one colour per method whatever ran, so the tasks' plots read alike
-        ax.errorbar(ran, rates, yerr=[lo, hi], marker="o", capsize=3, label=m,
-                    color=f"C{list(METHOD_FLAGS).index(m) % 10}")
-    ax.set_xlabel("injected delay (control periods of 20 ms), on top of inference")
-    ax.set_ylabel("success rate")
-    ax.set_ylim(0, 1.05)
-    ax.set_title(f"{args.task} @ 50 Hz, {args.episodes} episodes per point")
-    ax.legend(fontsize=8)
+    summaries = [json.loads(p.read_text()) for p in sorted(OUT.glob("*_summary.json"))]
+    fig, axes = plt.subplots(1, len(summaries), figsize=(6 * len(summaries), 3.8), sharey=True, squeeze=False)
+    colours = plt.get_cmap("tab20").colors
+    for ax, summary in zip(axes[0], summaries, strict=True):
+        results = reports_on_disk(summary["task"])
+        for m in (m for m in METHOD_FLAGS if m in results):
+            ran = sorted(results[m])
+            rates = [results[m][d]["success_rate"] for d in ran]
+            lo = [results[m][d]["success_rate"] - results[m][d]["success_ci95"][0] for d in ran]
+            hi = [results[m][d]["success_ci95"][1] - results[m][d]["success_rate"] for d in ran]
+            ax.errorbar(ran, rates, yerr=[lo, hi], marker="o", capsize=3, label=m,
+                        color=colours[list(METHOD_FLAGS).index(m) * 2 % len(colours)])
+        ax.set_xlabel("injected delay (control periods of 20 ms), on top of inference")
+        ax.set_title(f"{summary['task']} @ {summary['rate_hz']:.0f} Hz, {summary['episodes']} episodes per point")
+        ax.set_ylim(0, 1.05)
+    axes[0][0].set_ylabel("success rate")
+    axes[0][-1].legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    fig.savefig(OUT / f"{name}_success_vs_delay.png", dpi=110)
+    fig.savefig(OUT / "success_vs_delay.png", dpi=110)
     plt.close(fig)
-    return 0
 
 
 def reports_on_disk(task: str) -> dict[str, dict[int, dict]]:
