@@ -8,6 +8,11 @@ Per setting: `plan_step_m` (mean distance from the current position to the plann
 is a few cm), `chosen_action_error` and `candidate_action_error` (L2 to the expert's action, both clipped to the
 action box), `candidate_spread` (the 32 candidates' std per action dim) and `critic_range` (max - min of their
 values). Writes benchmarks/results/trajectory_diffuser/refinement_probe/<checkpoint folder's name>.json.
+
+    python benchmarks/td_refinement_probe.py RUN --target-returns 0.9 0.5 0.3 0.2
+
+asks the same of the draft alone and the default refinement at each target return (x the data's highest initial
+return-to-go, as `planner.target_return`) instead, into <folder's name>-target-returns.json.
 """
 
 from __future__ import annotations
@@ -71,6 +76,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint")
     ap.add_argument("--seeds", type=int, default=6)
+    ap.add_argument("--target-returns", nargs="*", type=float, default=[],
+                    help="sweep the target return (draft alone and the default refinement at each)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     task = read_config(args.checkpoint).data.task
@@ -80,12 +87,25 @@ def main() -> None:
     result = {"checkpoint": args.checkpoint, "task": task, "states": len(states),
               "expert_action_abs_mean": float(np.abs(actions).mean()), "settings": {}}
     model = build_policy(RuntimeSettings(args.checkpoint)).model
-    for name, sampler, steps, entry in SETTINGS:
-        model.configure_inference(sampler, steps)
-        model.cfg.entry = entry
-        result["settings"][name] = probe(model, states, actions)
-        print(name, {k: round(v, 3) for k, v in result["settings"][name].items()}, flush=True)
-    out = OUT / "refinement_probe" / f"{Path(args.checkpoint).resolve().name}.json"
+    name = Path(args.checkpoint).resolve().name
+    if args.target_returns:
+        result["by_target_return"] = {}
+        for target in args.target_returns:
+            model.cfg.target_return = target
+            for setting, sampler, steps, entry in SETTINGS[:2]:
+                model.configure_inference(sampler, steps)
+                model.cfg.entry = entry
+                row = probe(model, states, actions)
+                result["by_target_return"].setdefault(str(target), {})[setting] = row
+                print(target, setting, {k: round(v, 3) for k, v in row.items()}, flush=True)
+        name += "-target-returns"
+    else:
+        for setting, sampler, steps, entry in SETTINGS:
+            model.configure_inference(sampler, steps)
+            model.cfg.entry = entry
+            result["settings"][setting] = probe(model, states, actions)
+            print(setting, {k: round(v, 3) for k, v in result["settings"][setting].items()}, flush=True)
+    out = OUT / "refinement_probe" / f"{name}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(out)

@@ -6,8 +6,10 @@ with the loop; CPython hands it over only every switch interval, and the loop's 
 waits on a pipe, which holds no GIL.
 
 `InferenceProcess(settings)` is a drop-in for `ChunkDecider` (deploy/decider.py): `__call__(history, executed)`,
-`reset(seed)`, `spec`, `config`, plus `close()`. It talks to the child over stdin / stdout in explicit messages,
-never pickle:
+`reset(seed)`, `spec`, `config`, plus `close()`. `nice` lowers the child's scheduling priority below the loop's
+(POSIX nice increment): on a machine with fewer cores than busy processes, a tick or a transport callback that
+wakes while a decision computes then takes the core at once instead of waiting out the decision's time slice.
+It talks to the child over stdin / stdout in explicit messages, never pickle:
 
     message = one line of JSON (the header), then header["nbytes"] bytes of payload
     arrays  = header["arrays"]: [{"name", "dtype", "shape"}], their C-order bytes concatenated in the payload
@@ -135,12 +137,15 @@ class InferenceProcess:
     """A ChunkDecider in a child process. Calls are serialised: `reset` between episodes waits for a decision
     still in flight instead of interleaving with it."""
 
-    def __init__(self, settings: RuntimeSettings, inference_delay_ms: float = 0.0, threads: int = 1):
+    def __init__(self, settings: RuntimeSettings, inference_delay_ms: float = 0.0, threads: int = 1,
+                 nice: int = 0):
+        if not 0 <= nice <= 19:
+            raise ValueError(f"nice is a POSIX priority increment from 0 to 19, got {nice}")
         settings = replace(settings, checkpoint=str(Path(settings.checkpoint).resolve()),
                            export=str(Path(settings.export).resolve()) if settings.export else None)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads),
                "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        self._proc = subprocess.Popen([sys.executable, "-m", "deploy.inference_process", str(threads)],
+        self._proc = subprocess.Popen([sys.executable, "-m", "deploy.inference_process", str(threads), str(nice)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self._lock = threading.Lock()
         self.last_nfe: int | None = None  # the child's denoiser calls for the last decision
@@ -236,6 +241,8 @@ def serve(requests, replies, threads: int) -> None:
 
 def main(argv: list[str]) -> int:
     threads = int(argv[0]) if argv else 1
+    if len(argv) > 1 and int(argv[1]) and hasattr(os, "nice"):  # no priority increments on Windows
+        os.nice(int(argv[1]))
     # The protocol owns the real stdout; anything the libraries print goes to stderr instead.
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)

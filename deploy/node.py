@@ -103,6 +103,7 @@ class NodeSettings:
     max_observation_age_ms: float = 100.0  # an observation stamped earlier than this is late
     inference_delay_ms: float = 0.0
     threads: int = 1  # the inference process's intra-op threads
+    inference_nice: int = 0  # the inference process's priority increment below the loop's (InferenceProcess)
     record: str | None = None  # an MCAP file of every message in and out
     diagnostics_hz: float = 1.0
 
@@ -229,7 +230,8 @@ class ControlNode:
 
     def _on_configure(self) -> None:
         s = self.settings
-        self.decider = RestartingDecider(lambda: InferenceProcess(s.runtime, s.inference_delay_ms, s.threads))
+        self.decider = RestartingDecider(lambda: InferenceProcess(s.runtime, s.inference_delay_ms, s.threads,
+                                                                       s.inference_nice))
         spec = self.decider.spec
         self.intake = ObservationIntake(spec.observations, s.max_observation_age_ms, self.recorder)
         for f in spec.observations:
@@ -358,6 +360,7 @@ class ControlNode:
             out["tick_ms"] = percentiles(self.robot.tick_ms, ("p50", "p99"))
             out["observation_in_to_action_out_ms"] = percentiles(self.robot.in_to_out_ms, ("p50", "p99"))
         out["runtime"] = asdict(self.settings.runtime)
+        out["inference_nice"] = self.settings.inference_nice
         return out
 
     def close(self) -> None:

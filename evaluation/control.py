@@ -49,6 +49,7 @@ class ControlSettings:
     task: str | None = None
     # "process": inference in its own process, so the loop never waits for the GIL; "thread": in this one.
     worker: str = "process"
+    inference_nice: int = 0  # the inference process's priority increment below the loop's (InferenceProcess)
     # naive: the newest chunk replaces the last; ensemble: ACT's temporal ensembling in the loop; inpaint |
     # guidance: each chunk denoised with the actions that run during its decision held (policy/chunking.py)
     chunking: str = "naive"
@@ -119,7 +120,7 @@ def run_control(settings: ControlSettings, progress: bool = True) -> dict:
     env = open_env(settings.checkpoint, run_cfg, task, settings.max_episode_steps)
     try:
         if settings.worker == "process":
-            decider = InferenceProcess(runtime, settings.inference_delay_ms)
+            decider = InferenceProcess(runtime, settings.inference_delay_ms, nice=settings.inference_nice)
         else:
             decider = ChunkDecider(runtime, settings.inference_delay_ms)
     except Exception:
@@ -158,6 +159,7 @@ def run_control(settings: ControlSettings, progress: bool = True) -> dict:
         "success_rate": wins / len(episodes), "success_ci95": list(wilson_interval(wins, len(episodes))),
         "episodes": len(episodes),
         "config": {**decider.config, "rti": decider.config.get("rti"), "worker": settings.worker,
+                   "inference_nice": settings.inference_nice if settings.worker == "process" else None,
                    "replan_every": loop.replan_every, "inference_delay_ms": settings.inference_delay_ms,
                    "chunking": settings.chunking, "anytime": decider.config.get("anytime"),
                    "bad_obs_every": settings.bad_obs_every, "miss_tolerance_ms": loop.tolerance * 1e3},

@@ -532,7 +532,8 @@ def cmd_control(args: argparse.Namespace) -> int:
                                replan_every=args.replan_every, inference_delay_ms=args.inference_delay_ms,
                                bad_obs_every=args.bad_obs_every, worker=args.worker, precision=args.precision,
                                export=args.export, ort=_ort(args), chunking=args.chunking, anytime=args.anytime,
-                               anytime_mode=args.anytime_mode, anytime_budget_ms=args.anytime_budget_ms)
+                               anytime_mode=args.anytime_mode, anytime_budget_ms=args.anytime_budget_ms,
+                               inference_nice=args.inference_nice)
     report = run_control(settings, progress=not args.no_progress)
     print(control_summary(report))
     _write_report(args.report, report)
@@ -595,7 +596,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     settings = NodeSettings(runtime=runtime, rate_hz=args.rate, name=args.name, namespace=args.namespace,
                             zenoh=_zenoh_settings(args), robot_node=args.robot_node,
                             max_observation_age_ms=args.max_observation_age_ms,
-                            inference_delay_ms=args.inference_delay_ms, threads=args.threads, record=args.record)
+                            inference_delay_ms=args.inference_delay_ms, threads=args.threads, record=args.record,
+                            inference_nice=args.inference_nice)
     node = ControlNode(settings)
     try:
         print(f"rtdp node: {args.name} on the bus (state unconfigured); lifecycle by "
@@ -645,6 +647,12 @@ def _key_value(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key.strip(), value.strip()
+
+
+def _add_inference_nice_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--inference-nice", type=NON_NEGATIVE, default=0, metavar="N",
+                   help="run the inference process N POSIX nice levels (0-19) below the loop, so that ticks and "
+                        "transport callbacks take a busy core first")
 
 
 def _add_sampler_arguments(p: argparse.ArgumentParser, what: str = "default: the checkpoint's config") -> None:
@@ -856,6 +864,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--worker", choices=("process", "thread"), default="process",
                    help="run inference in its own process (default: the loop never waits for the GIL) or on a "
                         "thread of this one")
+    _add_inference_nice_argument(c)
     c.add_argument("--report", help="write the JSON report here")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_control)
@@ -880,6 +889,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transformer block caching (see rtdp eval --cache)")
     n.add_argument("--threads", type=POSITIVE, default=1, help="the inference process's threads")
     n.add_argument("--inference-delay-ms", type=float, default=0.0, help="add this to every decision (stress test)")
+    _add_inference_nice_argument(n)
     n.add_argument("--record", metavar="FILE.mcap", help="every message in and out, as ROS 2 messages in MCAP")
     n.add_argument("--report", help="write the counters and timing as JSON here when the node finalizes")
     n.set_defaults(func=cmd_node)

@@ -2,6 +2,7 @@
 in-process decider's bit for bit, and failures that come back as errors the loop can count instead of crashes."""
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -101,3 +102,16 @@ def test_a_failed_request_is_an_error_and_the_process_serves_on(tmp_path):
 def test_a_checkpoint_that_cannot_load_fails_at_start(tmp_path):
     with pytest.raises(InferenceError, match="inference process"):
         InferenceProcess(RuntimeSettings(checkpoint=str(tmp_path / "missing")))
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="POSIX priorities")
+def test_the_inference_process_runs_nice_levels_below_its_parent(tmp_path):
+    process = InferenceProcess(RuntimeSettings(checkpoint=str(saved_policy(tmp_path / "policy")), sampler="ddim",
+                                               steps=3), nice=7)
+    try:
+        assert os.getpriority(os.PRIO_PROCESS, process.pid) == min(os.getpriority(os.PRIO_PROCESS, 0) + 7, 19)
+        assert process(history(0), None).shape == (7, 2)
+    finally:
+        process.close()
+    with pytest.raises(ValueError, match="nice"):
+        InferenceProcess(RuntimeSettings(checkpoint=str(tmp_path / "policy")), nice=20)
