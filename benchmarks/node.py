@@ -3,9 +3,10 @@ deadline misses, period error, what the bus and the node add to an action beyond
 in-process `rtdp control` on the same seeds, and the same run under injected faults.
 
     python benchmarks/node.py --checkpoint /work/node_bench/push [--ticks 10000] [--stage all|clean|faults|control]
+        [--inference-nice N] [--out benchmarks/results/node]
 
-Each stage writes its reports to benchmarks/results/node/ and is skipped when they are there; the table and plot
-are made from whatever is there.
+Each stage writes its reports to --out and is skipped when they are there; the table and plot are made from
+whatever is there. `--inference-nice` runs the node's inference process N nice levels below the loop.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def rtdp(*args: str) -> list[str]:
     return [sys.executable, "-m", "rtdp", *args]
 
 
-def run_pair(checkpoint: str, label: str, ticks: int, robot_extra: list[str]) -> None:
+def run_pair(checkpoint: str, label: str, ticks: int, robot_extra: list[str], nice: int = 0) -> None:
     """Router, node and robot-sim as three processes; the robot finalizes the node when it has run `ticks`."""
     from deploy.zenoh_graph import free_endpoint
 
@@ -41,7 +42,7 @@ def run_pair(checkpoint: str, label: str, ticks: int, robot_extra: list[str]) ->
     router = subprocess.Popen(rtdp("router", "--listen", endpoint), cwd=ROOT, env=env)
     time.sleep(1.0)
     node = subprocess.Popen(rtdp("node", "--checkpoint", checkpoint, "--router", endpoint, "--rate", "50",
-                                 "--report", str(node_report)), cwd=ROOT, env=env)
+                                 "--inference-nice", str(nice), "--report", str(node_report)), cwd=ROOT, env=env)
     try:
         subprocess.run(rtdp("robot-sim", "--checkpoint", checkpoint, "--router", endpoint, "--min-ticks", str(ticks),
                             "--episodes", "1", "--shutdown-node", "--report", str(robot_report), *robot_extra),
@@ -54,12 +55,12 @@ def run_pair(checkpoint: str, label: str, ticks: int, robot_extra: list[str]) ->
                 p.wait(timeout=10)
 
 
-def run_control(checkpoint: str, episodes: int) -> None:
+def run_control(checkpoint: str, episodes: int, nice: int = 0) -> None:
     report = OUT / "control_in_process.json"
     if not report.exists():
         env = {**os.environ, "MUJOCO_GL": "egl", "OMP_NUM_THREADS": "1"}
         subprocess.run(rtdp("control", "--checkpoint", checkpoint, "--rate", "50", "--episodes", str(episodes),
-                            "--report", str(report)), cwd=ROOT, env=env, check=True)
+                            "--inference-nice", str(nice), "--report", str(report)), cwd=ROOT, env=env, check=True)
 
 
 ECHO_LISTENER = """
@@ -194,23 +195,28 @@ def main() -> int:
     ap.add_argument("--checkpoint", default="/work/node_bench/push")
     ap.add_argument("--ticks", type=int, default=10_000)
     ap.add_argument("--stage", default="all", choices=["all", "clean", "faults", "control", "transport", "table"])
+    ap.add_argument("--inference-nice", type=int, default=0, help="the inference process's nice increment")
+    ap.add_argument("--out", type=Path, help="default: benchmarks/results/node")
     args = ap.parse_args()
+    global OUT
+    OUT = args.out.resolve() if args.out else OUT
     OUT.mkdir(parents=True, exist_ok=True)
     if args.stage in ("all", "clean"):
-        run_pair(args.checkpoint, "clean", args.ticks, [])
+        run_pair(args.checkpoint, "clean", args.ticks, [], args.inference_nice)
     if args.stage in ("all", "faults"):
         run_pair(args.checkpoint, "faults", args.ticks, ["--faults", FAULTS, "--kill-inference-after",
-                                                          str(args.ticks // 2)])
+                                                          str(args.ticks // 2)], args.inference_nice)
     if args.stage in ("all", "control"):
         clean = load("robot_clean.json")
-        run_control(args.checkpoint, clean["episodes"] if clean else 30)
+        run_control(args.checkpoint, clean["episodes"] if clean else 30, args.inference_nice)
     if args.stage in ("all", "transport"):
         run_transport()
     text = table()
     print(text)
     plot()
     (OUT / "summary.json").write_text(json.dumps({"machine": f"{platform.node()} ({os.cpu_count()} cores, CPU only)",
-                                                  "date": time.strftime("%Y-%m-%d"), "table": text}, indent=2))
+                                                  "date": time.strftime("%Y-%m-%d"), "checkpoint": args.checkpoint,
+                                                  "inference_nice": args.inference_nice, "table": text}, indent=2))
     return 0
 
 

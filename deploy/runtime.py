@@ -12,6 +12,7 @@ validated once, here: evaluation, calibration, export, profile, control and the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from policy.cache import (
@@ -61,6 +62,9 @@ class RuntimeSettings:
     # A frame-predicting model (PAD) decodes its predicted frames into every chunk's extras only when something
     # shows them (a video); a control loop acts on the poses alone.
     predicted_frames: bool = False
+    # A return-conditioned planner's target return (x the data's highest initial return-to-go, as the
+    # checkpoint's `planner.target_return`); None: the checkpoint's.
+    target_return: float | None = None
 
 
 @dataclass
@@ -92,6 +96,11 @@ def load_model(settings: RuntimeSettings):
     if getattr(model.cfg, "discrete_action_dims", ()) is None:  # a checkpoint from before the field existed
         model.cfg.discrete_action_dims = list(settings.discrete_action_dims or [])
     model.configure_inference(settings.sampler, settings.steps)
+    if settings.target_return is not None:
+        if model.inference_config().get("target_return") is None:  # what the model's decision reads
+            raise ValueError(f"a {model.spec.kind} checkpoint is not conditioned on a return: run it without "
+                             f"a target return")
+        model.cfg.target_return = float(settings.target_return)
     if hasattr(model, "decode_frames"):  # a frame-predicting model (PAD)
         model.decode_frames = settings.predicted_frames
     return model.eval(), run_cfg
@@ -129,6 +138,8 @@ def validate(settings: RuntimeSettings) -> None:
                                  "export --precision int8`; the torch backends run fp32 or fp16")
     if settings.steps is not None and settings.steps < 0:  # 0: a planner's draft alone; other kinds refuse it
         raise ValueError(f"steps must be >= 0, got {settings.steps}")
+    if settings.target_return is not None and not math.isfinite(settings.target_return):
+        raise ValueError(f"target_return must be a finite number, got {settings.target_return}")
     if settings.threads < 0:
         raise ValueError(f"threads must be >= 0, got {settings.threads}")
     if settings.ort is not None:

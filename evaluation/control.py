@@ -49,6 +49,7 @@ class ControlSettings:
     task: str | None = None
     # "process": inference in its own process, so the loop never waits for the GIL; "thread": in this one.
     worker: str = "process"
+    target_return: float | None = None  # a return-conditioned planner's; None: the checkpoint's
     inference_nice: int = 0  # the inference process's priority increment below the loop's (InferenceProcess)
     # naive: the newest chunk replaces the last; ensemble: ACT's temporal ensembling in the loop; inpaint |
     # guidance: each chunk denoised with the actions that run during its decision held (policy/chunking.py)
@@ -66,7 +67,7 @@ class ControlSettings:
         return RuntimeSettings(checkpoint=self.checkpoint, sampler=self.sampler, steps=self.steps, rti=self.rti,
                                cache=self.cache, backend=self.backend, precision=self.precision, export=self.export,
                                ort=self.ort, discrete_action_dims=discrete_action_dims(task), chunking=chunking,
-                               anytime=self.anytime_settings(period_ms))
+                               anytime=self.anytime_settings(period_ms), target_return=self.target_return)
 
     def anytime_settings(self, period_ms: float) -> dict | None:
         if not self.anytime:

@@ -58,6 +58,7 @@ class EvalSettings:
     open_loop: bool = True  # driving tasks: the expert on the same seeds, and the planner open-loop on its scenes
     open_loop_every: int = 5  # every k-th step of the expert's episodes is an open-loop scene
     seeds: list[int] = field(default_factory=list)  # set by the orchestrator for each worker
+    target_return: float | None = None  # a return-conditioned planner's; None: the checkpoint's
 
 
 def runtime_settings(settings, task: str, predicted_frames: bool = False) -> RuntimeSettings:
@@ -66,7 +67,8 @@ def runtime_settings(settings, task: str, predicted_frames: bool = False) -> Run
     return RuntimeSettings(checkpoint=settings.checkpoint, sampler=settings.sampler, steps=settings.steps,
                            rti=settings.rti, cache=settings.cache, backend=settings.backend,
                            precision=settings.precision, export=settings.export, ort=settings.ort,
-                           discrete_action_dims=discrete_action_dims(task), predicted_frames=predicted_frames)
+                           discrete_action_dims=discrete_action_dims(task), predicted_frames=predicted_frames,
+                           target_return=getattr(settings, "target_return", None))
 
 
 def worker_episodes(settings: EvalSettings, emit) -> None:

@@ -439,7 +439,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             steps=args.steps, task=args.task, workers=args.workers, video_dir=args.video,
                             video_episodes=args.video_episodes, plot=args.plot, rti=_rti_settings(args),
                             rti_calibration_episodes=args.rti_calibration_episodes, cache=args.cache,
-                            backend=args.backend, precision=args.precision, export=args.export, ort=_ort(args))
+                            backend=args.backend, precision=args.precision, export=args.export, ort=_ort(args),
+                            target_return=args.target_return)
     report = evaluate(settings, progress=not args.no_progress)
     print(summary_line(report))
     _write_report(args.report, report)
@@ -533,7 +534,7 @@ def cmd_control(args: argparse.Namespace) -> int:
                                bad_obs_every=args.bad_obs_every, worker=args.worker, precision=args.precision,
                                export=args.export, ort=_ort(args), chunking=args.chunking, anytime=args.anytime,
                                anytime_mode=args.anytime_mode, anytime_budget_ms=args.anytime_budget_ms,
-                               inference_nice=args.inference_nice)
+                               inference_nice=args.inference_nice, target_return=args.target_return)
     report = run_control(settings, progress=not args.no_progress)
     print(control_summary(report))
     _write_report(args.report, report)
@@ -661,6 +662,11 @@ def _add_sampler_arguments(p: argparse.ArgumentParser, what: str = "default: the
                    "alone)")
 
 
+def _add_target_return_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target-return", type=float, metavar="R", help="a return-conditioned planner's target return, "
+                   "x the data's highest initial return-to-go (default: the checkpoint's planner.target_return)")
+
+
 def _rti_k0(args: argparse.Namespace) -> int | None:
     """--rti for verbs that need a fixed entry step (export, profile)."""
     k0 = _parse_k0(args.rti) if args.rti is not None else None
@@ -762,6 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--episodes", type=POSITIVE, default=50)
     e.add_argument("--seed", type=int, default=0, help="episodes use held-out seeds 100000 + seed + i")
     _add_sampler_arguments(e)
+    _add_target_return_argument(e)
     e.add_argument("--task", help="default: the task the checkpoint was trained on")
     e.add_argument("--workers", type=NON_NEGATIVE, default=0, help="worker processes; 0: one per core")
     e.add_argument("--video", metavar="DIR", help="write the first --video-episodes rollouts as mp4 here")
@@ -841,6 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--min-ticks", type=NON_NEGATIVE, default=0, help="keep running episodes until this many ticks")
     c.add_argument("--seed", type=int, default=0)
     _add_sampler_arguments(c)
+    _add_target_return_argument(c)
     _add_rti_arguments(c)
     c.add_argument("--backend", default="torch", choices=BACKEND_CHOICES)
     _add_export_argument(c)

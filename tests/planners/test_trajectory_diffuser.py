@@ -290,3 +290,18 @@ def test_a_refiner_trained_on_low_noise_only_samples_t_below_the_bound_and_refus
     dd_cfg = small(TrajectoryDiffuserRunConfig(kind="decision_diffuser"), 1, refine_train_timesteps=5)
     with pytest.raises(ValueError, match="refine_train_timesteps"):
         kind_named("decision_diffuser").build_for_training(dd_cfg, data)
+
+
+def test_the_target_return_is_a_runtime_setting_the_draft_is_conditioned_on(maze):
+    obs = observations(maze["buffer"])
+    plans = {}
+    for target in (None, 0.9, 0.2):
+        runtime = build_policy(RuntimeSettings(str(maze["td"]), steps=0, target_return=target))
+        assert runtime.config["target_return"] == (0.9 if target is None else target)  # the config's default
+        plans[target] = runtime.policy.predict_chunk(obs, generator=torch.Generator().manual_seed(0)).extras["plans"]
+    torch.testing.assert_close(plans[None], plans[0.9])
+    assert (plans[0.2] - plans[0.9]).abs().max() > 1e-3  # the draft reads the target at every position
+    with pytest.raises(ValueError, match="a diffuser checkpoint is not conditioned on a return"):
+        build_policy(RuntimeSettings(str(maze["diffuser"]), target_return=0.5))
+    with pytest.raises(ValueError, match="target_return must be a finite number"):
+        build_policy(RuntimeSettings(str(maze["td"]), target_return=float("nan")))
