@@ -3,10 +3,13 @@
 same inputs: the frame, the pose and the task as a one-hot), closed-loop success per task, future-frame MSE
 against copy-last-frame on held-out episodes, and decision latency (DDIM-10 and RTI; torch and onnxruntime).
 
-    python benchmarks/pad.py [--episodes 50] [--steps 7000] [--stage all|data|train|eval|frames|latency|table]
+    python benchmarks/pad.py [--episodes 50] [--steps 6000] [--stage all|data|train|eval|frames|latency|table]
+        [--models pad,pad_no_img,dp_image] [--rti-steps 4 ...] [--work DIR] [--out DIR]
 
 Every stage skips what is already there (the dataset, a trained run, an evaluation report), so the script resumes.
-Data and runs go to --work (default /work/pad_bench); JSON, plots and videos to benchmarks/results/pad/.
+Data and runs go to --work (default /work/pad_bench); JSON, plots and videos to --out (default
+benchmarks/results/pad/). The evaluation runs PAD with RTI once per `--rti-steps` tail (calls per warm decision,
+entered at k0 = 27), as the column "PAD + RTI-n".
 """
 
 from __future__ import annotations
@@ -37,10 +40,11 @@ MODELS = {
     "dp_image": ["--config", "configs/policy/unet_image.yaml", "data.state_keys=[pose,task_onehot]",
                  "data.image_key=image", "train.batch_size=64", "train.steps=2000"],
 }
-RTI = ["--rti", "27", "--rti-exec", "4", "--rti-steps", "4"]
+RTI_K0 = "27"
 # ddpm50: the paper's sampler; "_frames": the predicted frames also decoded each decision, as a video shows them
 LATENCY_SETTINGS = {"ddim10": [], "ddpm50": ["--sampler", "ddpm", "--steps", "50"],
                     "rti4": ["--rti", "27", "--rti-steps", "4"], "rti2": ["--rti", "27", "--rti-steps", "2"],
+                    "rti1": ["--rti", "27", "--rti-steps", "1"],
                     "ddim10_frames": ["--predicted-frames"],
                     "rti2_frames": ["--rti", "27", "--rti-steps", "2", "--predicted-frames"]}
 
@@ -70,8 +74,9 @@ def stage_train(work: Path, steps: int, models: list[str]) -> None:
              *([] if own_steps else [f"train.steps={steps}"]), "train.checkpoint_every=1000", "train.threads=1")
 
 
-def stage_eval(work: Path, episodes: int, models: list[str], rti: bool) -> None:
-    runs = [(m, m, []) for m in models] + ([("pad", "pad_rti", RTI)] if rti else [])
+def stage_eval(work: Path, episodes: int, models: list[str], rti_steps: list[int]) -> None:
+    runs = [(m, m, []) for m in models] + [("pad", f"pad_rti{n}", ["--rti", RTI_K0, "--rti-exec", "4",
+                                                                  "--rti-steps", str(n)]) for n in rti_steps]
     for model, label, extra in runs:
         for task in TASKS:
             report = OUT / "eval" / f"{label}_{task.split('/')[1]}.json"
@@ -158,8 +163,9 @@ def table() -> str:
     def load(path: Path):
         return json.loads(path.read_text()) if path.exists() else None
 
-    rows = ["| task | PAD | PAD w/o img | image DP | PAD + RTI |", "|---|---|---|---|---|"]
-    means: dict[str, list] = {m: [] for m in ("pad", "pad_no_img", "dp_image", "pad_rti")}
+    labels = model_labels()
+    rows = ["| task | " + " | ".join(labels.values()) + " |", "|---" * (len(labels) + 1) + "|"]
+    means: dict[str, list] = {m: [] for m in labels}
     for task in TASKS:
         cells = []
         for m in means:
@@ -173,13 +179,20 @@ def table() -> str:
     return "\n".join(rows)
 
 
+def model_labels() -> dict[str, str]:
+    """Each column of the success table: the three models, then PAD with every RTI tail evaluated in OUT."""
+    tails = sorted({int(p.name.split("_")[1][3:]) for p in (OUT / "eval").glob("pad_rti*_*.json")}, reverse=True)
+    return {"pad": "PAD", "pad_no_img": "PAD w/o img", "dp_image": "image DP",
+            **{f"pad_rti{n}": f"PAD + RTI-{n}" for n in tails}}
+
+
 def plot_success() -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = {"pad": "PAD", "pad_no_img": "PAD w/o img", "dp_image": "image DP", "pad_rti": "PAD + RTI"}
+    labels = model_labels()
     fig, ax = plt.subplots(figsize=(8, 3.5))
     width = 0.8 / len(labels)
     for i, (m, name) in enumerate(labels.items()):
@@ -207,8 +220,12 @@ def main() -> int:
     ap.add_argument("--models", default="pad,pad_no_img,dp_image")
     ap.add_argument("--stage", default="all", choices=["all", "data", "train", "eval", "frames", "latency",
                                                          "table"])
-    ap.add_argument("--no-rti", action="store_true")
+    ap.add_argument("--rti-steps", type=int, nargs="*", default=[4],
+                    help="evaluate PAD with RTI at each of these tails (calls per warm decision); none: no RTI")
+    ap.add_argument("--out", type=Path, default=None, help="where JSON, plots and videos go")
     args = ap.parse_args()
+    global OUT
+    OUT = args.out.resolve() if args.out else OUT
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -219,7 +236,7 @@ def main() -> int:
     if args.stage in ("all", "train"):
         stage_train(work, args.steps, models)
     if args.stage in ("all", "eval"):
-        stage_eval(work, args.episodes, models, not args.no_rti)
+        stage_eval(work, args.episodes, models, args.rti_steps)
     if args.stage in ("all", "frames"):
         print(json.dumps(stage_frames(work), indent=2))
     if args.stage in ("all", "latency"):
