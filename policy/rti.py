@@ -96,13 +96,17 @@ class RTIConfig:
 
 
 def rti_tail(k0: int, schedule: NoiseSchedule, steps: int | None = None) -> list[int]:
-    """[k0, ..., 0] in `steps` evenly strided steps; every one of the k0 + 1 when None or when there are no more."""
+    """[k0, ..., 0] in `steps` evenly strided steps; every one of the k0 + 1 when None or when there are no more.
+    One step is [k0] alone: a single call whose clean-sample prediction is the chunk (the sampler's last step lands
+    on the clean sample), Real-Time Iteration's one iteration per control step."""
     if not 0 <= k0 < schedule.num_train_timesteps:
         raise ValueError(f"RTI k0={k0} is outside the schedule's steps [0, {schedule.num_train_timesteps - 1}]")
     if steps is None or steps >= k0 + 1:
         return list(range(k0, -1, -1))
-    if steps < 2:
-        raise ValueError(f"an RTI tail from k0={k0} > 0 needs steps >= 2 (k0 and 0), got {steps}")
+    if steps < 1:
+        raise ValueError(f"an RTI tail needs at least one call, got steps={steps}")
+    if steps == 1:
+        return [k0]
     return [round(k0 * (steps - 1 - i) / (steps - 1)) for i in range(steps)]
 
 
@@ -124,8 +128,8 @@ class RTIPolicy(DenoisingWrapper):
         schedule = policy.schedule
         if cfg.tail is not None:
             tail = as_timesteps(cfg.tail, schedule).tolist()
-            if tail[-1] != 0:
-                raise ValueError(f"an RTI tail must end at step 0 (the clean chunk), got {tail}")
+            if tail[-1] != 0 and len(tail) > 1:
+                raise ValueError(f"an RTI tail of several steps must end at step 0, got {tail}")
         else:
             tail = rti_tail(cfg.k0, schedule, cfg.steps)
         self.tail = tail

@@ -298,7 +298,7 @@ def test_the_default_enters_at_27_through_renoise_and_runs_a_4_step_ddim_tail_wi
 
 @pytest.mark.parametrize("k0, steps, tail", [(3, None, [3, 2, 1, 0]), (3, 4, [3, 2, 1, 0]), (10, 4, [10, 7, 3, 0]),
                                              (27, 4, [27, 18, 9, 0]), (9, 2, [9, 0]), (0, 1, [0]),
-                                             (2, 4, [2, 1, 0])])
+                                             (2, 4, [2, 1, 0]), (27, 1, [27])])
 def test_a_strided_tail_runs_k0_to_0_in_its_steps(k0, steps, tail):
     rti = RTIPolicy(make_policy(), full_cfg(k0=k0, steps=steps))
     assert rti.tail == tail
@@ -306,6 +306,6 @@ def test_a_strided_tail_runs_k0_to_0_in_its_steps(k0, steps, tail):
     assert rti.predict_chunk(obs()).nfe == len(tail)
 
 
-def test_a_stride_of_one_step_from_above_zero_is_refused():
-    with pytest.raises(ValueError, match="needs steps >= 2"):
-        RTIPolicy(make_policy(), full_cfg(k0=5, steps=1))
+def test_a_tail_without_calls_is_refused():
+    with pytest.raises(ValueError, match="at least one call"):
+        RTIPolicy(make_policy(), full_cfg(k0=5, steps=0))
