@@ -680,7 +680,8 @@ def _add_rti_arguments(p: argparse.ArgumentParser) -> None:
                    "(--rti alone: the default, 27), --rti-steps calls per decision after a full denoise at the "
                    "episode start; auto calibrates K0 from rollouts first")
     p.add_argument("--rti-steps", type=_tail_steps, metavar="N|all", help="the tail's calls, K0 .. 0 evenly strided "
-                   "(default 4); all: every step K0, K0-1, ..., 0 (the paper's)")
+                   "(default 4; 1: one call at K0, its clean prediction); all: every step K0, K0-1, ..., 0 "
+                   "(the paper's)")
     p.add_argument("--rti-mode", choices=["direct", "renoise"], help="warm-start entry (default renoise: the guess "
                    "forward-noised to K0)")
     p.add_argument("--rti-sampler", choices=["ddpm", "ddim", "dpmpp_2m"], help="the tail's sampler (default ddim)")
