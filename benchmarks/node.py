@@ -3,10 +3,12 @@ deadline misses, period error, what the bus and the node add to an action beyond
 in-process `rtdp control` on the same seeds, and the same run under injected faults.
 
     python benchmarks/node.py --checkpoint /work/node_bench/push [--ticks 10000] [--stage all|clean|faults|control]
-        [--inference-nice N] [--out benchmarks/results/node]
+        [--inference-nice N] [--inference-cpus C] [--loop-cpus C] [--robot-cpus C] [--out benchmarks/results/node]
 
 Each stage writes its reports to --out and is skipped when they are there; the table and plot are made from
-whatever is there. `--inference-nice` runs the node's inference process N nice levels below the loop.
+whatever is there. `--inference-nice` runs the node's inference process N nice levels below the loop;
+`--inference-cpus` pins it to those CPUs, `--loop-cpus` runs the router and the node under `taskset` on others,
+`--robot-cpus` the robot.
 """
 
 from __future__ import annotations
@@ -26,11 +28,15 @@ OUT = ROOT / "benchmarks" / "results" / "node"
 FAULTS = "drop=0.1,reorder=0.05,garbage=0.01"
 
 
-def rtdp(*args: str) -> list[str]:
-    return [sys.executable, "-m", "rtdp", *args]
+PINNED = {"loop": [], "robot": []}  # `taskset -c CPUS` prefixes: the router and the node; the robot
 
 
-def run_pair(checkpoint: str, label: str, ticks: int, robot_extra: list[str], nice: int = 0) -> None:
+def rtdp(*args: str, on: str = "loop") -> list[str]:
+    return [*PINNED[on], sys.executable, "-m", "rtdp", *args]
+
+
+def run_pair(checkpoint: str, label: str, ticks: int, robot_extra: list[str], nice: int = 0,
+             inference_cpus: str | None = None) -> None:
     """Router, node and robot-sim as three processes; the robot finalizes the node when it has run `ticks`."""
     from deploy.zenoh_graph import free_endpoint
 
@@ -42,10 +48,12 @@ def run_pair(checkpoint: str, label: str, ticks: int, robot_extra: list[str], ni
     router = subprocess.Popen(rtdp("router", "--listen", endpoint), cwd=ROOT, env=env)
     time.sleep(1.0)
     node = subprocess.Popen(rtdp("node", "--checkpoint", checkpoint, "--router", endpoint, "--rate", "50",
-                                 "--inference-nice", str(nice), "--report", str(node_report)), cwd=ROOT, env=env)
+                                 "--inference-nice", str(nice), "--report", str(node_report),
+                                 *(["--inference-cpus", inference_cpus] if inference_cpus else [])), cwd=ROOT, env=env)
     try:
         subprocess.run(rtdp("robot-sim", "--checkpoint", checkpoint, "--router", endpoint, "--min-ticks", str(ticks),
-                            "--episodes", "1", "--shutdown-node", "--report", str(robot_report), *robot_extra),
+                            "--episodes", "1", "--shutdown-node", "--report", str(robot_report), *robot_extra,
+                            on="robot"),
                        cwd=ROOT, env=env, check=True)
         node.wait(timeout=60)
     finally:
@@ -196,16 +204,22 @@ def main() -> int:
     ap.add_argument("--ticks", type=int, default=10_000)
     ap.add_argument("--stage", default="all", choices=["all", "clean", "faults", "control", "transport", "table"])
     ap.add_argument("--inference-nice", type=int, default=0, help="the inference process's nice increment")
+    ap.add_argument("--inference-cpus", help="pin the node's inference process to these CPUs, e.g. 1")
+    ap.add_argument("--loop-cpus", help="run the router and the node on these CPUs, e.g. 0")
+    ap.add_argument("--robot-cpus", help="run robot-sim on these CPUs")
     ap.add_argument("--out", type=Path, help="default: benchmarks/results/node")
     args = ap.parse_args()
     global OUT
+    for on, cpus in (("loop", args.loop_cpus), ("robot", args.robot_cpus)):
+        PINNED[on] = ["taskset", "-c", cpus] if cpus else []
     OUT = args.out.resolve() if args.out else OUT
     OUT.mkdir(parents=True, exist_ok=True)
     if args.stage in ("all", "clean"):
-        run_pair(args.checkpoint, "clean", args.ticks, [], args.inference_nice)
+        run_pair(args.checkpoint, "clean", args.ticks, [], args.inference_nice, args.inference_cpus)
     if args.stage in ("all", "faults"):
         run_pair(args.checkpoint, "faults", args.ticks, ["--faults", FAULTS, "--kill-inference-after",
-                                                          str(args.ticks // 2)], args.inference_nice)
+                                                          str(args.ticks // 2)], args.inference_nice,
+                 args.inference_cpus)
     if args.stage in ("all", "control"):
         clean = load("robot_clean.json")
         run_control(args.checkpoint, clean["episodes"] if clean else 30, args.inference_nice)
@@ -216,7 +230,10 @@ def main() -> int:
     plot()
     (OUT / "summary.json").write_text(json.dumps({"machine": f"{platform.node()} ({os.cpu_count()} cores, CPU only)",
                                                   "date": time.strftime("%Y-%m-%d"), "checkpoint": args.checkpoint,
-                                                  "inference_nice": args.inference_nice, "table": text}, indent=2))
+                                                  "inference_nice": args.inference_nice,
+                                                  "inference_cpus": args.inference_cpus, "loop_cpus": args.loop_cpus,
+                                                  "robot_cpus": args.robot_cpus,
+                                                  "table": text}, indent=2))
     return 0
 
 

@@ -9,6 +9,8 @@ waits on a pipe, which holds no GIL.
 `reset(seed)`, `spec`, `config`, plus `close()`. `nice` lowers the child's scheduling priority below the loop's
 (POSIX nice increment): on a machine with fewer cores than busy processes, a tick or a transport callback that
 wakes while a decision computes then takes the core at once instead of waiting out the decision's time slice.
+`cpus` pins the child to those CPUs (Linux), so that the loop and the transport, pinned elsewhere, never share a
+core with a decision.
 It talks to the child over stdin / stdout in explicit messages, never pickle:
 
     message = one line of JSON (the header), then header["nbytes"] bytes of payload
@@ -31,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -133,19 +136,34 @@ def _array_spec(spec) -> tuple[str, np.dtype, tuple[int, ...], int]:
     return spec["name"], dtype, shape, size
 
 
+def check_cpus(cpus: Sequence[int] | None) -> tuple[int, ...] | None:
+    """The CPUs an inference process may be pinned to, checked: None (no pinning) or CPU numbers of this machine."""
+    if cpus is None:
+        return None
+    cpus = tuple(int(c) for c in cpus)
+    if not hasattr(os, "sched_setaffinity"):
+        raise ValueError("pinning the inference process to CPUs needs sched_setaffinity (Linux)")
+    count = os.cpu_count() or 1
+    if not cpus or any(not 0 <= c < count for c in cpus):
+        raise ValueError(f"inference CPUs must be CPU numbers from 0 to {count - 1}, got {list(cpus)}")
+    return cpus
+
+
 class InferenceProcess:
     """A ChunkDecider in a child process. Calls are serialised: `reset` between episodes waits for a decision
     still in flight instead of interleaving with it."""
 
     def __init__(self, settings: RuntimeSettings, inference_delay_ms: float = 0.0, threads: int = 1,
-                 nice: int = 0):
+                 nice: int = 0, cpus: Sequence[int] | None = None):
         if not 0 <= nice <= 19:
             raise ValueError(f"nice is a POSIX priority increment from 0 to 19, got {nice}")
+        cpus = check_cpus(cpus)
         settings = replace(settings, checkpoint=str(Path(settings.checkpoint).resolve()),
                            export=str(Path(settings.export).resolve()) if settings.export else None)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads),
                "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        self._proc = subprocess.Popen([sys.executable, "-m", "deploy.inference_process", str(threads), str(nice)],
+        self._proc = subprocess.Popen([sys.executable, "-m", "deploy.inference_process", str(threads), str(nice),
+                                       ",".join(map(str, cpus or ()))],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self._lock = threading.Lock()
         self.last_nfe: int | None = None  # the child's denoiser calls for the last decision
@@ -243,6 +261,8 @@ def main(argv: list[str]) -> int:
     threads = int(argv[0]) if argv else 1
     if len(argv) > 1 and int(argv[1]) and hasattr(os, "nice"):  # no priority increments on Windows
         os.nice(int(argv[1]))
+    if len(argv) > 2 and argv[2]:
+        os.sched_setaffinity(0, {int(c) for c in argv[2].split(",")})
     # The protocol owns the real stdout; anything the libraries print goes to stderr instead.
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)

@@ -104,6 +104,7 @@ class NodeSettings:
     inference_delay_ms: float = 0.0
     threads: int = 1  # the inference process's intra-op threads
     inference_nice: int = 0  # the inference process's priority increment below the loop's (InferenceProcess)
+    inference_cpus: tuple[int, ...] | None = None  # the CPUs the inference process is pinned to; None: any
     record: str | None = None  # an MCAP file of every message in and out
     diagnostics_hz: float = 1.0
 
@@ -231,7 +232,7 @@ class ControlNode:
     def _on_configure(self) -> None:
         s = self.settings
         self.decider = RestartingDecider(lambda: InferenceProcess(s.runtime, s.inference_delay_ms, s.threads,
-                                                                       s.inference_nice))
+                                                                       s.inference_nice, s.inference_cpus))
         spec = self.decider.spec
         self.intake = ObservationIntake(spec.observations, s.max_observation_age_ms, self.recorder)
         for f in spec.observations:
@@ -361,6 +362,7 @@ class ControlNode:
             out["observation_in_to_action_out_ms"] = percentiles(self.robot.in_to_out_ms, ("p50", "p99"))
         out["runtime"] = asdict(self.settings.runtime)
         out["inference_nice"] = self.settings.inference_nice
+        out["inference_cpus"] = list(self.settings.inference_cpus) if self.settings.inference_cpus else None
         return out
 
     def close(self) -> None:

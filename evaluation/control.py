@@ -51,6 +51,7 @@ class ControlSettings:
     worker: str = "process"
     target_return: float | None = None  # a return-conditioned planner's; None: the checkpoint's
     inference_nice: int = 0  # the inference process's priority increment below the loop's (InferenceProcess)
+    inference_cpus: tuple[int, ...] | None = None  # the CPUs the inference process is pinned to; None: any
     # naive: the newest chunk replaces the last; ensemble: ACT's temporal ensembling in the loop; inpaint |
     # guidance: each chunk denoised with the actions that run during its decision held (policy/chunking.py)
     chunking: str = "naive"
@@ -121,7 +122,8 @@ def run_control(settings: ControlSettings, progress: bool = True) -> dict:
     env = open_env(settings.checkpoint, run_cfg, task, settings.max_episode_steps)
     try:
         if settings.worker == "process":
-            decider = InferenceProcess(runtime, settings.inference_delay_ms, nice=settings.inference_nice)
+            decider = InferenceProcess(runtime, settings.inference_delay_ms, nice=settings.inference_nice,
+                                       cpus=settings.inference_cpus)
         else:
             decider = ChunkDecider(runtime, settings.inference_delay_ms)
     except Exception:
@@ -161,6 +163,7 @@ def run_control(settings: ControlSettings, progress: bool = True) -> dict:
         "episodes": len(episodes),
         "config": {**decider.config, "rti": decider.config.get("rti"), "worker": settings.worker,
                    "inference_nice": settings.inference_nice if settings.worker == "process" else None,
+                   "inference_cpus": list(settings.inference_cpus or ()) or None,
                    "replan_every": loop.replan_every, "inference_delay_ms": settings.inference_delay_ms,
                    "chunking": settings.chunking, "anytime": decider.config.get("anytime"),
                    "bad_obs_every": settings.bad_obs_every, "miss_tolerance_ms": loop.tolerance * 1e3},

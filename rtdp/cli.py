@@ -534,7 +534,8 @@ def cmd_control(args: argparse.Namespace) -> int:
                                bad_obs_every=args.bad_obs_every, worker=args.worker, precision=args.precision,
                                export=args.export, ort=_ort(args), chunking=args.chunking, anytime=args.anytime,
                                anytime_mode=args.anytime_mode, anytime_budget_ms=args.anytime_budget_ms,
-                               inference_nice=args.inference_nice, target_return=args.target_return)
+                               inference_nice=args.inference_nice, inference_cpus=args.inference_cpus,
+                               target_return=args.target_return)
     report = run_control(settings, progress=not args.no_progress)
     print(control_summary(report))
     _write_report(args.report, report)
@@ -598,7 +599,7 @@ def cmd_node(args: argparse.Namespace) -> int:
                             zenoh=_zenoh_settings(args), robot_node=args.robot_node,
                             max_observation_age_ms=args.max_observation_age_ms,
                             inference_delay_ms=args.inference_delay_ms, threads=args.threads, record=args.record,
-                            inference_nice=args.inference_nice)
+                            inference_nice=args.inference_nice, inference_cpus=args.inference_cpus)
     node = ControlNode(settings)
     try:
         print(f"rtdp node: {args.name} on the bus (state unconfigured); lifecycle by "
@@ -654,6 +655,16 @@ def _add_inference_nice_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inference-nice", type=NON_NEGATIVE, default=0, metavar="N",
                    help="run the inference process N POSIX nice levels (0-19) below the loop, so that ticks and "
                         "transport callbacks take a busy core first")
+    p.add_argument("--inference-cpus", type=_cpu_list, metavar="C[,C...]",
+                   help="pin the inference process to these CPUs (Linux), e.g. 1 with the loop started under "
+                        "`taskset -c 0`, so that decisions never share the loop's core")
+
+
+def _cpu_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CPU numbers separated by commas, got {text!r}") from None
 
 
 def _add_sampler_arguments(p: argparse.ArgumentParser, what: str = "default: the checkpoint's config") -> None:

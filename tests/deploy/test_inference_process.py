@@ -115,3 +115,18 @@ def test_the_inference_process_runs_nice_levels_below_its_parent(tmp_path):
         process.close()
     with pytest.raises(ValueError, match="nice"):
         InferenceProcess(RuntimeSettings(checkpoint=str(tmp_path / "policy")), nice=20)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's")
+def test_the_inference_process_is_pinned_to_the_cpus_asked_for(tmp_path):
+    last = max(os.sched_getaffinity(0))
+    process = InferenceProcess(RuntimeSettings(checkpoint=str(saved_policy(tmp_path / "policy")), sampler="ddim",
+                                               steps=3), cpus=[last])
+    try:
+        assert process(history(0), None).shape == (7, 2)  # answered after the child pinned itself
+        assert os.sched_getaffinity(process.pid) == {last}
+    finally:
+        process.close()
+    for wrong in ([], [os.cpu_count()], [-1]):
+        with pytest.raises(ValueError, match="inference CPUs"):
+            InferenceProcess(RuntimeSettings(checkpoint=str(tmp_path / "policy")), cpus=wrong)
