@@ -43,10 +43,9 @@ MODELS = {
 RTI_K0 = "27"
 # ddpm50: the paper's sampler; "_frames": the predicted frames also decoded each decision, as a video shows them
 LATENCY_SETTINGS = {"ddim10": [], "ddpm50": ["--sampler", "ddpm", "--steps", "50"],
-                    "rti4": ["--rti", "27", "--rti-steps", "4"], "rti2": ["--rti", "27", "--rti-steps", "2"],
-                    "rti1": ["--rti", "27", "--rti-steps", "1"],
+                    **{f"rti{n}": ["--rti", RTI_K0, "--rti-steps", str(n)] for n in (4, 2, 1)},
                     "ddim10_frames": ["--predicted-frames"],
-                    "rti2_frames": ["--rti", "27", "--rti-steps", "2", "--predicted-frames"]}
+                    "rti2_frames": ["--rti", RTI_K0, "--rti-steps", "2", "--predicted-frames"]}
 
 
 def rtdp(*args: str, threads: int = 2) -> None:

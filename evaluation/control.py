@@ -163,8 +163,8 @@ def run_control(settings: ControlSettings, progress: bool = True) -> dict:
         "episodes": len(episodes),
         "config": {**decider.config, "rti": decider.config.get("rti"), "worker": settings.worker,
                    "inference_nice": settings.inference_nice if settings.worker == "process" else None,
-                   "inference_cpus": (list(settings.inference_cpus or ()) or None) if settings.worker == "process"
-                   else None,
+                   "inference_cpus": list(settings.inference_cpus)
+                   if settings.inference_cpus and settings.worker == "process" else None,
                    "replan_every": loop.replan_every, "inference_delay_ms": settings.inference_delay_ms,
                    "chunking": settings.chunking, "anytime": decider.config.get("anytime"),
                    "bad_obs_every": settings.bad_obs_every, "miss_tolerance_ms": loop.tolerance * 1e3},

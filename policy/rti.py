@@ -299,10 +299,12 @@ class RTIPolicy(DenoisingWrapper):
             return timesteps, method, None
         calls, mode = self._calls_cap
         extras["capped"] = True
-        if mode == "respace" and calls >= 2:
-            if full:
-                return self.inner.inference_timesteps(calls).tolist(), self.cfg.sampler, None
+        if mode == "respace" and not full:
             return rti_tail(timesteps[0], self.schedule, calls), method, None
+        # one respaced call from pure noise would sit wherever the spacing puts it; stopping after the first step
+        # keeps it at the top of the schedule
+        if mode == "respace" and calls >= 2:
+            return self.inner.inference_timesteps(calls).tolist(), self.cfg.sampler, None
         return timesteps, method, lambda n: n >= calls
 
     @torch.no_grad()
