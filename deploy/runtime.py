@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from planners.clearance import ClearanceCheck, ClearanceConfig
 from policy.cache import (
     CACHE_KINDS,
     CachedPolicy,
@@ -65,6 +66,9 @@ class RuntimeSettings:
     # A return-conditioned planner's target return (x the data's highest initial return-to-go, as the
     # checkpoint's `planner.target_return`); None: the checkpoint's.
     target_return: float | None = None
+    # A driving planner's candidates checked against the other vehicles' constant-velocity forecasts before one
+    # executes (planners.clearance.ClearanceConfig fields; {} for its defaults); None: the planner's own choice.
+    clearance: dict | None = None
 
 
 @dataclass
@@ -158,6 +162,8 @@ def validate(settings: RuntimeSettings) -> None:
         if settings.chunking.get("method") == "guidance" and settings.backend != "torch":
             raise ValueError(f"chunking by guidance differentiates through the denoiser: run it on the torch "
                              f"backend, not {settings.backend} (inpainting runs on any)")
+    if settings.clearance is not None:
+        ClearanceConfig(**settings.clearance)
     if settings.anytime is not None and set(settings.anytime) - ANYTIME_FIELDS:
         raise ValueError(f"anytime settings are {sorted(ANYTIME_FIELDS)}, got {sorted(settings.anytime)}")
     if settings.anytime is not None and settings.chunking is not None:
@@ -210,6 +216,8 @@ def build_policy(settings: RuntimeSettings, model=None, run_cfg=None, record_pai
     if settings.anytime is not None:
         fields = {k: v for k, v in settings.anytime.items() if k != "period_ms"}
         policy = anytime_policy = AnytimePolicy(policy, **fields)
+    if settings.clearance is not None:
+        policy = ClearanceCheck(policy, model, ClearanceConfig(**settings.clearance))
     config = {**model.inference_config(), "sampler": policy.method, "steps": len(policy.timesteps),
               "kind": model.spec.kind, "backend": settings.backend, "precision": settings.precision,
               "export": settings.export}
@@ -221,6 +229,8 @@ def build_policy(settings: RuntimeSettings, model=None, run_cfg=None, record_pai
         config["prefix_conditioning"] = chunking
     if anytime_policy is not None:
         config["anytime"] = {**anytime_policy.describe(), **settings.anytime}
+    if settings.clearance is not None:
+        config["clearance"] = policy.describe()
     if backend is not None and hasattr(backend, "options"):
         config["ort"] = asdict(backend.options)
     stats = model.normalizer["action"].stats

@@ -50,6 +50,7 @@ class ControlSettings:
     # "process": inference in its own process, so the loop never waits for the GIL; "thread": in this one.
     worker: str = "process"
     target_return: float | None = None  # a return-conditioned planner's; None: the checkpoint's
+    clearance: dict | None = None  # a driving planner's clearance check (planners.clearance); None: off
     inference_nice: int = 0  # the inference process's priority increment below the loop's (InferenceProcess)
     inference_cpus: tuple[int, ...] | None = None  # the CPUs the inference process is pinned to; None: any
     # naive: the newest chunk replaces the last; ensemble: ACT's temporal ensembling in the loop; inpaint |
@@ -68,7 +69,8 @@ class ControlSettings:
         return RuntimeSettings(checkpoint=self.checkpoint, sampler=self.sampler, steps=self.steps, rti=self.rti,
                                cache=self.cache, backend=self.backend, precision=self.precision, export=self.export,
                                ort=self.ort, discrete_action_dims=discrete_action_dims(task), chunking=chunking,
-                               anytime=self.anytime_settings(period_ms), target_return=self.target_return)
+                               anytime=self.anytime_settings(period_ms), target_return=self.target_return,
+                               clearance=self.clearance)
 
     def anytime_settings(self, period_ms: float) -> dict | None:
         if not self.anytime:

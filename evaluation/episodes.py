@@ -66,6 +66,9 @@ class TimedPolicy:
             self.fallbacks[f"{chunk.extras['fallback']}_fallbacks"] += 1
         if self.on_decision is not None:
             self.on_decision(history, chunk)
+        if "recipe_best" in chunk.extras:  # a clearance check ran: did it execute another candidate?
+            changed = int((chunk.extras["recipe_best"] != chunk.extras["best"]).sum())
+            self.fallbacks["clearance_overrides"] = self.fallbacks.get("clearance_overrides", 0) + changed
         if "refresh" in chunk.extras:
             key = f"{chunk.extras['refresh']}_refreshes"
             self.fallbacks[key] = self.fallbacks.get(key, 0) + 1

@@ -59,6 +59,7 @@ class EvalSettings:
     open_loop_every: int = 5  # every k-th step of the expert's episodes is an open-loop scene
     seeds: list[int] = field(default_factory=list)  # set by the orchestrator for each worker
     target_return: float | None = None  # a return-conditioned planner's; None: the checkpoint's
+    clearance: dict | None = None  # a driving planner's clearance check (planners.clearance); None: off
 
 
 def runtime_settings(settings, task: str, predicted_frames: bool = False) -> RuntimeSettings:
@@ -68,7 +69,8 @@ def runtime_settings(settings, task: str, predicted_frames: bool = False) -> Run
                            rti=settings.rti, cache=settings.cache, backend=settings.backend,
                            precision=settings.precision, export=settings.export, ort=settings.ort,
                            discrete_action_dims=discrete_action_dims(task), predicted_frames=predicted_frames,
-                           target_return=getattr(settings, "target_return", None))
+                           target_return=getattr(settings, "target_return", None),
+                           clearance=getattr(settings, "clearance", None))
 
 
 def worker_episodes(settings: EvalSettings, emit) -> None:

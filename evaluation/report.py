@@ -66,6 +66,10 @@ def build_report(settings, task: str, results: list[dict], workers: int, seconds
             "refreshes_by_signal": {s: sum(r["fallbacks"].get(f"{s}_refreshes", 0) for r in results)
                                     for s in REFRESH_SIGNALS},
         }
+    if "clearance" in config:
+        overrides = sum(r["fallbacks"].get("clearance_overrides", 0) for r in results)
+        report["clearance"] = {**config["clearance"], "overrides": overrides,
+                               "override_rate": overrides / max(int(lat.size), 1)}
     if results and all("draft_steps" in r for r in results):
         report["draft_steps_per_decision"] = float(np.mean(np.concatenate([r["draft_steps"] for r in results])))
     if results and all("metrics" in r for r in results):

@@ -298,12 +298,17 @@ class DiffusionDrive(nn.Module):
         """Normalised candidates (B, K, points * coords) and scores (B, K) -> a chunk: the selected plan for the
         observation's tick, and the same plan as the ego will see it at each of the next ticks while it follows it
         (what a control loop whose next decision is late executes)."""
-        lay = self.cfg.layout
         candidates = self.normalizer["action"].unnormalize(candidates)
-        best = self.select(scores)
+        return self.chunk_for(candidates, scores, self.select(scores))
+
+    def chunk_for(self, candidates: torch.Tensor, scores: torch.Tensor, best: torch.Tensor,
+                  nfe: int | None = None) -> Chunk:
+        """The chunk that executes candidate `best` (B,) of `candidates` (B, K, points * coords), raw units: what a
+        check between the planner's ranking and the robot (planners.clearance) builds its decision with."""
+        lay = self.cfg.layout
         plan = candidates[torch.arange(len(best)), best].reshape(-1, lay.points, lay.coords)
         ahead = plans_ahead(plan, lay.dt, self.tick_seconds, self.ticks_ahead).flatten(2)
-        return Chunk(ahead[:, :1], ahead, ahead, len(self.timesteps), "full",
+        return Chunk(ahead[:, :1], ahead, ahead, len(self.timesteps) if nfe is None else nfe, "full",
                      extras={"candidates": candidates, "scores": scores, "best": best})
 
     @property

@@ -440,7 +440,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             video_episodes=args.video_episodes, plot=args.plot, rti=_rti_settings(args),
                             rti_calibration_episodes=args.rti_calibration_episodes, cache=args.cache,
                             backend=args.backend, precision=args.precision, export=args.export, ort=_ort(args),
-                            target_return=args.target_return)
+                            target_return=args.target_return, clearance=_clearance(args))
     report = evaluate(settings, progress=not args.no_progress)
     print(summary_line(report))
     _write_report(args.report, report)
@@ -535,7 +535,7 @@ def cmd_control(args: argparse.Namespace) -> int:
                                export=args.export, ort=_ort(args), chunking=args.chunking, anytime=args.anytime,
                                anytime_mode=args.anytime_mode, anytime_budget_ms=args.anytime_budget_ms,
                                inference_nice=args.inference_nice, inference_cpus=args.inference_cpus,
-                               target_return=args.target_return)
+                               target_return=args.target_return, clearance=_clearance(args))
     report = run_control(settings, progress=not args.no_progress)
     print(control_summary(report))
     _write_report(args.report, report)
@@ -594,7 +594,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     runtime = RuntimeSettings(checkpoint=args.checkpoint, sampler=args.sampler, steps=args.steps,
                               rti=_rti_settings(args), cache=args.cache, backend=args.backend,
                               precision=args.precision, export=args.export, threads=args.threads,
-                              ort=_ort(args))
+                              ort=_ort(args), clearance=_clearance(args))
     settings = NodeSettings(runtime=runtime, rate_hz=args.rate, name=args.name, namespace=args.namespace,
                             zenoh=_zenoh_settings(args), robot_node=args.robot_node,
                             max_observation_age_ms=args.max_observation_age_ms,
@@ -671,6 +671,16 @@ def _add_sampler_arguments(p: argparse.ArgumentParser, what: str = "default: the
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m"], help=what)
     p.add_argument("--steps", type=NON_NEGATIVE, help=f"denoising steps; {what} (0: a Trajectory Diffuser's draft "
                    "alone)")
+
+
+def _add_clearance_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--clearance", action="store_true", help="a driving planner: execute the best-ranked candidate "
+                   "that stays clear of every other vehicle's constant-velocity forecast, not the planner's own top "
+                   "candidate (planners/clearance.py)")
+
+
+def _clearance(args: argparse.Namespace) -> dict | None:
+    return {} if args.clearance else None
 
 
 def _add_target_return_argument(p: argparse.ArgumentParser) -> None:
@@ -781,6 +791,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="episodes use held-out seeds 100000 + seed + i")
     _add_sampler_arguments(e)
     _add_target_return_argument(e)
+    _add_clearance_argument(e)
     e.add_argument("--task", help="default: the task the checkpoint was trained on")
     e.add_argument("--workers", type=NON_NEGATIVE, default=0, help="worker processes; 0: one per core")
     e.add_argument("--video", metavar="DIR", help="write the first --video-episodes rollouts as mp4 here")
@@ -861,6 +872,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     _add_sampler_arguments(c)
     _add_target_return_argument(c)
+    _add_clearance_argument(c)
     _add_rti_arguments(c)
     c.add_argument("--backend", default="torch", choices=BACKEND_CHOICES)
     _add_export_argument(c)
@@ -901,6 +913,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--max-observation-age-ms", type=float, default=100.0,
                    help="an observation stamped earlier than this is refused as late; none younger: the loop holds")
     _add_sampler_arguments(n)
+    _add_clearance_argument(n)
     _add_rti_arguments(n)
     n.add_argument("--backend", default="torch", choices=BACKEND_CHOICES)
     _add_export_argument(n)

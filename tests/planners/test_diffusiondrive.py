@@ -3,6 +3,7 @@ classifier, diversity and the cost against the vanilla planner; its export parit
 held under the control loop. One small model is trained on a few expert drives, once for the module."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -218,6 +219,54 @@ def test_the_two_pass_planner_exports_as_one_graph_with_parity(drives):
     engine = build_policy(RuntimeSettings(ckpt, backend="onnxruntime")).policy.predict_chunk(obs, noise=noise)
     torch_chunk = build_policy(RuntimeSettings(ckpt)).policy.predict_chunk(obs, noise=noise)
     torch.testing.assert_close(engine.action, torch_chunk.action, atol=1e-3, rtol=0)
+
+
+def test_the_clearance_check_executes_the_candidate_that_stays_clear_longest_on_both_backends(drives):
+    ckpt = str(drives["checkpoint"])
+    obs, _ = scenes(drives["held_out"], every=40)
+    rows = torch.arange(len(obs["ego"]))
+    noise = torch.randn(len(rows), 20, 8, 3, generator=torch.Generator().manual_seed(3))
+    runtime = build_policy(RuntimeSettings(ckpt, clearance={}))
+    assert runtime.config["clearance"]["length"] == 5.0
+    # an empty road: nothing to keep clear of, so the planner's own choice, the plan it would have executed
+    empty = {**obs, "agents": torch.zeros_like(obs["agents"])}
+    chunk = runtime.policy.predict_chunk(empty, noise=noise)
+    torch.testing.assert_close(chunk.action, build_policy(RuntimeSettings(ckpt)).policy.predict_chunk(
+        empty, noise=noise).action)
+    assert (chunk.extras["clear_s"] == 4.0).all()
+    # a stopped car 20 m ahead in the ego's lane: every plan at highway speed runs into it; the one executed stays
+    # clear longest, and the planner's own choice does not, in some scene
+    stopped = {**obs, "agents": obs["agents"].clone()}
+    stopped["agents"][:, 0, 0] = torch.tensor([1.0, 20.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+    chunk = runtime.policy.predict_chunk(stopped, noise=noise)
+    clear, best, own = chunk.extras["clear_s"], chunk.extras["best"], chunk.extras["recipe_best"]
+    assert torch.equal(clear[rows, best], clear.max(dim=1).values)
+    assert (clear[rows, best] > clear[rows, own]).any(), clear
+    torch.testing.assert_close(chunk.action[:, 0], chunk.extras["candidates"][rows, best])
+    export_policy(ExportSettings(ckpt))
+    engine = build_policy(RuntimeSettings(ckpt, backend="onnxruntime", clearance={})).policy
+    torch.testing.assert_close(engine.predict_chunk(stopped, noise=noise).action, chunk.action, atol=1e-3, rtol=0)
+
+
+def test_an_evaluation_counts_the_decisions_the_clearance_check_changed(drives, tmp_path):
+    from evaluation.episodes import TimedPolicy
+
+    ckpt = str(drives["checkpoint"])
+    obs, _ = scenes(drives["held_out"], every=40)
+    obs["agents"][:, 0, 0] = torch.tensor([1.0, 20.0, 0.0, 0.0, 0.0, 1.0, 0.0])  # a stopped car 20 m ahead
+    chunks = []
+    act = TimedPolicy(build_policy(RuntimeSettings(ckpt, clearance={})).policy)
+    act.reset(0, on_decision=lambda _history, chunk: chunks.append(chunk))
+    for i in range(len(obs["ego"])):
+        act({k: v[i].numpy() for k, v in obs.items()})
+    changed = sum(int(c.extras["recipe_best"][0] != c.extras["best"][0]) for c in chunks)
+    assert act.fallbacks["clearance_overrides"] == changed > 0
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", ckpt, "--episodes", "1", "--workers", "1", "--clearance", "--report",
+                 str(report), "--no-progress"]) == 0
+    result = json.loads(report.read_text())
+    assert result["config"]["clearance"]["length"] == 5.0
+    assert 0 <= result["clearance"]["overrides"] <= result["decisions"]
 
 
 def test_bad_scenes_are_refused_by_name_and_an_empty_road_is_a_scene(drives, planner):

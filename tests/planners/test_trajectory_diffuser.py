@@ -305,3 +305,5 @@ def test_the_target_return_is_a_runtime_setting_the_draft_is_conditioned_on(maze
         build_policy(RuntimeSettings(str(maze["diffuser"]), target_return=0.5))
     with pytest.raises(ValueError, match="target_return must be a finite number"):
         build_policy(RuntimeSettings(str(maze["td"]), target_return=float("nan")))
+    with pytest.raises(ValueError, match="a clearance check needs a driving planner's candidates"):
+        build_policy(RuntimeSettings(str(maze["td"]), clearance={}))
