@@ -6,6 +6,7 @@ on the expert's scenes) -> decision latency on one thread in torch and onnxrunti
     python benchmarks/diffusiondrive.py --scenarios highway-v0 roundabout-v0        # resumable per stage
     python benchmarks/diffusiondrive.py --table
     python benchmarks/diffusiondrive.py --scenarios roundabout-v0 --dagger-rounds 1   # then DAgger rounds
+    python benchmarks/diffusiondrive.py --scenarios highway-v0 --dagger-rounds 1 --clearance   # with the check
 
 Data and checkpoints go to benchmarks/results/diffusiondrive/runs/ (not committed); results to
 benchmarks/results/diffusiondrive/<scenario>[-variant].json, the `rtdp eval` plot of each planner beside it
@@ -30,7 +31,7 @@ CONFIGS = {"diffusiondrive": "diffusiondrive.yaml", "diffusion_planner": "diffus
            "regression_planner": "regression_planner.yaml"}
 KEYS = ("success_rate", "success_ci95", "collision_rate", "offroad_rate", "progress_m", "mean_abs_jerk", "ade",
         "fde", "anchor_accuracy", "anchor_accuracy_top3", "diversity", "nfe_per_decision", "latency_ms", "expert",
-        "open_loop", "seconds")
+        "open_loop", "clearance", "seconds")
 
 
 def dataset(scenario: str, episodes: int) -> Path:
@@ -95,14 +96,14 @@ def dagger(scenario: str, kind: str, data: Path, run: Path, rounds: int, episode
     return run, records
 
 
-def evaluate_kind(run: Path, episodes: int, plot: Path, backend: str = "torch") -> dict:
+def evaluate_kind(run: Path, episodes: int, plot: Path, clearance: dict | None = None) -> dict:
     from evaluation.evaluate import EvalSettings, evaluate
 
-    report = evaluate(EvalSettings(checkpoint=str(run), episodes=episodes, backend=backend, plot=str(plot)))
+    report = evaluate(EvalSettings(checkpoint=str(run), episodes=episodes, plot=str(plot), clearance=clearance))
     return {k: report[k] for k in KEYS if k in report}
 
 
-def latency(run: Path, decisions: int = 200) -> dict:
+def latency(run: Path, decisions: int = 200, clearance: dict | None = None) -> dict:
     """One thread, back to back on the expert's scenes of one held-out episode: torch and onnxruntime."""
     import numpy as np
     import torch
@@ -119,7 +120,7 @@ def latency(run: Path, decisions: int = 200) -> dict:
     scenes = drive_episode(DrivingTask(scenario), 100_000, branch_every=0)["data"]
     out = {}
     for backend in ("torch", "onnxruntime"):
-        policy = build_policy(RuntimeSettings(str(run), backend=backend, threads=1)).policy
+        policy = build_policy(RuntimeSettings(str(run), backend=backend, threads=1, clearance=clearance)).policy
         g = torch.Generator().manual_seed(0)
         times = []
         for i in range(min(decisions, len(scenes["ego"]))):
@@ -213,6 +214,9 @@ def main() -> None:
     ap.add_argument("--label-every", type=int, default=1, help="DAgger: label every N-th state of a drive")
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--redo", nargs="*", default=[], help="stages to run again: eval, latency")
+    ap.add_argument("--clearance", action="store_true", help="evaluate the trained planners with the clearance "
+                    "check (planners/clearance.py) between their candidates and the car; results as the variant "
+                    "with '-clearance' appended, the checkpoints the same")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.table:
@@ -221,7 +225,9 @@ def main() -> None:
         return
     for scenario in args.scenarios:
         base_variant = f"-{args.variant}" if args.variant else ""
-        variant = base_variant + (f"-dagger{args.dagger_rounds}" if args.dagger_rounds else "")
+        variant = base_variant + (f"-dagger{args.dagger_rounds}" if args.dagger_rounds else "") + (
+            "-clearance" if args.clearance else "")
+        clearance = {} if args.clearance else None
         path = args.out / f"{scenario}{variant}.json"
         result = json.loads(path.read_text()) if path.is_file() else {"scenario": scenario, "planners": {}}
         result["variant"], result["overrides"] = variant.lstrip("-"), args.override
@@ -239,9 +245,10 @@ def main() -> None:
                 entry["train"]["seconds_all_rounds"] = entry["train"]["seconds"] + sum(
                     r["train_seconds"] + r["seconds"] for r in entry["dagger"])
             if "eval" not in entry or "eval" in args.redo:
-                entry["eval"] = evaluate_kind(run, args.episodes, args.out / f"{scenario}{variant}-{kind}.png")
+                entry["eval"] = evaluate_kind(run, args.episodes, args.out / f"{scenario}{variant}-{kind}.png",
+                                              clearance)
             if "latency" not in entry or "latency" in args.redo:
-                entry["latency"] = latency(run)
+                entry["latency"] = latency(run, clearance=clearance)
             entry["date"], entry["machine"] = datetime.date.today().isoformat(), platform.node()
             path.write_text(json.dumps(result, indent=1))
             print(f"{scenario} {kind}: {json.dumps(entry['eval'])[:300]}", flush=True)
