@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -214,9 +216,10 @@ def main() -> None:
     ap.add_argument("--label-every", type=int, default=1, help="DAgger: label every N-th state of a drive")
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--redo", nargs="*", default=[], help="stages to run again: eval, latency")
-    ap.add_argument("--clearance", action="store_true", help="evaluate the trained planners with the clearance "
-                    "check (planners/clearance.py) between their candidates and the car; results as the variant "
-                    "with '-clearance' appended, the checkpoints the same")
+    ap.add_argument("--clearance", nargs="*", metavar="FIELD=VALUE", help="evaluate the trained planners with the "
+                    "clearance check (planners/clearance.py) between their candidates and the car, its defaults or "
+                    "these ClearanceConfig fields; results as the variant with '-clearance' (and the fields) "
+                    "appended, the checkpoints the same")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.table:
@@ -225,9 +228,10 @@ def main() -> None:
         return
     for scenario in args.scenarios:
         base_variant = f"-{args.variant}" if args.variant else ""
+        clearance = None if args.clearance is None else {
+            k: yaml.safe_load(v) for k, v in (f.split("=", 1) for f in args.clearance)}
         variant = base_variant + (f"-dagger{args.dagger_rounds}" if args.dagger_rounds else "") + (
-            "-clearance" if args.clearance else "")
-        clearance = {} if args.clearance else None
+            "" if clearance is None else "-".join(["-clearance", *args.clearance]))
         path = args.out / f"{scenario}{variant}.json"
         result = json.loads(path.read_text()) if path.is_file() else {"scenario": scenario, "planners": {}}
         result["variant"], result["overrides"] = variant.lstrip("-"), args.override

@@ -163,6 +163,10 @@ def validate(settings: RuntimeSettings) -> None:
             raise ValueError(f"chunking by guidance differentiates through the denoiser: run it on the torch "
                              f"backend, not {settings.backend} (inpainting runs on any)")
     if settings.clearance is not None:
+        unknown = set(settings.clearance) - set(ClearanceConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"clearance settings are {sorted(ClearanceConfig.__dataclass_fields__)}, got "
+                             f"{sorted(unknown)}")
         ClearanceConfig(**settings.clearance)
     if settings.anytime is not None and set(settings.anytime) - ANYTIME_FIELDS:
         raise ValueError(f"anytime settings are {sorted(ANYTIME_FIELDS)}, got {sorted(settings.anytime)}")

@@ -674,13 +674,24 @@ def _add_sampler_arguments(p: argparse.ArgumentParser, what: str = "default: the
 
 
 def _add_clearance_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--clearance", action="store_true", help="a driving planner: execute the best-ranked candidate "
-                   "that stays clear of every other vehicle's constant-velocity forecast, not the planner's own top "
-                   "candidate (planners/clearance.py)")
+    p.add_argument("--clearance", nargs="*", metavar="FIELD=VALUE", help="a driving planner: execute the "
+                   "best-ranked candidate that stays clear of every other vehicle's constant-velocity forecast and "
+                   "on the road, not the planner's own top candidate (planners/clearance.py); FIELD=VALUE sets a "
+                   "ClearanceConfig field, e.g. keep_on_road=false")
 
 
 def _clearance(args: argparse.Namespace) -> dict | None:
-    return {} if args.clearance else None
+    if args.clearance is None:
+        return None
+    import yaml
+
+    fields = {}
+    for item in args.clearance:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--clearance takes FIELD=VALUE, got {item!r}")
+        fields[name] = yaml.safe_load(value)
+    return fields
 
 
 def _add_target_return_argument(p: argparse.ArgumentParser) -> None:

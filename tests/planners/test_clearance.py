@@ -4,7 +4,7 @@ constant-velocity forecast, which vehicles it watches, and which candidate it ex
 import pytest
 import torch
 
-from planners.clearance import ClearanceConfig, clear_seconds, select_clear
+from planners.clearance import ClearanceConfig, clear_seconds, road_seconds, select_clear
 
 DT = 0.5
 
@@ -54,6 +54,22 @@ def test_a_crossing_vehicle_is_caught_between_waypoints():
     assert seconds([straight(20.0)], agents, substeps=1)[0].item() == 4.0  # waypoints alone step over it
 
 
+def test_a_plan_is_on_the_road_until_its_centre_crosses_the_rasters_edge():
+    # the scene's raster: 4 m x 2 m cells over x in [-40, 120), y in [-16, 16); the road covers |y| <= 6 m, so its
+    # edge lies halfway between the cell centres at 5 and 7 m, where bilinear sampling reads 0.5
+    xs, ys = [-40.0, 120.0], [-16.0, 16.0]
+    centres_y = torch.arange(-15.0, 16.0, 2.0)
+    on_road = (centres_y.abs() < 6.0).float().expand(40, 16)[None]
+    drift = straight(20.0)
+    drift[:, 1] = 2.0 * DT * torch.arange(1, 9)  # 2 m/s to the left: past y = 6 m after 3 s
+    right = straight(20.0, y=-4.0)  # one lane over to the right, inside the road
+    far = straight(40.0)  # ends 160 m ahead, beyond the raster: the edge cells' value holds
+    road = road_seconds(torch.stack([drift, right, far])[None], on_road, xs, ys, DT, ClearanceConfig())[0]
+    assert road.tolist() == pytest.approx([3.0, 4.0, 4.0])  # off at 3.1 s (6.2 m), the last check before it 3.0 s
+    # no road anywhere: every plan is off from its first check
+    assert road_seconds(drift[None, None], torch.zeros(1, 40, 16), xs, ys, DT, ClearanceConfig()).item() == 0.0
+
+
 def test_the_selection_is_the_best_ranked_among_the_longest_clear():
     clear = torch.tensor([[4.0, 2.0, 4.0, 4.0], [1.0, 3.0, 3.0, 0.5], [4.0, 4.0, 4.0, 4.0]])
     scores = torch.tensor([[0.1, 0.9, 0.3, 0.2], [0.9, 0.2, 0.4, 0.8], [0.0, 0.0, 0.0, 0.0]])
@@ -65,5 +81,7 @@ def test_bad_settings_are_refused_by_name():
         ClearanceConfig(length=0.0)
     with pytest.raises(ValueError, match="clearance margin_lat"):
         ClearanceConfig(margin_lat=-1.0)
+    with pytest.raises(ValueError, match="road_threshold"):
+        ClearanceConfig(road_threshold=1.0)
     with pytest.raises(ValueError, match="substeps"):
         ClearanceConfig(substeps=0)

@@ -15,6 +15,7 @@ from deploy.runtime import RuntimeSettings, build_policy
 from envs.datasets.plan_dataset import PlanDataset
 from envs.driving_expert import collect_drives
 from evaluation.driving import mode_diversity, relabel_drives
+from planners.clearance import ClearanceConfig, road_seconds
 from planners.diffusion_planner import DiffusionPlanner
 from planners.diffusiondrive import DiffusionDrive, DiffusionDriveRunConfig, focal_loss, load_planner
 from planners.driving_blocks import SceneEncoder, fourier_features
@@ -228,12 +229,31 @@ def test_the_clearance_check_executes_the_candidate_that_stays_clear_longest_on_
     noise = torch.randn(len(rows), 20, 8, 3, generator=torch.Generator().manual_seed(3))
     runtime = build_policy(RuntimeSettings(ckpt, clearance={}))
     assert runtime.config["clearance"]["length"] == 5.0
-    # an empty road: nothing to keep clear of, so the planner's own choice, the plan it would have executed
+    # no other vehicle and the road left out: nothing to keep clear of, so the planner's own choice
     empty = {**obs, "agents": torch.zeros_like(obs["agents"])}
-    chunk = runtime.policy.predict_chunk(empty, noise=noise)
+    vehicles_only = build_policy(RuntimeSettings(ckpt, clearance={"keep_on_road": False})).policy
+    chunk = vehicles_only.predict_chunk(empty, noise=noise)
     torch.testing.assert_close(chunk.action, build_policy(RuntimeSettings(ckpt)).policy.predict_chunk(
         empty, noise=noise).action)
     assert (chunk.extras["clear_s"] == 4.0).all()
+    # the same scenes with the road closed around where the planner's own plan ended (a hole 6 m across): the
+    # planner sees the hole too and moves its choice; whatever it proposes, the check reads the raster's on-road
+    # channel where the layout puts it, and the plan executed stays on the road while some candidates do not
+    plain = build_policy(RuntimeSettings(ckpt)).policy.predict_chunk(empty, noise=noise)
+    end = plain.extras["candidates"][rows, plain.extras["best"]].reshape(len(rows), -1, 3)[:, -1, :2]  # (B, 2)
+    lay = runtime.model.cfg.layout
+    nx, ny = lay.bev_shape[:2]
+    cx = lay.bev_x[0] + (torch.arange(nx) + 0.5) * (lay.bev_x[1] - lay.bev_x[0]) / nx
+    cy = lay.bev_y[0] + (torch.arange(ny) + 0.5) * (lay.bev_y[1] - lay.bev_y[0]) / ny
+    near_end = (cx[None, :, None] - end[:, None, None, 0]) ** 2 + (cy[None, None, :] - end[:, None, None, 1]) ** 2
+    closed = {**empty, "bev": obs["bev"].clone()}
+    closed["bev"][:, -1, ..., 3] = (near_end > 6.0**2).float()
+    chunk = runtime.policy.predict_chunk(closed, noise=noise)
+    clear, best = chunk.extras["clear_s"], chunk.extras["best"]
+    plans = chunk.extras["candidates"].reshape(*clear.shape, lay.points, lay.coords)
+    torch.testing.assert_close(clear, road_seconds(plans, closed["bev"][:, -1, ..., 3], lay.bev_x, lay.bev_y,
+                                                   lay.dt, ClearanceConfig()))
+    assert (clear < 4.0).any(dim=1).all() and (clear[rows, best] == 4.0).all(), clear
     # a stopped car 20 m ahead in the ego's lane: every plan at highway speed runs into it; the one executed stays
     # clear longest, and the planner's own choice does not, in some scene
     stopped = {**obs, "agents": obs["agents"].clone()}
@@ -262,10 +282,13 @@ def test_an_evaluation_counts_the_decisions_the_clearance_check_changed(drives, 
     changed = sum(int(c.extras["recipe_best"][0] != c.extras["best"][0]) for c in chunks)
     assert act.fallbacks["clearance_overrides"] == changed > 0
     report = tmp_path / "eval.json"
-    assert main(["eval", "--checkpoint", ckpt, "--episodes", "1", "--workers", "1", "--clearance", "--report",
-                 str(report), "--no-progress"]) == 0
+    assert main(["eval", "--checkpoint", ckpt, "--episodes", "1", "--workers", "1", "--clearance", "margin_lat=0.5",
+                 "--report", str(report), "--no-progress"]) == 0
     result = json.loads(report.read_text())
-    assert result["config"]["clearance"]["length"] == 5.0
+    assert result["config"]["clearance"]["length"] == 5.0 and result["config"]["clearance"]["margin_lat"] == 0.5
+    assert result["config"]["clearance"]["keep_on_road"] is True
+    with pytest.raises(ValueError, match="clearance settings are .* got \\['margin'\\]"):
+        build_policy(RuntimeSettings(ckpt, clearance={"margin": 1.0}))
     assert 0 <= result["clearance"]["overrides"] <= result["decisions"]
 
 
