@@ -175,26 +175,28 @@ def plot_closed_loop(out: Path) -> None:
 
     results = sorted((json.loads(p.read_text()) for p in out.glob("*.json")), key=lambda r: r.get("variant") or "")
     scenarios = sorted({r["scenario"] for r in results})
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(6 * len(scenarios), 4), squeeze=False)
+    most = max(sum(len(r["planners"]) for r in results if r["scenario"] == s) for s in scenarios) + 1
+    fig, axes = plt.subplots(len(scenarios), 1, figsize=(max(8.0, 0.5 * most), 5 * len(scenarios)), squeeze=False)
     figures = ("collision_rate", "success_rate", "progress")
-    for ax, scenario in zip(axes[0], scenarios, strict=True):
+    for ax, scenario in zip(axes[:, 0], scenarios, strict=True):
         bars = []
         for r in (r for r in results if r["scenario"] == scenario):
             for kind, e in r["planners"].items():
                 if "eval" in e:
                     ev = e["eval"]
-                    bars.append((f"{kind}\n{r.get('variant') or 'expert data'}", ev["collision_rate"],
+                    bars.append((f"{kind} {r.get('variant') or 'expert data'}", ev["collision_rate"],
                                  ev["success_rate"], ev["progress_m"] / ev["expert"]["progress_m"]))
                     expert = ev["expert"]
         bars.append(("IDM expert", expert["collision_rate"], expert["success_rate"], 1.0))
         width = 0.8 / len(figures)
         for j, name in enumerate(figures):
             ax.bar([i + j * width for i in range(len(bars))], [b[j + 1] for b in bars], width, label=name)
-        ax.set_xticks([i + width for i in range(len(bars))], [b[0] for b in bars], rotation=60, ha="right",
-                      fontsize=7)
+        ax.set_xticks([i + width for i in range(len(bars))], [b[0] for b in bars], rotation=50, ha="right",
+                      rotation_mode="anchor", fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
         ax.set_ylim(0, 1.05)
         ax.set_title(f"{scenario}: {expert['episodes']} held-out seeds (progress / expert's)")
-    axes[0][0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(out / "closed_loop.png", dpi=110)
     plt.close(fig)
