@@ -1,14 +1,13 @@
 """A clearance check over a driving planner's candidates, as a wrapper: each candidate plan is swept against every
 observed vehicle carried on at its current velocity and against the road in the scene's raster, and the decision
 executes the best-ranked candidate that stays clear and on the road over the whole plan (if none does, the one that
-does so longest). The planner itself is unchanged: its
-candidates and their ranking (DiffusionDrive's scores; the vanilla planner's sample order) come out of the same
-graph on any backend, and the check runs after it, outside the graph.
+does so longest). The planner itself is unchanged: its candidates and their ranking (DiffusionDrive's scores; the
+vanilla planner's sample order) come out of the same graph on any backend, and the check runs after it, outside the
+graph.
 
     checked = ClearanceCheck(policy, model, ClearanceConfig())
-    chunk = checked.predict_chunk(obs)    # extras: "clear_s" (B, K) seconds each candidate stays clear (and on
-                                          # the road),
-                                          # "recipe_best" (B,) what the planner alone would have executed
+    chunk = checked.predict_chunk(obs)    # extras: "clear_s" (B, K) seconds each candidate stays clear and
+                                          # on the road, "recipe_best" (B,) what the planner alone would have executed
 
 The forecast is the simplest one a scene supports (constant velocity, no reaction), so the check is conservative
 toward vehicles that will brake and blind to ones that will swerve. A vehicle behind the ego in its own lane is left
