@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from policy.contract import PolicyWrapper
 from policy.denoising import Denoised, DenoisingWrapper
 
 from .artifacts import PRECISIONS, BackendUnavailable, ExportError, check_graph_io, export_dir, load_manifest
@@ -252,28 +253,14 @@ def _check_manifest_matches(manifest: dict, model, directory: Path) -> None:
                               f"used with: export again")
 
 
-class GraphPolicy:
+class GraphPolicy(PolicyWrapper):
     """A model kind that decides in one exported graph (a driving planner), run on an engine backend: validation
     and normalisation stay in torch (`graph_inputs`), and the graph's outputs become the chunk
     (`chunk_from_graph`)."""
 
     def __init__(self, policy, backend):
-        self.inner, self.backend = policy, backend
-
-    @property
-    def spec(self):
-        return self.inner.spec
-
-    @property
-    def method(self) -> str:
-        return self.inner.method
-
-    @property
-    def timesteps(self) -> list[int]:
-        return self.inner.timesteps
-
-    def reset(self) -> None:
-        self.inner.reset()
+        super().__init__(policy)
+        self.backend = backend
 
     @torch.no_grad()
     def predict_chunk(self, obs, *, executed=None, generator=None, noise=None):

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from policy.contract import Chunk
+from policy.contract import Chunk, PolicyWrapper
 
 # The agent token's fields (envs.driving.AGENT_FEATURES) and the raster's on-road channel (envs.driving.BEV_CHANNELS),
 # by position; planners do not import envs.
@@ -119,7 +119,7 @@ def select_clear(clear_s: torch.Tensor, ranking: torch.Tensor) -> torch.Tensor:
     return torch.where(clear_s >= longest, ranking, ranking.new_full((), -1.0)).argmax(dim=1)
 
 
-class ClearanceCheck:
+class ClearanceCheck(PolicyWrapper):
     """A driving planner's decision with the clearance check between its candidates and what executes. `model`:
     the planner underneath (its plan geometry, `chunk_for`), whichever backend `policy` runs it on."""
 
@@ -127,22 +127,8 @@ class ClearanceCheck:
         if not hasattr(model, "chunk_for"):
             raise ValueError(f"a clearance check needs a driving planner's candidates; a {model.spec.kind} "
                              f"checkpoint has none")
-        self.inner, self.model, self.cfg = policy, model, cfg or ClearanceConfig()
-
-    @property
-    def spec(self):
-        return self.inner.spec
-
-    @property
-    def method(self) -> str:
-        return self.inner.method
-
-    @property
-    def timesteps(self) -> list[int]:
-        return self.inner.timesteps
-
-    def reset(self) -> None:
-        self.inner.reset()
+        super().__init__(policy)
+        self.model, self.cfg = model, cfg or ClearanceConfig()
 
     def describe(self) -> dict:
         return self.cfg.to_dict()

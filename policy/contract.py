@@ -88,6 +88,29 @@ class Policy(Protocol):
                       generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> Chunk: ...
 
 
+class PolicyWrapper:
+    """A decision made around `inner`'s: forwards the contract's surface (its spec, sampler name and steps, reset);
+    a subclass changes `predict_chunk`."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @property
+    def spec(self) -> PolicySpec:
+        return self.inner.spec
+
+    @property
+    def method(self) -> str:
+        return self.inner.method
+
+    @property
+    def timesteps(self) -> list[int]:
+        return self.inner.timesteps
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+
 @dataclass
 class GraphSpec:
     """A graph a model kind exports: `fn(*inputs)` on normalised tensors, example inputs by name (batch first; every

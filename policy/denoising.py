@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .contract import Chunk, PolicySpec
+from .contract import Chunk, PolicyWrapper
 from .diffusion import METHODS, CallCounter, sample
 
 
@@ -98,15 +98,9 @@ class DenoisingPolicy:
         return noise
 
 
-class DenoisingWrapper(DenoisingPolicy):
-    """Forwards the denoising surface to `inner`; subclasses override what they change."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    @property
-    def spec(self) -> PolicySpec:
-        return self.inner.spec
+class DenoisingWrapper(PolicyWrapper, DenoisingPolicy):
+    """Forwards the denoising surface to `inner` (the contract's part through PolicyWrapper); subclasses override
+    what they change."""
 
     @property
     def model(self):
@@ -119,14 +113,6 @@ class DenoisingWrapper(DenoisingPolicy):
     @property
     def normalizer(self):
         return self.inner.normalizer
-
-    @property
-    def method(self) -> str:
-        return self.inner.method
-
-    @property
-    def timesteps(self) -> list[int]:
-        return self.inner.timesteps
 
     def condition(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.inner.condition(obs)
@@ -146,6 +132,3 @@ class DenoisingWrapper(DenoisingPolicy):
 
     def inference_timesteps(self, steps: int | None = None) -> torch.Tensor:
         return self.inner.inference_timesteps(steps)
-
-    def reset(self) -> None:
-        self.inner.reset()

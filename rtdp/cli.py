@@ -674,10 +674,10 @@ def _add_sampler_arguments(p: argparse.ArgumentParser, what: str = "default: the
 
 
 def _add_clearance_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--clearance", nargs="*", metavar="FIELD=VALUE", help="a driving planner: execute the "
-                   "best-ranked candidate that stays clear of every other vehicle's constant-velocity forecast and "
-                   "on the road, not the planner's own top candidate (planners/clearance.py); FIELD=VALUE sets a "
-                   "ClearanceConfig field, e.g. keep_on_road=false")
+    p.add_argument("--clearance", nargs="*", type=_key_value, metavar="FIELD=VALUE", help="a driving planner: "
+                   "execute the best-ranked candidate that stays clear of every other vehicle's constant-velocity "
+                   "forecast and on the road, not the planner's own top candidate (planners/clearance.py); "
+                   "FIELD=VALUE sets a ClearanceConfig field, e.g. keep_on_road=false")
 
 
 def _clearance(args: argparse.Namespace) -> dict | None:
@@ -685,13 +685,7 @@ def _clearance(args: argparse.Namespace) -> dict | None:
         return None
     import yaml
 
-    fields = {}
-    for item in args.clearance:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise SystemExit(f"--clearance takes FIELD=VALUE, got {item!r}")
-        fields[name] = yaml.safe_load(value)
-    return fields
+    return {name: yaml.safe_load(value) for name, value in args.clearance}
 
 
 def _add_target_return_argument(p: argparse.ArgumentParser) -> None:
