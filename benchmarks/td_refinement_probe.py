@@ -4,10 +4,12 @@ first step and the action inverse dynamics makes of it, against the draft alone.
 
     python benchmarks/td_refinement_probe.py benchmarks/results/trajectory_diffuser/runs/medium-trajectory_diffuser
 
-Per setting: `plan_step_m` (mean distance from the current position to the planned next one: a real step of the data
-is a few cm), `chosen_action_error` and `candidate_action_error` (L2 to the expert's action, both clipped to the
-action box), `candidate_spread` (the 32 candidates' std per action dim) and `critic_range` (max - min of their
-values). Writes benchmarks/results/trajectory_diffuser/refinement_probe/<checkpoint folder's name>.json.
+`inverse_on_expert_future_error`: the inverse model's own action error, given the states the expert really visits
+next instead of a plan. Per setting: `plan_step_m` (mean distance from the current position to the planned next one:
+a real step of the data is a few cm), `chosen_action_error` and `candidate_action_error` (L2 to the expert's action,
+both clipped to the action box), `candidate_spread` (the 32 candidates' std per action dim) and `critic_range` (max
+- min of their values). Writes benchmarks/results/trajectory_diffuser/refinement_probe/<checkpoint folder's
+name>.json.
 
     python benchmarks/td_refinement_probe.py RUN --target-returns 0.9 0.5 0.3 0.2
 
@@ -36,20 +38,25 @@ SETTINGS = (("draft alone", None, 0, "direct"), ("ddpm 5, direct (default)", "dd
             ("ddim 2, direct", "ddim", 2, "direct"), ("ddim 1, direct", "ddim", 1, "direct"))
 
 
-def expert_states(task: str, seeds: range, steps: int = 150, every: int = 5) -> tuple[np.ndarray, np.ndarray]:
+def expert_states(task: str, seeds: range, steps: int = 150, every: int = 5,
+                  future: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The probed states, the expert's action at each, and the `future` states the expert visits after each."""
     from envs.pointmaze import PointMazeTask
 
     env = PointMazeTask(task.partition("/")[2])
     expert = env.expert()
-    states = []
+    states, futures = [], []
     for seed in seeds:
         obs, _ = env.reset(seed=seed)
-        for i in range(steps):
-            if i % every == 0:
-                states.append(obs["state"].copy())
+        visited = [obs["state"].copy()]
+        for _ in range(steps + future):
             obs, *_ = env.step(expert(obs["state"]))
+            visited.append(obs["state"].copy())
+        for i in range(0, steps, every):
+            states.append(visited[i])
+            futures.append(np.stack(visited[i + 1:i + 1 + future]))
     states = np.stack(states)
-    return states, np.stack([expert(s) for s in states])
+    return states, np.stack([expert(s) for s in states]), np.stack(futures)
 
 
 def probe(model, states: np.ndarray, expert_actions: np.ndarray) -> dict:
@@ -69,6 +76,18 @@ def probe(model, states: np.ndarray, expert_actions: np.ndarray) -> dict:
                      "critic_range"), map(float, m), strict=True))
 
 
+@torch.no_grad()
+def inverse_on_expert_future(model, states: np.ndarray, expert_actions: np.ndarray, futures: np.ndarray) -> float:
+    """The inverse model's action error given the states the expert really visits next: its own error, with no plan
+    in between."""
+    norm = model.normalizer
+    plans = torch.cat([torch.from_numpy(states[:, None]), torch.from_numpy(futures[:, :model.cfg.horizon - 1])], 1)
+    actions = model.inverse(model.inverse_inputs(norm["state"].normalize(plans), 1))[:, 0].clamp(-1, 1)
+    actions = norm["action"].unnormalize(actions).numpy()
+    clipped = np.clip(expert_actions, -1, 1)
+    return float(np.linalg.norm(np.clip(actions, -1, 1) - clipped, axis=-1).mean())
+
+
 def main() -> None:
     from deploy.kinds import read_config
     from deploy.runtime import RuntimeSettings, build_policy
@@ -83,10 +102,14 @@ def main() -> None:
     task = read_config(args.checkpoint).data.task
     if not task.startswith("pointmaze/"):
         sys.exit(f"the probe follows the maze expert; {args.checkpoint} was trained on {task}")
-    states, actions = expert_states(task, range(100_000, 100_000 + args.seeds))
-    result = {"checkpoint": args.checkpoint, "task": task, "states": len(states),
-              "expert_action_abs_mean": float(np.abs(actions).mean()), "settings": {}}
+    states, actions, futures = expert_states(task, range(100_000, 100_000 + args.seeds))
     model = build_policy(RuntimeSettings(args.checkpoint)).model
+    result = {"checkpoint": args.checkpoint, "task": task, "states": len(states),
+              "expert_action_abs_mean": float(np.abs(actions).mean()),
+              "inverse_context": model.cfg.inverse_context, "inverse_noise": model.cfg.inverse_noise,
+              "inverse_on_expert_future_error": inverse_on_expert_future(model, states, actions, futures),
+              "settings": {}}
+    print("inverse dynamics on the expert's own next states:", round(result["inverse_on_expert_future_error"], 3))
     name = Path(args.checkpoint).resolve().name
     if args.target_returns:
         result["by_target_return"] = {}

@@ -16,8 +16,8 @@ One decision, as the released code's `select_action` makes it:
    direct`, the released code) or forward-noised to t first (`entry: renoise`); the first state is held at the
    current one before every call and at the end;
 3. for `candidates` copies (one draft; the stochastic sampler makes them differ), inverse dynamics a = f(s_0, s_1)
-   and a critic Q(s_0, a) regressed on the return-to-go; one candidate drawn from softmax(Q / temperature) (by the
-   Gumbel-max trick, so the draw is an input of the exported graph).
+   (or f(s_0, s_1 .. s_c), `inverse_context` c) and a critic Q(s_0, a) regressed on the return-to-go; one candidate
+   drawn from softmax(Q / temperature) (by the Gumbel-max trick, so the draw is an input of the exported graph).
 `refine_steps: 0` is the draft alone. Decision-Diffuser-style planning (from noise, every step) is
 planners/decision_diffuser.py, Diffuser-style planning (from noise, value-guided) planners/diffuser.py, both built on
 the same parts. Learned variance and the Adroit 2-step setting are left out.
@@ -77,6 +77,13 @@ class TrajectoryDiffuserConfig:
     # actions
     candidates: int = 32
     inverse_hidden: int = 256
+    # Inverse dynamics a_j = f(s_j, s_j+1 .. s_j+inverse_context); 1 is the reference's f(s_0, s_1). A refined plan's
+    # next state is off by the U-Net's error at its lowest noise level, which in a large maze is several of the
+    # data's steps, and f(s_0, s_1) turns that jump into a wrong action. Reading further along the plan, trained on
+    # planned states roughened by `inverse_noise` (normalised units: a shift shared by the states read plus one of
+    # its own for each), lets the plan's course carry the action rather than its first step.
+    inverse_context: int = 1
+    inverse_noise: float = 0.0
     critic_hidden: int = 256
     select_temperature: float = 1.0
     actions_per_decision: int = 1  # > 1: the chosen plan's first actions run open loop (a slow baseline replans less)
@@ -140,6 +147,12 @@ class TrajectoryDiffuser(nn.Module):
         if not 1 <= cfg.actions_per_decision < cfg.horizon:
             raise ValueError(f"planner.actions_per_decision must be in [1, {cfg.horizon - 1}], got "
                              f"{cfg.actions_per_decision}")
+        if not 1 <= cfg.inverse_context <= cfg.horizon - cfg.actions_per_decision:
+            raise ValueError(f"planner.inverse_context must be in [1, {cfg.horizon - cfg.actions_per_decision}] "
+                             f"(horizon {cfg.horizon} - actions_per_decision {cfg.actions_per_decision}), got "
+                             f"{cfg.inverse_context}")
+        if not cfg.inverse_noise >= 0:
+            raise ValueError(f"planner.inverse_noise must be >= 0, got {cfg.inverse_noise}")
         if cfg.return_scale <= 0:
             raise ValueError(f"planner.return_scale must be > 0 (filled from the data), got {cfg.return_scale}")
         if not 0 <= cfg.refine_train_timesteps <= cfg.train_timesteps:
@@ -160,7 +173,7 @@ class TrajectoryDiffuser(nn.Module):
         self.unet = ConditionalUnet1D(cfg.state_dim, cfg.return_embed_dim, cfg.step_embed_dim, cfg.down_dims,
                                       cfg.kernel_size, cfg.n_groups)
         self.return_embed = ReturnEmbedding(cfg.return_embed_dim)
-        self.inverse = mlp(2 * cfg.state_dim, cfg.inverse_hidden, cfg.action_dim)
+        self.inverse = mlp((1 + cfg.inverse_context) * cfg.state_dim, cfg.inverse_hidden, cfg.action_dim)
         self.critic = mlp(cfg.state_dim + cfg.action_dim, cfg.critic_hidden, 1)
         self.schedule = NoiseSchedule(cfg.train_timesteps, cfg.beta_schedule, "epsilon", cfg.beta_start,
                                       cfg.beta_end)
@@ -248,13 +261,22 @@ class TrajectoryDiffuser(nn.Module):
             draft = hold_first(self.schedule.add_noise(draft, entry_noise, t), draft[:, 0])
         return draft
 
+    def inverse_inputs(self, states: torch.Tensor, count: int, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, H, S) states -> (N, count, (1 + c) * S): for each of the first `count` steps, its state and the c
+        after it (c = inverse_context). `noise` (N, count, c, S) is added to the states after it."""
+        c = self.cfg.inverse_context
+        ahead = torch.stack([states[:, j:j + count] for j in range(1, c + 1)], dim=2)
+        if noise is not None:
+            ahead = ahead + noise
+        return torch.cat([states[:, :count], ahead.flatten(2)], dim=-1)
+
     def actions_and_values(self, plans: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, H, S) plans -> each one's first `actions_per_decision` actions (N, k, A) by inverse dynamics between
-        consecutive planned states, and the critic's value of its first action (N,)."""
+        """(N, H, S) plans -> each one's first `actions_per_decision` actions (N, k, A) by inverse dynamics along
+        the planned states, and the critic's value of its first action (N,)."""
         k = self.cfg.actions_per_decision
         # held to the range the actions were seen in: an inverse model extrapolating between two planned states the
         # data never joined would otherwise command more than any demonstration did
-        actions = self.inverse(torch.cat([plans[:, :k], plans[:, 1:k + 1]], dim=-1)).clamp(-1, 1)
+        actions = self.inverse(self.inverse_inputs(plans, k)).clamp(-1, 1)
         return actions, self.critic(torch.cat([plans[:, 0], actions[:, 0]], dim=-1))[:, 0]
 
     def decide_normalized(self, state, target_return, entry_noise, refine_noise, selection_noise):
@@ -343,8 +365,15 @@ class TrajectoryDiffuser(nn.Module):
         keep = (torch.rand(b, generator=generator) >= cfg.condition_dropout).float()
         eps = self.unet(noisy, t, self.return_embed(rtg[:, 0], keep))
         loss = F.mse_loss(eps, noise)
-        pair = valid[:, 1:].float()
-        inv = F.mse_loss(self.inverse(torch.cat([states[:, :-1], states[:, 1:]], dim=-1)), actions[:, :-1],
+        c = cfg.inverse_context
+        count = states.shape[1] - c
+        rough = None
+        if cfg.inverse_noise > 0:
+            shape = (b, count, c, states.shape[-1])
+            rough = cfg.inverse_noise * (torch.randn((b, count, 1, shape[-1]), generator=generator)
+                                         + torch.randn(shape, generator=generator))
+        pair = valid[:, c:].float()  # the last state read is a real one (valid is a prefix of each window)
+        inv = F.mse_loss(self.inverse(self.inverse_inputs(states, count, rough)), actions[:, :count],
                          reduction="none").mean(-1)
         loss = loss + cfg.inverse_weight * (inv * pair).sum() / pair.sum().clamp(min=1.0)
         q = self.critic(torch.cat([states[:, 0], actions[:, 0]], dim=-1))[:, 0]
