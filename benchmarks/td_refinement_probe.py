@@ -13,8 +13,15 @@ name>.json.
 
     python benchmarks/td_refinement_probe.py RUN --target-returns 0.9 0.5 0.3 0.2
 
+    python benchmarks/td_refinement_probe.py RUN --data DATA.hdf5 --retrain-inverse 1:0 8:0 8:0.03
+
 asks the same of the draft alone and the default refinement at each target return (x the data's highest initial
 return-to-go, as `planner.target_return`) instead, into <folder's name>-target-returns.json.
+
+`--retrain-inverse CONTEXT:NOISE ...` retrains only the inverse model, on the checkpoint's frozen draft and U-Net,
+once per `planner.inverse_context` and `planner.inverse_noise` given (3,000 steps at batch 256 on the training data
+`--data`, no EMA), and probes the draft alone and the DDPM-5 and DDIM-5 refinements with each, into
+<folder's name>-retrained-inverse.json: what the inverse model alone changes, everything else held.
 """
 
 from __future__ import annotations
@@ -76,6 +83,33 @@ def probe(model, states: np.ndarray, expert_actions: np.ndarray) -> dict:
                      "critic_range"), map(float, m), strict=True))
 
 
+def retrain_inverse(model, data, context: int, noise: float, steps: int, batch: int = 256) -> float:
+    """A fresh inverse model reading `context` planned states, trained alone (compute_loss's inverse term) with
+    `noise` roughening; the rest of `model` stays as trained. Returns the last batch's loss."""
+    from planners.trajectory_diffuser import mlp
+
+    torch.manual_seed(0)
+    cfg, norm = model.cfg, model.normalizer
+    cfg.inverse_context, cfg.inverse_noise = context, noise
+    model.inverse = mlp((1 + context) * cfg.state_dim, cfg.inverse_hidden, cfg.action_dim)
+    opt = torch.optim.Adam(model.inverse.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        windows = data.batch(torch.randint(0, len(data), (batch,), generator=g).numpy())
+        states = norm["state"].normalize(torch.from_numpy(windows["states"]))
+        actions = norm["action"].normalize(torch.from_numpy(windows["actions"]))
+        count = states.shape[1] - context
+        rough = model.inverse_roughening(batch, count, g)
+        pair = torch.from_numpy(windows["valid"][:, context:]).float()
+        err = (model.inverse(model.inverse_inputs(states, count, rough)) - actions[:, :count]).pow(2).mean(-1)
+        loss = (err * pair).sum() / pair.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.inverse.eval()
+    return float(loss.detach())
+
+
 @torch.no_grad()
 def inverse_on_expert_future(model, states: np.ndarray, expert_actions: np.ndarray, futures: np.ndarray) -> float:
     """The inverse model's action error given the states the expert really visits next: its own error, with no plan
@@ -97,7 +131,13 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=6)
     ap.add_argument("--target-returns", nargs="*", type=float, default=[],
                     help="sweep the target return (draft alone and the default refinement at each)")
+    ap.add_argument("--retrain-inverse", nargs="*", default=[], metavar="CONTEXT:NOISE",
+                    help="retrain only the inverse model at each setting and probe with it")
+    ap.add_argument("--retrain-steps", type=int, default=3000)
+    ap.add_argument("--data", help="the checkpoint's training data (for --retrain-inverse)")
     args = ap.parse_args()
+    if args.retrain_inverse and not args.data:
+        ap.error("--retrain-inverse needs --data, the checkpoint's training data")
     torch.set_num_threads(2)
     task = read_config(args.checkpoint).data.task
     if not task.startswith("pointmaze/"):
@@ -111,7 +151,24 @@ def main() -> None:
               "settings": {}}
     print("inverse dynamics on the expert's own next states:", round(result["inverse_on_expert_future_error"], 3))
     name = Path(args.checkpoint).resolve().name
-    if args.target_returns:
+    if args.retrain_inverse:
+        from envs.datasets.offline import load_offline
+        from envs.datasets.trajectory_dataset import TrajectoryDataset
+
+        data = TrajectoryDataset(load_offline(args.data), model.cfg.horizon, read_config(args.checkpoint).data.discount)
+        result["retrained_inverse"] = {}
+        for item in args.retrain_inverse:
+            context, _, noise = item.partition(":")
+            row = {"loss": retrain_inverse(model, data, int(context), float(noise or 0), args.retrain_steps)}
+            row["inverse_on_expert_future_error"] = inverse_on_expert_future(model, states, actions, futures)
+            for setting, sampler, steps, entry in SETTINGS[:3]:
+                model.configure_inference(sampler, steps)
+                model.cfg.entry = entry
+                row[setting] = probe(model, states, actions)
+            result["retrained_inverse"][item] = row
+            print(item, json.dumps(row), flush=True)
+        name += "-retrained-inverse"
+    elif args.target_returns:
         result["by_target_return"] = {}
         for target in args.target_returns:
             model.cfg.target_return = target

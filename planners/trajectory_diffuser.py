@@ -270,6 +270,16 @@ class TrajectoryDiffuser(nn.Module):
             ahead = ahead + noise
         return torch.cat([states[:, :count], ahead.flatten(2)], dim=-1)
 
+    def inverse_roughening(self, batch: int, count: int, generator: torch.Generator | None = None):
+        """Training noise (batch, count, c, S) for the states the inverse model reads ahead: a shift shared by the c
+        states plus one of each's own, both of std `inverse_noise`; None when it is 0."""
+        cfg = self.cfg
+        if cfg.inverse_noise <= 0:
+            return None
+        shape = (batch, count, cfg.inverse_context, cfg.state_dim)
+        return cfg.inverse_noise * (torch.randn((batch, count, 1, cfg.state_dim), generator=generator)
+                                    + torch.randn(shape, generator=generator))
+
     def actions_and_values(self, plans: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, H, S) plans -> each one's first `actions_per_decision` actions (N, k, A) by inverse dynamics along
         the planned states, and the critic's value of its first action (N,)."""
@@ -367,12 +377,8 @@ class TrajectoryDiffuser(nn.Module):
         loss = F.mse_loss(eps, noise)
         c = cfg.inverse_context
         count = states.shape[1] - c
-        rough = None
-        if cfg.inverse_noise > 0:
-            shape = (b, count, c, states.shape[-1])
-            rough = cfg.inverse_noise * (torch.randn((b, count, 1, shape[-1]), generator=generator)
-                                         + torch.randn(shape, generator=generator))
         pair = valid[:, c:].float()  # the last state read is a real one (valid is a prefix of each window)
+        rough = self.inverse_roughening(b, count, generator)
         inv = F.mse_loss(self.inverse(self.inverse_inputs(states, count, rough)), actions[:, :count],
                          reduction="none").mean(-1)
         loss = loss + cfg.inverse_weight * (inv * pair).sum() / pair.sum().clamp(min=1.0)
