@@ -84,7 +84,7 @@ def probe(model, states: np.ndarray, expert_actions: np.ndarray) -> dict:
 
 
 def retrain_inverse(model, data, context: int, noise: float, steps: int, batch: int = 256) -> float:
-    """A fresh inverse model reading `context` planned states, trained alone (compute_loss's inverse term) with
+    """A fresh inverse model reading `context` planned states, trained alone (the model's inverse_loss) with
     `noise` roughening; the rest of `model` stays as trained. Returns the last batch's loss."""
     from planners.trajectory_diffuser import mlp
 
@@ -96,13 +96,9 @@ def retrain_inverse(model, data, context: int, noise: float, steps: int, batch: 
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         windows = data.batch(torch.randint(0, len(data), (batch,), generator=g).numpy())
-        states = norm["state"].normalize(torch.from_numpy(windows["states"]))
-        actions = norm["action"].normalize(torch.from_numpy(windows["actions"]))
-        count = states.shape[1] - context
-        rough = model.inverse_roughening(batch, count, g)
-        pair = torch.from_numpy(windows["valid"][:, context:]).float()
-        err = (model.inverse(model.inverse_inputs(states, count, rough)) - actions[:, :count]).pow(2).mean(-1)
-        loss = (err * pair).sum() / pair.sum()
+        loss = model.inverse_loss(norm["state"].normalize(torch.from_numpy(windows["states"])),
+                                  norm["action"].normalize(torch.from_numpy(windows["actions"])),
+                                  torch.from_numpy(windows["valid"]), g)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -280,6 +280,17 @@ class TrajectoryDiffuser(nn.Module):
         return cfg.inverse_noise * (torch.randn((batch, count, 1, cfg.state_dim), generator=generator)
                                     + torch.randn(shape, generator=generator))
 
+    def inverse_loss(self, states: torch.Tensor, actions: torch.Tensor, valid: torch.Tensor,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """Inverse dynamics' MSE on normalised windows (B, H, S) / (B, H, A), over the steps whose last state read is
+        a real one (`valid` is a prefix of each window), the states read ahead roughened."""
+        count = states.shape[1] - self.cfg.inverse_context
+        rough = self.inverse_roughening(states.shape[0], count, generator)
+        err = F.mse_loss(self.inverse(self.inverse_inputs(states, count, rough)), actions[:, :count],
+                         reduction="none").mean(-1)
+        pair = valid[:, self.cfg.inverse_context:].float()
+        return (err * pair).sum() / pair.sum().clamp(min=1.0)
+
     def actions_and_values(self, plans: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, H, S) plans -> each one's first `actions_per_decision` actions (N, k, A) by inverse dynamics along
         the planned states, and the critic's value of its first action (N,)."""
@@ -375,13 +386,7 @@ class TrajectoryDiffuser(nn.Module):
         keep = (torch.rand(b, generator=generator) >= cfg.condition_dropout).float()
         eps = self.unet(noisy, t, self.return_embed(rtg[:, 0], keep))
         loss = F.mse_loss(eps, noise)
-        c = cfg.inverse_context
-        count = states.shape[1] - c
-        pair = valid[:, c:].float()  # the last state read is a real one (valid is a prefix of each window)
-        rough = self.inverse_roughening(b, count, generator)
-        inv = F.mse_loss(self.inverse(self.inverse_inputs(states, count, rough)), actions[:, :count],
-                         reduction="none").mean(-1)
-        loss = loss + cfg.inverse_weight * (inv * pair).sum() / pair.sum().clamp(min=1.0)
+        loss = loss + cfg.inverse_weight * self.inverse_loss(states, actions, valid, generator)
         q = self.critic(torch.cat([states[:, 0], actions[:, 0]], dim=-1))[:, 0]
         loss = loss + cfg.critic_weight * F.mse_loss(q, rtg[:, 0])
         if self.has_draft and cfg.draft_weight > 0:
