@@ -62,7 +62,7 @@ def stage_data(work: Path, episodes: int) -> None:
                  "--image-size", str(IMAGE), "--out", str(path), "--report", str(OUT / f"collect_{name}.json"))
 
 
-def stage_train(work: Path, steps: int, models: list[str]) -> None:
+def stage_train(work: Path, steps: int, models: list[str], threads: int) -> None:
     for name in models:
         run = work / name
         if (run / "train_report.json").exists():
@@ -70,7 +70,8 @@ def stage_train(work: Path, steps: int, models: list[str]) -> None:
         own_steps = any(a.startswith("train.steps=") for a in MODELS[name])
         rtdp("train", *MODELS[name][:2], "--data", str(work / "train.zarr"), "--out", str(run), "--overwrite",
              "--report", str(OUT / f"train_{name}.json"), *MODELS[name][2:],
-             *([] if own_steps else [f"train.steps={steps}"]), "train.checkpoint_every=1000", "train.threads=1")
+             *([] if own_steps else [f"train.steps={steps}"]), "train.checkpoint_every=1000",
+             f"train.threads={threads}", threads=threads)
 
 
 def stage_eval(work: Path, episodes: int, models: list[str], rti_steps: list[int]) -> None:
@@ -217,6 +218,8 @@ def main() -> int:
     ap.add_argument("--demos", type=int, default=40, help="expert episodes per task in the training set")
     ap.add_argument("--steps", type=int, default=6000, help="PAD's training steps (the image DP trains 2,000)")
     ap.add_argument("--models", default="pad,pad_no_img,dp_image")
+    ap.add_argument("--train-threads", type=int, default=1,
+                    help="torch threads per training run (1 lets the runs share the cores; 2 for one run alone)")
     ap.add_argument("--stage", default="all", choices=["all", "data", "train", "eval", "frames", "latency",
                                                          "table"])
     ap.add_argument("--rti-steps", type=int, nargs="*", default=[4],
@@ -233,7 +236,7 @@ def main() -> int:
     if args.stage in ("all", "data"):
         stage_data(work, args.demos)
     if args.stage in ("all", "train"):
-        stage_train(work, args.steps, models)
+        stage_train(work, args.steps, models, args.train_threads)
     if args.stage in ("all", "eval"):
         stage_eval(work, args.episodes, models, args.rti_steps)
     if args.stage in ("all", "frames"):

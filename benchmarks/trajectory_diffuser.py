@@ -34,6 +34,7 @@ HORIZONS = {"umaze": 32, "medium": 64, "large": 128, "hopper-medium": 16, "hoppe
 # What is evaluated: (row name, checkpoint kind, the refinement's steps (None: the config's))
 ROWS = (("trajectory_diffuser", "trajectory_diffuser", None), ("draft_alone", "trajectory_diffuser", 0),
         ("decision_diffuser", "decision_diffuser", None), ("diffuser", "diffuser", None))
+OVERRIDES_FILE = "benchmark_overrides.json"  # beside each run the script trains: the overrides it was trained with
 KEYS = ("success_rate", "success_ci95", "mean_return", "normalized_return", "nfe_per_decision",
         "draft_steps_per_decision", "actions_per_decision", "latency_ms", "decisions", "seconds", "config")
 
@@ -72,17 +73,47 @@ def checkpoint(task: str, kind: str, data: Path, overrides: list[str]) -> tuple[
 
     name = task.partition("/")[2]
     run = OUT / "runs" / f"{name}-{kind}"
-    if (run / "model.safetensors").is_file():
-        return run, json.loads((run / "train_report.json").read_text())
     k = kind_named(kind)
-    cfg = load_config(ROOT / "configs" / "planners" / CONFIGS[kind],
-                      [f"planner.horizon={HORIZONS[name]}", *overrides], k.config_class)
+    requested = [f"planner.horizon={HORIZONS[name]}", *overrides]
+    cfg = load_config(ROOT / "configs" / "planners" / CONFIGS[kind], requested, k.config_class)
+    if (run / "model.safetensors").is_file():
+        refuse_other_settings(run, requested, cfg)
+        return run, json.loads((run / "train_report.json").read_text())
     buffer = load_offline(data)
     cfg.data.task = buffer.attrs["task"]
     cfg.data.reference_returns = dict(buffer.attrs["reference_returns"])
     summary = train(cfg, TrajectoryDataset(buffer, cfg.planner.horizon, cfg.data.discount), run,
                     build=k.build_for_training)
+    (run / OVERRIDES_FILE).write_text(json.dumps(requested))
     return run, summary.to_dict()
+
+
+def refuse_other_settings(run: Path, requested: list[str], cfg) -> None:
+    """A kept checkpoint is reused only for the overrides it was trained with: the ones recorded beside it, or (a run
+    from before the record) the fields the requested overrides name, read from its config."""
+    from deploy.kinds import read_config
+
+    record = run / OVERRIDES_FILE
+    if record.is_file():
+        trained = json.loads(record.read_text())
+        if sorted(trained) == sorted(requested):
+            return
+        detail = f"it was trained with {trained}, this run asks for {requested}"
+    else:
+        saved = read_config(run)
+        differ = []
+        for item in requested:
+            path = item.partition("=")[0].split(".")
+            want, have = cfg, saved
+            for part in path:
+                want, have = getattr(want, part), getattr(have, part)
+            if want != have:
+                differ.append(f"{'.'.join(path)}: trained {have!r}, asked {want!r}")
+        if not differ:
+            return
+        detail = "; ".join(differ)
+    raise SystemExit(f"{run} holds a checkpoint trained with other settings ({detail}): move it away to train "
+                     "anew, or pass the overrides it was trained with")
 
 
 def evaluate_row(run: Path, steps: int | None, episodes: int) -> dict:
