@@ -8,12 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-
-def _write_report(path: str | None, report: dict) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(report, indent=2))
-
+from rtdp.collect import cmd_collect
+from rtdp.report import write_report
 
 BACKEND_CHOICES = ["torch", "torch-compile", "torch-cuda", "torch-compile-cuda", "onnxruntime", "onnxruntime-cuda",
                    "onnxruntime-tensorrt", "tensorrt"]  # deploy.backends.BACKENDS, without importing torch to parse
@@ -70,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(f"interrupted; {_last_checkpoint(Path(args.out))}") from None
     report = {"data": str(Path(args.data).resolve()), "episodes": buffer.n_episodes, "windows": len(data),
               **summary.to_dict()}
-    _write_report(args.report, report)
+    write_report(args.report, report)
     if int(os.environ.get("RANK", "0")) == 0:
         # The checkpoint keeps what it was trained on: `rtdp export --precision int8` calibrates on it.
         (Path(args.out) / "train_report.json").write_text(json.dumps(report, indent=2))
@@ -189,7 +185,7 @@ def _train_planner(args: argparse.Namespace, cfg, kind) -> int:
     except KeyboardInterrupt:
         raise ValueError(f"interrupted; {_last_checkpoint(Path(args.out))}") from None
     report = {"data": str(args.data), "episodes": buffer.n_episodes, "samples": len(data), **summary.to_dict()}
-    _write_report(args.report, report)
+    write_report(args.report, report)
     print(f"trained {kind.name} {summary.steps} steps on {len(data)} samples ({buffer.n_episodes} episodes) in "
           f"{summary.seconds:.1f} s; loss {report['loss_first']:.4f} -> {report['loss_last']:.4f}; checkpoint in "
           f"{args.out}")
@@ -202,87 +198,6 @@ def _last_checkpoint(out: Path) -> str:
         return f"the last checkpoint saved is step {json.loads(meta.read_text())['step']} in {out}"
     except (OSError, ValueError, KeyError):
         return f"no checkpoint was saved in {out}"
-
-
-def cmd_collect(args: argparse.Namespace) -> int:
-    from envs.collect import append_demos, check_appendable, collect_demos, next_seed
-    from envs.datasets import ReplayBuffer
-
-    if args.relabel and not args.task.startswith("highway/"):
-        raise ValueError(f"--relabel is for driving tasks (highway/...), not {args.task}")
-    if args.task.startswith("pointmaze/"):
-        return _collect_maze(args)
-    if args.task.startswith("mujoco/"):
-        return _collect_hopper(args)
-    if args.task.startswith("motion/"):
-        return _collect_motion(args)
-    if "," in args.task:
-        return _collect_multitask(args)
-    if args.append and args.overwrite:
-        raise ValueError("--append adds to the dataset at --out and --overwrite replaces it: pass one")
-    existing = None
-    if args.append:
-        existing = ReplayBuffer.load(args.out)  # read, and its layout checked, before any episode is collected
-        check_appendable(existing, args.task, args.image, args.image_size)
-    elif Path(args.out).exists() and not args.overwrite:  # refused before the episodes are collected, not after
-        raise ValueError(f"{args.out} already exists; nothing was written (choose another --out, pass --append "
-                         f"to add episodes to it, or --overwrite to replace it)")
-    if args.relabel:
-        from deploy.kinds import read_config
-
-        trained_on = read_config(args.relabel).data.task
-        if trained_on != args.task:
-            raise ValueError(f"--relabel {args.relabel} drives {trained_on!r}, not --task {args.task}")
-    seed = args.seed if args.seed is not None else (next_seed(existing) if existing is not None else 0)
-    if args.task.startswith("highway/"):
-        from envs.driving_expert import collect_drives
-
-        if args.image:
-            raise ValueError(f"{args.task} records a bird's-eye raster and agent tokens, not camera images")
-        if args.relabel:
-            from evaluation.driving import relabel_drives
-
-            buffer = relabel_drives(args.relabel, args.episodes, seed, args.label_every, progress=not args.no_progress)
-        else:
-            buffer = collect_drives(args.task, args.episodes, seed=seed, branch_every=args.branch_every,
-                                    progress=not args.no_progress)
-    else:
-        buffer = collect_demos(args.task, args.episodes, seed=seed, image=args.image, image_size=args.image_size,
-                               progress=not args.no_progress)
-    added = buffer.n_episodes
-    if existing is not None:
-        buffer = append_demos(existing, buffer)
-    buffer.save(args.out, overwrite=args.overwrite or existing is not None)
-    a = buffer.attrs
-    what = "planner episodes labelled by the expert" if args.relabel else "expert episodes"
-    what = f"{added} {what} added, {a['episodes']} in all" if existing is not None else f"{a['episodes']} {what}"
-    if args.relabel:
-        r = a["relabelled"][-1] if isinstance(a["relabelled"], list) else a["relabelled"]
-        outcome = (f"the planner collided in {r['planner_collision_rate']:.2f} and left the road in "
-                   f"{r['planner_offroad_rate']:.2f} of them; {r['labels']} labels")
-    else:
-        outcome = f"expert success {a['expert_success_rate']:.2f}"
-    print(f"{args.task}: {what} ({buffer.n_steps} steps) in {args.out}; {outcome}")
-    _write_report(args.report, {"out": str(args.out), "steps": buffer.n_steps, "added": added, **a})
-    return 0
-
-
-def _collect_multitask(args: argparse.Namespace) -> int:
-    """`--task a,b,c`: one dataset over several tasks, each episode labelled with its task (envs.multitask)."""
-    from envs.multitask import collect_multitask, parse_tasks
-
-    if args.append:
-        raise ValueError("--append adds to a single-task dataset; collect a multi-task one in one go")
-    if Path(args.out).exists() and not args.overwrite:
-        raise ValueError(f"{args.out} already exists; nothing was written (choose another --out, or pass "
-                         f"--overwrite to replace it)")
-    tasks = parse_tasks(args.task)
-    buffer = collect_multitask(tasks, args.episodes, seed=args.seed or 0, image=args.image,
-                               image_size=args.image_size, progress=not args.no_progress)
-    buffer.save(args.out, overwrite=args.overwrite)
-    print(f"{len(tasks)} tasks, {args.episodes} expert episodes each ({buffer.n_steps} steps) in {args.out}")
-    _write_report(args.report, {"out": str(args.out), "steps": buffer.n_steps, **buffer.attrs})
-    return 0
 
 
 def cmd_motion(args: argparse.Namespace) -> int:
@@ -300,7 +215,7 @@ def cmd_motion(args: argparse.Namespace) -> int:
     if args.video:
         Path(args.video).parent.mkdir(parents=True, exist_ok=True)
         write_motion_video(run, session.skeleton, args.video, progress=not args.no_progress)
-    _write_report(args.report, report)
+    write_report(args.report, report)
     err = report["guidance_error"]
     turn = "" if err["after_turn_mean_deg"] is None else \
         f", {err['after_turn_mean_deg']:.0f} deg {err['after_turn_s']:.0f} s after a turn"
@@ -311,89 +226,6 @@ def cmd_motion(args: argparse.Namespace) -> int:
     print(f"{report['frames']} frames ({report['seconds']:.0f} s) at {report['fps']:.0f} frames/s ({calls}); "
           f"walked {report['distance_m']:.1f} m; direction error "
           f"{err['mean_deg']:.0f} deg on average{turn}{video}")
-    return 0
-
-
-def _collect_motion(args: argparse.Namespace) -> int:
-    """Motion clips as a per-frame dataset: motion/deepmimic (the clips in the pybullet wheel) or motion/bvh with
-    --bvh DIR (every .bvh file in it, one skeleton), each clip also mirrored."""
-    from envs.motion import deepmimic_clips, motion_dataset, read_bvh
-
-    if args.append or args.image:
-        raise ValueError(f"{args.task} turns whole clips into frames: --append and --image do not apply")
-    if Path(args.out).exists() and not args.overwrite:
-        raise ValueError(f"{args.out} already exists; nothing was written (choose another --out, or --overwrite)")
-    source = args.task.split("/", 1)[1]
-    if source == "deepmimic":
-        clips = deepmimic_clips()
-    elif source == "bvh":
-        if not args.bvh or not sorted(Path(args.bvh).glob("*.bvh")):
-            raise ValueError("motion/bvh reads every .bvh file in --bvh DIR; none was found"
-                             + (f" in {args.bvh}" if args.bvh else " (pass --bvh)"))
-        clips = [read_bvh(p) for p in sorted(Path(args.bvh).glob("*.bvh"))]
-    else:
-        raise ValueError(f"unknown motion source {source!r}: motion/deepmimic or motion/bvh (with --bvh DIR)")
-    buffer = motion_dataset(clips)
-    buffer.attrs["task"] = args.task
-    buffer.save(args.out, overwrite=args.overwrite)
-    print(f"{args.task}: {len(clips)} clips, mirrored: {buffer.n_episodes} episodes, {buffer.n_steps} frames "
-          f"({buffer.n_steps / buffer.attrs['fps']:.0f} s) in {args.out}")
-    _write_report(args.report, {"out": str(args.out), "frames": buffer.n_steps, "episodes": buffer.n_episodes,
-                                "clips": buffer.attrs["clips"]})
-    return 0
-
-
-def _collect_maze(args: argparse.Namespace) -> int:
-    """A maze dataset as D4RL's maze2d was made: one continuing noisy-expert episode, one goal per episode."""
-    from envs.datasets.offline import save_offline
-    from envs.pointmaze import GOAL_DIM, MAZES, collect_maze, maze_name
-
-    if args.append or args.image:
-        raise ValueError(f"{args.task} makes one continuing stream of --steps steps: --append and --image do not "
-                         f"apply")
-    name = maze_name(args.task)  # refused before anything is collected
-    buffer = collect_maze(args.task, args.steps, seed=args.seed or 0, noise=args.action_noise,
-                          progress=not args.no_progress)
-    import gymnasium as gym
-
-    spec = gym.spec(MAZES[name]) if args.out.startswith("minari:") else None
-    out = save_offline(buffer, args.out, overwrite=args.overwrite, minari_dir=args.minari_dir, env_spec=spec,
-                       goal_dim=GOAL_DIM)
-    refs = buffer.attrs["reference_returns"]
-    print(f"{args.task}: {buffer.n_steps} steps, {buffer.attrs['goals_reached']} goals reached, in {out}; "
-          f"reference returns random {refs['random']:.1f}, expert {refs['expert']:.1f}")
-    _write_report(args.report, {"out": out, "steps": buffer.n_steps, "episodes": buffer.n_episodes, **buffer.attrs})
-    return 0
-
-
-def _collect_hopper(args: argparse.Namespace) -> int:
-    """A hopper dataset as D4RL's was made: a behaviour policy stopped at a third of the expert's return, then its
-    samples (medium) or its training stream (medium-replay)."""
-    from envs.datasets.offline import save_offline
-    from envs.hopper import ENV_ID, collect_hopper, dataset_name
-
-    if args.append or args.image:
-        raise ValueError(f"{args.task} makes one dataset from its behaviour policy: --append and --image do not "
-                         f"apply")
-    dataset_name(args.task)  # refused before anything is trained
-    if Path(args.out).exists() and not args.overwrite:
-        raise ValueError(f"{args.out} already exists; nothing was written (choose another --out or pass "
-                         f"--overwrite)")
-    behaviour = args.behaviour or str(Path(args.out).with_name("hopper-behaviour"))
-    buffer = collect_hopper(args.task, args.steps, behaviour, seed=args.seed or 0,
-                            target_return=args.behaviour_return, algorithm=args.behaviour_algorithm,
-                            behaviour_steps=args.behaviour_steps,
-                            progress=not args.no_progress)
-    import gymnasium as gym
-
-    spec = gym.spec(ENV_ID) if args.out.startswith("minari:") else None
-    out = save_offline(buffer, args.out, overwrite=args.overwrite, minari_dir=args.minari_dir, env_spec=spec)
-    refs, b = buffer.attrs["reference_returns"], buffer.attrs["behaviour"]
-    reached = "" if b["reached"] else " (short of its target: raise --behaviour-steps or lower --behaviour-return)"
-    print(f"{args.task}: {buffer.n_steps} steps in {buffer.n_episodes} episodes, in {out}; behaviour policy "
-          f"(in {behaviour}) return {b['final_return']} after {b['steps']} steps{reached}; reference returns random "
-          f"{refs['random']:.1f}, expert {refs['expert']:.1f} (D4RL's)")
-    _write_report(args.report, {"out": out, "steps": buffer.n_steps, "episodes": buffer.n_episodes, **buffer.attrs})
     return 0
 
 
@@ -443,7 +275,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             target_return=args.target_return, clearance=_clearance(args))
     report = evaluate(settings, progress=not args.no_progress)
     print(summary_line(report))
-    _write_report(args.report, report)
+    write_report(args.report, report)
     return 0
 
 
@@ -468,7 +300,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
               f"({s['uncached_block_evals'] / s['block_evals_per_decision']:.1f}x fewer); bubbling union on "
               f"{', '.join(s['selected'])}")
     print(f"schedules saved in {result.path}")
-    _write_report(args.report, result_dict(result))
+    write_report(args.report, result_dict(result))
     return 0
 
 
@@ -503,7 +335,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         print("parity with torch: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
               + (f" (max abs, tolerance {TOLERANCE[args.precision]:.0e})" if args.precision != "int8" else
                  f" (on held-out windows of the calibration data; the means are held to {TOLERANCE['int8']:.0e})"))
-    _write_report(args.report, report)
+    write_report(args.report, report)
     return 0
 
 
@@ -518,7 +350,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                                rti_every_step=args.rti_steps == "all", predicted_frames=args.predicted_frames)
     report = profile(settings, progress=not args.no_progress)
     print(comparison_table(report))
-    _write_report(args.report, report)
+    write_report(args.report, report)
     return 0
 
 
@@ -538,7 +370,7 @@ def cmd_control(args: argparse.Namespace) -> int:
                                target_return=args.target_return, clearance=_clearance(args))
     report = run_control(settings, progress=not args.no_progress)
     print(control_summary(report))
-    _write_report(args.report, report)
+    write_report(args.report, report)
     if report["decisions"] == 0:
         print("rtdp control: error: no decision succeeded; every tick held the safe action", file=sys.stderr)
         return 1
@@ -612,7 +444,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     finally:
         node.close()
         report = node.report()
-        _write_report(args.report, report)
+        write_report(args.report, report)
     print(f"rtdp node: finalized after {report.get('ticks', 0)} ticks, {report.get('deadline_misses', 0)} deadline "
           f"misses, {report.get('inference_restarts', 0)} inference restarts")
     return 0
@@ -628,7 +460,7 @@ def cmd_robot_sim(args: argparse.Namespace) -> int:
                                 max_episode_steps=args.max_episode_steps)
     report = run_robot_sim(settings, progress=not args.no_progress)
     print(robot_sim_summary(report))
-    _write_report(args.report, report)
+    write_report(args.report, report)
     return 0
 
 
@@ -733,7 +565,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rtdp.demo import run_demo
 
     report = run_demo(Path(args.workdir), task=args.task, steps=args.steps, episodes=args.episodes, seed=args.seed)
-    _write_report(args.report, report)
+    write_report(args.report, report)
     return 0
 
 
