@@ -176,7 +176,51 @@ def table() -> str:
         rows.append(f"| {task.split('/')[1]} | " + " | ".join(cells) + " |")
     rows.append("| **mean** | " + " | ".join(f"**{np.mean(v):.2f}**" if len(v) == len(TASKS) else "-"
                                               for v in means.values()) + " |")
+    pooled = [pooled_success(m) for m in labels]
+    rows.append("| all episodes [95% CI] | " + " | ".join(
+        f"{k}/{n} [{lo:.2f}, {hi:.2f}]" if n else "-" for k, n, (lo, hi) in pooled) + " |")
+    for other in list(labels)[1:]:
+        c = paired_comparison("pad", other)
+        if c:
+            rows.append(f"\nPAD vs {labels[other]} on the same {c['episodes']} seeds: PAD alone succeeded in "
+                        f"{c['only_first']}, {labels[other]} alone in {c['only_second']} (McNemar exact p = "
+                        f"{c['p_value']:.3f})")
     return "\n".join(rows)
+
+
+def _episodes(model: str) -> dict[tuple[str, int], bool] | None:
+    """(task, seed) -> success over the five tasks' reports, or None while one is missing."""
+    out = {}
+    for task in TASKS:
+        path = OUT / "eval" / f"{model}_{task.split('/')[1]}.json"
+        if not path.exists():
+            return None
+        out.update({(task, e["seed"]): bool(e["success"]) for e in json.loads(path.read_text())["per_episode"]})
+    return out
+
+
+def pooled_success(model: str) -> tuple[int, int, tuple[float, float]]:
+    from evaluation.report import wilson_interval
+
+    episodes = _episodes(model) or {}
+    k = sum(episodes.values())
+    return k, len(episodes), wilson_interval(k, len(episodes)) if episodes else (np.nan, np.nan)
+
+
+def paired_comparison(first: str, second: str) -> dict | None:
+    """Two models on the same (task, seed) episodes: McNemar's exact test, i.e. a binomial test on the episodes
+    only one of the two succeeded in (the pairing removes the spread between seeds that both find easy or hard)."""
+    from scipy.stats import binomtest
+
+    a, b = _episodes(first), _episodes(second)
+    if a is None or b is None:
+        return None
+    shared = a.keys() & b.keys()
+    only_first = sum(a[e] and not b[e] for e in shared)
+    only_second = sum(b[e] and not a[e] for e in shared)
+    discordant = only_first + only_second
+    return {"episodes": len(shared), "only_first": only_first, "only_second": only_second,
+            "p_value": binomtest(only_first, discordant, 0.5).pvalue if discordant else 1.0}
 
 
 def model_labels() -> dict[str, str]:
