@@ -7,6 +7,7 @@ on the expert's scenes) -> decision latency on one thread in torch and onnxrunti
     python benchmarks/diffusiondrive.py --table
     python benchmarks/diffusiondrive.py --scenarios roundabout-v0 --dagger-rounds 1   # then DAgger rounds
     python benchmarks/diffusiondrive.py --scenarios highway-v0 --dagger-rounds 1 --clearance   # with the check
+    python benchmarks/diffusiondrive.py --scenarios roundabout-v0 --variant fine --scene "bev_cell=[2,1]"
 
 Data and checkpoints go to benchmarks/results/diffusiondrive/runs/ (not committed); results to
 benchmarks/results/diffusiondrive/<scenario>[-variant].json, the `rtdp eval` plot of each planner beside it
@@ -36,13 +37,18 @@ KEYS = ("success_rate", "success_ci95", "collision_rate", "offroad_rate", "progr
         "open_loop", "clearance", "seconds")
 
 
-def dataset(scenario: str, episodes: int) -> Path:
+def dataset(scenario: str, episodes: int, scene: dict | None = None, variant: str = "") -> Path:
+    """The expert's drives; with `scene` (SceneConfig fields) observed in that layout and kept apart by `variant`."""
+    from envs.driving import SceneConfig
     from envs.driving_expert import collect_drives
 
-    path = OUT / "runs" / f"{scenario}.zarr"
+    if scene and not variant:
+        raise SystemExit("--scene needs a --variant, so that its data and runs are kept apart from the default's")
+    path = OUT / "runs" / f"{scenario}{variant if scene else ''}.zarr"
     if not path.exists():
         t0 = time.perf_counter()
-        buffer = collect_drives(f"highway/{scenario}", episodes, seed=0)
+        buffer = collect_drives(f"highway/{scenario}", episodes, seed=0,
+                                scene=SceneConfig.from_dict(scene, "--scene") if scene else None)
         buffer.attrs["collect_seconds"] = time.perf_counter() - t0
         buffer.save(path)
     return path
@@ -222,8 +228,11 @@ def main() -> None:
                     "clearance check (planners/clearance.py) between their candidates and the car, its defaults or "
                     "these ClearanceConfig fields; results as the variant with '-clearance' (and the fields) "
                     "appended, the checkpoints the same")
+    ap.add_argument("--scene", nargs="*", default=[], metavar="FIELD=VALUE", help="the observation layout "
+                    "(envs.driving.SceneConfig fields, e.g. bev_cell=[2,1]); needs --variant")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    scene = {k: yaml.safe_load(v) for k, v in (f.split("=", 1) for f in args.scene)}
     if args.table:
         print(table(args.out))
         plot_closed_loop(args.out)
@@ -237,7 +246,7 @@ def main() -> None:
         path = args.out / f"{scenario}{variant}.json"
         result = json.loads(path.read_text()) if path.is_file() else {"scenario": scenario, "planners": {}}
         result["variant"], result["overrides"] = variant.lstrip("-"), args.override
-        data = dataset(scenario, args.train_episodes)
+        data = dataset(scenario, args.train_episodes, scene, base_variant)
         from envs.datasets import ReplayBuffer
 
         result["data"] = {k: v for k, v in ReplayBuffer.load(data).attrs.items() if k not in ("styles", "seeds")}

@@ -63,6 +63,21 @@ class SceneConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "scene") -> SceneConfig:
+        """A layout from recorded or given settings (a checkpoint's, `rtdp collect --scene`'s), an unknown name or a
+        raster that does not divide into whole cells refused by name."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown scene setting(s) {unknown}; known: {sorted(known)}")
+        scene = cls(**values)
+        for axis, extent, cell in (("x", scene.bev_x, scene.bev_cell[0]), ("y", scene.bev_y, scene.bev_cell[1])):
+            cells = (extent[1] - extent[0]) / cell if cell > 0 else 0.0
+            if cells < 1 or abs(cells - round(cells)) > 1e-6:
+                raise ValueError(f"{source}: bev_{axis} {list(extent)} is not a whole number of {cell} m cells")
+        return scene
+
 
 # -- geometry ---------------------------------------------------------------------------------------------------
 

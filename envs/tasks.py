@@ -52,8 +52,13 @@ def pose_dims(task: str) -> list[int]:
     raise ValueError(f"{task} names no pose in its state; tasks with one: metaworld/*, point_mass/reach")
 
 
-def make_env(task: str, image: bool = False, image_size: int = 96, max_episode_steps: int | None = None) -> gym.Env:
+def make_env(task: str, image: bool = False, image_size: int = 96, max_episode_steps: int | None = None,
+             scene: dict | None = None) -> gym.Env:
+    """`scene`: a driving task's observation layout (envs.driving.SceneConfig fields; a driving checkpoint records
+    the one it was trained on), the default where None."""
     family, _, name = task.partition("/")
+    if scene is not None and family != "highway":
+        raise ValueError(f"{task} has no scene layout to set; only highway/ tasks do")
     if family == "metaworld":
         from .metaworld_env import EPISODE_LIMIT, MetaWorldTask, metaworld_task_names
 
@@ -63,10 +68,11 @@ def make_env(task: str, image: bool = False, image_size: int = 96, max_episode_s
     elif family == "highway":
         if image:
             raise ValueError(f"{task} observes a bird's-eye raster and agent tokens, not camera images")
-        from .driving import SCENARIOS, DrivingTask
+        from .driving import SCENARIOS, DrivingTask, SceneConfig
 
         if name in SCENARIOS:
-            return DrivingTask(name, max_episode_steps=max_episode_steps)
+            layout = SceneConfig.from_dict(scene) if scene is not None else None
+            return DrivingTask(name, layout, max_episode_steps=max_episode_steps)
     elif family == "pointmaze":
         if image:
             raise ValueError(f"{task} observes a state vector (position, velocity, goal), not camera images")

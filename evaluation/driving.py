@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from deploy.kinds import read_config
 from deploy.runtime import RuntimeSettings, build_policy
-from envs.driving import DrivingTask
+from envs.driving import DrivingTask, SceneConfig
 from envs.driving_expert import collect_relabelled, drive_episode
 
 from .episodes import TimedPolicy
@@ -48,8 +48,9 @@ def expert_and_open_loop(runtime, task: str, seeds: list[int], every: int = 5, d
                          progress: bool = True) -> dict:
     """The expert's closed-loop figures on `seeds`, and the planner open-loop on every `every`-th of the expert's
     scenes that has a complete future (diversity on every `diversity_every`-th of those)."""
-    env = DrivingTask(task.partition("/")[2])
     policy, model = runtime.policy, runtime.model
+    layout = getattr(model.cfg, "layout", None)
+    env = DrivingTask(task.partition("/")[2], SceneConfig.from_dict(layout.scene) if layout is not None else None)
     generator = torch.Generator()
     expert, ade, fde, hits, top3, diversity = [], [], [], [], [], []
     points = model.cfg.layout.points if hasattr(model.cfg, "layout") else env.scene.points
@@ -121,5 +122,7 @@ def relabel_drives(checkpoint: str, episodes: int, seed: int, label_every: int =
         act.reset(episode_seed)
         return act
 
+    layout = getattr(runtime.model.cfg, "layout", None)
     return collect_relabelled(task, episodes, act_for_episode, runtime.policy.spec.n_obs_steps, seed, label_every,
-                              planner=str(checkpoint), progress=progress, max_episode_steps=max_episode_steps)
+                              planner=str(checkpoint), progress=progress, max_episode_steps=max_episode_steps,
+                              scene=SceneConfig.from_dict(layout.scene) if layout is not None else None)

@@ -62,8 +62,11 @@ def open_env(checkpoint: str, run_cfg, task: str, max_episode_steps: int | None 
                              f"{env.action_space.shape[0]}")
         return MultiTaskObservation(env, _task_index(checkpoint, tasks, task), len(tasks), task)
     if hasattr(run_cfg, "planner"):
-        env = make_env(task, max_episode_steps=max_episode_steps)
-        if hasattr(run_cfg.planner, "layout"):
+        layout = getattr(run_cfg.planner, "layout", None)
+        # A driving planner's environment observes the scene the way its training data did (rtdp collect --scene).
+        scene = dict(layout.scene) if layout is not None and task.startswith("highway/") else None
+        env = make_env(task, max_episode_steps=max_episode_steps, scene=scene)
+        if layout is not None:
             check_scene(run_cfg.planner, env, checkpoint, task)
         else:
             check_compatible(run_cfg.planner, env, checkpoint, task)

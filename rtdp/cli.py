@@ -483,6 +483,17 @@ def _key_value(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+def _field_value(text: str) -> tuple[str, object]:
+    """FIELD=VALUE with the value read as YAML: numbers, booleans, lists ([2,1])."""
+    import yaml
+
+    key, value = _key_value(text)
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"{key}: cannot read {value!r} as a value") from None
+
+
 def _add_inference_nice_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inference-nice", type=NON_NEGATIVE, default=0, metavar="N",
                    help="run the inference process N POSIX nice levels (0-19) below the loop, so that ticks and "
@@ -506,18 +517,14 @@ def _add_sampler_arguments(p: argparse.ArgumentParser, what: str = "default: the
 
 
 def _add_clearance_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--clearance", nargs="*", type=_key_value, metavar="FIELD=VALUE", help="a driving planner: "
+    p.add_argument("--clearance", nargs="*", type=_field_value, metavar="FIELD=VALUE", help="a driving planner: "
                    "execute the best-ranked candidate that stays clear of every other vehicle's constant-velocity "
                    "forecast and on the road, not the planner's own top candidate (planners/clearance.py); "
                    "FIELD=VALUE sets a ClearanceConfig field, e.g. keep_on_road=false")
 
 
 def _clearance(args: argparse.Namespace) -> dict | None:
-    if args.clearance is None:
-        return None
-    import yaml
-
-    return {name: yaml.safe_load(value) for name, value in args.clearance}
+    return None if args.clearance is None else dict(args.clearance)
 
 
 def _add_target_return_argument(p: argparse.ArgumentParser) -> None:
@@ -604,6 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "its states with the future it would drive from there (a DAgger round; append to the planner's "
                    "training data and train again)")
     c.add_argument("--label-every", type=POSITIVE, default=1, help="with --relabel: label every N-th step")
+    c.add_argument("--scene", nargs="+", type=_field_value, metavar="FIELD=VALUE", help="driving tasks: the "
+                   "observation layout (envs.driving.SceneConfig), e.g. bev_cell=[2,1] for a raster of 2 m x 1 m "
+                   "cells; a planner trained on the data records it, and its evaluation observes the same")
     c.add_argument("--steps", type=POSITIVE, default=1_000_000, help="maze tasks: steps of the continuing expert "
                    "stream; mujoco/hopper-medium: transitions sampled from the behaviour policy")
     c.add_argument("--behaviour", metavar="DIR", help="hopper tasks: the behaviour policy's folder (trained there "

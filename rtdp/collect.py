@@ -16,6 +16,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
     if args.relabel and not args.task.startswith("highway/"):
         raise ValueError(f"--relabel is for driving tasks (highway/...), not {args.task}")
+    if args.scene and not args.task.startswith("highway/"):
+        raise ValueError(f"--scene is for driving tasks (highway/...), not {args.task}")
+    if args.scene and args.relabel:
+        raise ValueError("--scene with --relabel: the relabelled drives observe the layout the planner was trained on")
     if args.task.startswith("pointmaze/"):
         return _collect_maze(args)
     if args.task.startswith("mujoco/"):
@@ -41,6 +45,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
             raise ValueError(f"--relabel {args.relabel} drives {trained_on!r}, not --task {args.task}")
     seed = args.seed if args.seed is not None else (next_seed(existing) if existing is not None else 0)
     if args.task.startswith("highway/"):
+        from envs.driving import SceneConfig
         from envs.driving_expert import collect_drives
 
         if args.image:
@@ -50,8 +55,15 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
             buffer = relabel_drives(args.relabel, args.episodes, seed, args.label_every, progress=not args.no_progress)
         else:
+            scene = SceneConfig.from_dict(dict(args.scene), "--scene") if args.scene else None
+            recorded = existing.attrs.get("scene") if existing is not None else None
+            if recorded is not None and scene is not None and recorded != scene.to_dict():
+                raise ValueError(f"--scene {dict(args.scene)} is not the layout of the dataset at {args.out}: "
+                                 f"{recorded}")
+            if recorded is not None and scene is None:  # appended drives observe as the dataset's did
+                scene = SceneConfig.from_dict(recorded, str(args.out))
             buffer = collect_drives(args.task, args.episodes, seed=seed, branch_every=args.branch_every,
-                                    progress=not args.no_progress)
+                                    scene=scene, progress=not args.no_progress)
     else:
         buffer = collect_demos(args.task, args.episodes, seed=seed, image=args.image, image_size=args.image_size,
                                progress=not args.no_progress)

@@ -4,6 +4,7 @@ held under the control loop. One small model is trained on a few expert drives, 
 
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -410,3 +411,45 @@ def test_a_dagger_round_lets_the_planner_drive_and_the_expert_label(drives, tmp_
                  str(out), "--no-progress"]) == 2
     assert "--relabel is for driving tasks" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_planner_trained_on_another_raster_observes_in_it_everywhere(tmp_path, capsys):
+    from deploy.kinds import read_config
+    from envs.datasets import ReplayBuffer
+    from evaluation.tasks import open_env
+
+    data = tmp_path / "coarse.zarr"
+    task = "highway/roundabout-v0"
+    assert main(["collect", "--task", task, "--episodes", "1", "--branch-every", "0", "--scene", "bev_cell=[8,4]",
+                 "agents=4", "--out", str(data), "--no-progress"]) == 0
+    buffer = ReplayBuffer.load(data)
+    assert buffer.attrs["scene"]["bev_cell"] == [8, 4] and buffer["bev"].shape[1:] == (20, 8, 4)
+    assert buffer["agents"].shape[1:] == (4, 7)
+    cfg = small(DiffusionDriveRunConfig(), 5)
+    cfg.data.task = task
+    train(cfg, PlanDataset(buffer), tmp_path / "dd", progress=False,
+          build=kind_named("diffusiondrive").build_for_training)
+    ckpt = str(tmp_path / "dd")
+    env = open_env(ckpt, read_config(ckpt), task)  # evaluation, control and robot-sim open the task this way
+    obs, _ = env.reset(seed=0)
+    assert obs["bev"].shape == (20, 8, 4) and obs["agents"].shape == (4, 7)
+    # a drive whose expert future crashes from the first steps has no label and is left out: drive a few
+    relabelled = relabel_drives(ckpt, 4, seed=60, progress=False, max_episode_steps=3)
+    assert relabelled.n_episodes >= 1 and relabelled.attrs["scene"] == buffer.attrs["scene"]
+    assert relabelled["bev"].shape[1:] == (20, 8, 4)
+    # appending drives without --scene keeps the dataset's layout; another layout is refused before any drive
+    assert main(["collect", "--task", task, "--episodes", "1", "--branch-every", "0", "--append", "--out",
+                 str(data), "--no-progress"]) == 0
+    assert ReplayBuffer.load(data).n_episodes == 2
+    for scene, message in ((["bev_cell=[3,2]"], "bev_x .* is not a whole number of 3 m cells"),
+                           (["cell=2"], r"unknown scene setting\(s\) \['cell'\]")):
+        assert main(["collect", "--task", task, "--episodes", "1", "--scene", *scene, "--out",
+                     str(tmp_path / "bad.zarr"), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and err.count("\n") == 1 and not (tmp_path / "bad.zarr").exists()
+    assert main(["collect", "--task", task, "--episodes", "1", "--append", "--scene", "agents=8", "--out",
+                 str(data), "--no-progress"]) == 2
+    assert "is not the layout of the dataset" in capsys.readouterr().err
+    assert main(["collect", "--task", "pointmaze/umaze", "--scene", "agents=4", "--out", str(tmp_path / "m.hdf5"),
+                 "--no-progress"]) == 2
+    assert "--scene is for driving tasks" in capsys.readouterr().err
