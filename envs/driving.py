@@ -72,6 +72,11 @@ class SceneConfig:
         if unknown:
             raise ValueError(f"{source}: unknown scene setting(s) {unknown}; known: {sorted(known)}")
         scene = cls(**values)
+        for name in ("bev_x", "bev_y", "bev_cell"):
+            pair = getattr(scene, name)
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2
+                    and all(isinstance(v, (int, float)) for v in pair)):
+                raise ValueError(f"{source}: {name} must be two numbers, e.g. [2, 1]; got {pair!r}")
         for axis, extent, cell in (("x", scene.bev_x, scene.bev_cell[0]), ("y", scene.bev_y, scene.bev_cell[1])):
             cells = (extent[1] - extent[0]) / cell if cell > 0 else 0.0
             if cells < 1 or abs(cells - round(cells)) > 1e-6:

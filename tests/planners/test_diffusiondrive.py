@@ -442,7 +442,8 @@ def test_a_planner_trained_on_another_raster_observes_in_it_everywhere(tmp_path,
                  str(data), "--no-progress"]) == 0
     assert ReplayBuffer.load(data).n_episodes == 2
     for scene, message in ((["bev_cell=[3,2]"], "bev_x .* is not a whole number of 3 m cells"),
-                           (["cell=2"], r"unknown scene setting\(s\) \['cell'\]")):
+                           (["cell=2"], r"unknown scene setting\(s\) \['cell'\]"),
+                           (["bev_cell=2"], r"bev_cell must be two numbers, e.g. \[2, 1\]; got 2")):
         assert main(["collect", "--task", task, "--episodes", "1", "--scene", *scene, "--out",
                      str(tmp_path / "bad.zarr"), "--no-progress"]) == 2
         err = capsys.readouterr().err
