@@ -119,13 +119,14 @@ def latency(run: Path, decisions: int = 200, clearance: dict | None = None) -> d
     from deploy.export import ExportSettings, export_policy
     from deploy.kinds import read_config
     from deploy.runtime import RuntimeSettings, build_policy
-    from envs.driving import DrivingTask
+    from envs.driving import DrivingTask, SceneConfig
     from envs.driving_expert import drive_episode
 
     torch.set_num_threads(1)
     export_policy(ExportSettings(str(run)))
-    scenario = read_config(run).data.task.partition("/")[2]
-    scenes = drive_episode(DrivingTask(scenario), 100_000, branch_every=0)["data"]
+    run_cfg = read_config(run)
+    scene = SceneConfig.from_dict(run_cfg.planner.layout.scene)  # the layout the planner was trained on
+    scenes = drive_episode(DrivingTask(run_cfg.data.task.partition("/")[2], scene), 100_000, branch_every=0)["data"]
     out = {}
     for backend in ("torch", "onnxruntime"):
         policy = build_policy(RuntimeSettings(str(run), backend=backend, threads=1, clearance=clearance)).policy
@@ -200,7 +201,7 @@ def plot_closed_loop(out: Path) -> None:
         ax.set_xticks([i + width for i in range(len(bars))], [b[0] for b in bars], rotation=50, ha="right",
                       rotation_mode="anchor", fontsize=7)
         ax.grid(axis="y", alpha=0.3)
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, max(1.05, max(b[3] for b in bars) + 0.05))  # a planner may go farther than the expert
         ax.set_title(f"{scenario}: {expert['episodes']} held-out seeds (progress / expert's)")
     axes[0][0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
