@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from policy.contract import PolicyWrapper
 from policy.denoising import Denoised, DenoisingWrapper
 
 from .artifacts import PRECISIONS, BackendUnavailable, ExportError, check_graph_io, export_dir, load_manifest
+from .quantize import cpu_saturates_int8
 from .tensorrt_backend import TensorRTBackend
 
 BACKENDS = ("torch", "torch-compile", "torch-cuda", "torch-compile-cuda", "onnxruntime", "onnxruntime-cuda",
@@ -149,6 +151,12 @@ class OnnxRuntimeBackend:
                                      f"{', '.join(ort.get_available_providers())})")
         self.directory = Path(directory)
         self.manifest = load_manifest(self.directory, checkpoint)
+        quantised = self.manifest.get("quantisation", {}).get("reduce_range", {})
+        if quantised.get("seven_bit_weights") is False and providers == ["CPUExecutionProvider"] \
+                and cpu_saturates_int8():
+            warnings.warn(f"{self.directory} holds full-range int8 weights, exported on a CPU with VNNI; this CPU "
+                          f"has none, and onnxruntime's int8 kernels can saturate on it. Re-export here (or with "
+                          f"`rtdp export --precision int8 --reduce-range on`) and --check it", stacklevel=2)
         self.name, self.providers = name, providers
         self.device = "cpu"  # inputs and outputs are bound in host memory, whichever provider computes
         self.options = options or OrtOptions()

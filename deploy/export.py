@@ -53,6 +53,7 @@ class ExportSettings:
     precision: str = "fp32"  # the network's: fp32 | fp16 | int8 (inputs, outputs and sampler stay fp32)
     calibration_data: str | None = None  # int8: the dataset calibrated on (default: the checkpoint's training data)
     calibration_windows: int = 64  # int8: observation windows drawn from it
+    reduce_range: str = "auto"  # int8: 7-bit weights, auto | on | off (deploy/quantize.py says when)
 
 
 def _dtype(model) -> torch.dtype:
@@ -171,7 +172,8 @@ def export_policy(settings: ExportSettings, calibration: dict[str, torch.Tensor]
         if calibration is None:
             raise ExportError("an int8 export is calibrated on observation windows of the checkpoint's data: use "
                               "`rtdp export --precision int8`, or evaluation.quantisation_data.export_int8")
-        quantisation = QuantisationSettings(settings.calibration_data, len(calibration["action"]))
+        quantisation = QuantisationSettings(settings.calibration_data, len(calibration["action"]),
+                                            reduce_range=settings.reduce_range)
         with tempfile.TemporaryDirectory(prefix="rtdp-fp32-") as tmp:
             graphs = _write_graphs(model, model, settings, Path(tmp))
             feeds = calibration_feeds(model, calibration, graphs.get("fused"), quantisation.seed)

@@ -6,6 +6,12 @@ Each graph is quantised in QDQ form with per-channel int8 weights and uint8 acti
 x86 kernels run fastest on a CPU with VNNI), and only its heavy operators (Conv, MatMul, Gemm) are quantised: the
 normalisation layers, activations and, in the fused graph, the sampler's arithmetic stay fp32.
 
+On an x86 CPU without VNNI, onnxruntime multiplies uint8 by int8 with an instruction whose 16-bit sums saturate, and
+full-range int8 weights overflow them: on an AVX2 VM the test policy's sampled chunk moved 0.055 from fp32 (3e-2
+allowed; 0.011 with 7-bit weights), on an AVX-512 VNNI VM it stayed inside. The weights then keep to 7 bits
+(onnxruntime's `reduce_range`), which cannot overflow. `--reduce-range auto` (the default) decides by the CPU that
+exports, the one `--check` measures on; export for another target with `on` (any x86 CPU) or `off` (VNNI or Arm).
+
 Calibration inputs come from the data the checkpoint was trained on and from its own sampler: observation windows
 (evaluation/quantisation_data.py draws them; deploy reads no dataset itself), normalised and encoded as a decision
 would; for the denoiser, the chunks the sampler's step list visits from noise on those observations, and the
@@ -22,6 +28,7 @@ path of older TensorRT releases, such as a Jetson's JetPack 5.
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,15 +43,46 @@ QUANTISED_OPS = ["Conv", "MatMul", "Gemm"]
 CALIBRATION_BATCH = 16
 
 
+REDUCE_RANGE_CHOICES = ("auto", "on", "off")
+
+
+def cpu_saturates_int8(machine: str | None = None, cpuinfo: str | None = None) -> bool:
+    """Whether onnxruntime's uint8 x int8 kernels can saturate on this CPU: an x86 CPU without VNNI (AVX-512 VNNI
+    or AVX-VNNI). Arm's kernels and VNNI's do not. An x86 CPU whose flags cannot be read counts as saturating:
+    7-bit weights cost a little precision there, an overflow costs the actions."""
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return True
+    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split()}
+    return not flags & {"avx512_vnni", "avx_vnni"}
+
+
 @dataclass(frozen=True)
 class QuantisationSettings:
     calibration_data: str | None = None  # the dataset the windows were drawn from (recorded in the manifest)
     windows: int = 64  # observation windows drawn from it
     seed: int = 0
     method: str = "minmax"  # minmax | entropy | percentile (onnxruntime's calibration methods)
+    reduce_range: str = "auto"  # 7-bit weights: auto (where this CPU would saturate) | on | off
+
+    def __post_init__(self):
+        if self.reduce_range not in REDUCE_RANGE_CHOICES:
+            raise ValueError(f"reduce_range must be one of {REDUCE_RANGE_CHOICES}, got {self.reduce_range!r}")
+
+    @property
+    def seven_bit_weights(self) -> bool:
+        return cpu_saturates_int8() if self.reduce_range == "auto" else self.reduce_range == "on"
 
     def describe(self) -> dict:
-        return {"format": "QDQ", "weights": "int8, per channel", "activations": "uint8", "ops": QUANTISED_OPS,
+        weights = "int8, per channel" + (", 7-bit range" if self.seven_bit_weights else "")
+        return {"format": "QDQ", "weights": weights, "activations": "uint8", "ops": QUANTISED_OPS,
+                "reduce_range": {"setting": self.reduce_range, "seven_bit_weights": self.seven_bit_weights,
+                                 "exporting_cpu_saturates": cpu_saturates_int8()},
                 "calibration": {"data": self.calibration_data, "windows": self.windows, "seed": self.seed,
                                 "method": self.method}}
 
@@ -152,7 +190,7 @@ def quantise_graph(fp32: Path, out: Path, feeds: list[dict[str, np.ndarray]], ca
         quantize_static(str(prepared), str(out), _Feeds(feeds, names), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=QUANTISED_OPS, per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=methods[settings.method],
-                        calibration_cache_path=ranges)
+                        reduce_range=settings.seven_bit_weights, calibration_cache_path=ranges)
         write_calibration_table(dict(load_tensors_data(ranges).data), str(calibration_dir))
     finally:
         prepared.unlink(missing_ok=True)

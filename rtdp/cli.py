@@ -311,7 +311,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     settings = ExportSettings(checkpoint=args.checkpoint, out=args.out, opset=args.opset, fused=not args.no_fused,
                               sampler=args.sampler, steps=args.steps,
                               rti_k0=_rti_k0(args), cache=args.cache, precision=args.precision,
-                              calibration_data=args.calibration_data, calibration_windows=args.calibration_windows)
+                              calibration_data=args.calibration_data, calibration_windows=args.calibration_windows,
+                              reduce_range=args.reduce_range)
     if args.precision == "int8":
         from evaluation.quantisation_data import export_int8
 
@@ -681,6 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
                                               "was trained on, from its train_report.json)")
     x.add_argument("--calibration-windows", type=POSITIVE, default=64,
                    help="int8: observation windows drawn from it")
+    x.add_argument("--reduce-range", choices=["auto", "on", "off"], default="auto",
+                   help="int8: 7-bit weights, which onnxruntime's x86 kernels without VNNI need to not saturate; "
+                        "auto: where the exporting CPU lacks VNNI")
     x.add_argument("--check", action="store_true", help="parity against torch on seeded inputs; fails loudly")
     x.add_argument("--opset", type=POSITIVE, default=17)
     x.add_argument("--no-fused", action="store_true", help="skip the fused graph")

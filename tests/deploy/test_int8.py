@@ -10,7 +10,7 @@ import pytest
 
 from deploy.artifacts import TOLERANCE, BackendUnavailable, ExportError, load_manifest
 from deploy.export import ExportSettings, export_policy
-from deploy.quantize import calibration_feeds
+from deploy.quantize import calibration_feeds, cpu_saturates_int8
 from deploy.runtime import RuntimeSettings, build_policy, load_model
 from envs.collect import collect_demos
 from evaluation.evaluate import EvalSettings, evaluate
@@ -48,6 +48,9 @@ def test_the_graphs_hold_int8_weights_in_qdq_form_and_say_what_they_were_calibra
     q = manifest["quantisation"]
     assert q["format"] == "QDQ" and q["calibration"]["data"] == str(trained["data"].resolve())
     assert q["calibration"]["windows"] == 48
+    seven_bit = cpu_saturates_int8()  # --reduce-range auto: decided by the CPU that exported
+    assert q["reduce_range"] == {"setting": "auto", "seven_bit_weights": seven_bit,
+                                 "exporting_cpu_saturates": seven_bit}
     for graph in ("denoiser", "fused"):
         model = onnx.load(str(ckpt / "onnx-int8" / f"{graph}.onnx"))
         ops = [n.op_type for n in model.graph.node]
@@ -59,6 +62,9 @@ def test_the_graphs_hold_int8_weights_in_qdq_form_and_say_what_they_were_calibra
         # every conv's weight (the fused graph runs the same weights once per step) is int8 with one scale per
         # output channel
         assert all(n.input[1] in int8_weights for n in model.graph.node if n.op_type == "Conv"), graph
+        widest = max(int(np.abs(onnx.numpy_helper.to_array(init[n.input[0]])).max()) for n in model.graph.node
+                     if n.op_type == "DequantizeLinear" and n.output[0] in int8_weights)
+        assert widest <= 64 if seven_bit else widest == 127, (graph, widest)  # per-channel scales reach the end
         fp32_kernels = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT
                         and len(i.dims) == 3}
         upsamplers = {n.input[1] for n in model.graph.node if n.op_type == "ConvTranspose"}
@@ -77,6 +83,26 @@ def test_check_holds_the_sampled_chunk_to_the_int8_tolerance_on_held_out_data(tr
     # ... and a tolerance it cannot meet fails loudly, naming the error
     with pytest.raises(ExportError, match="sampled_chunk_mean"):
         check_int8(trained["checkpoint"], tolerance=1e-6)
+
+
+def test_seven_bit_weights_are_chosen_where_onnxruntimes_x86_kernels_would_saturate():
+    flags = "flags\t\t: fpu sse sse2 ssse3 fma avx avx2 "
+    assert cpu_saturates_int8("x86_64", flags) and cpu_saturates_int8("AMD64", "")
+    assert not cpu_saturates_int8("x86_64", flags + "avx512f avx512_vnni")
+    assert not cpu_saturates_int8("x86_64", flags + "avx_vnni")
+    assert not cpu_saturates_int8("aarch64", flags)  # a Jetson: Arm's dot-product kernels do not saturate
+
+
+@pytest.mark.skipif(not cpu_saturates_int8(), reason="this CPU has VNNI: full-range int8 weights do not saturate")
+def test_on_a_cpu_without_vnni_full_range_weights_err_more_than_seven_bit_ones(trained, tmp_path):
+    report = tmp_path / "full-range.json"
+    assert main(["export", "--checkpoint", str(trained["checkpoint"]), "--precision", "int8", "--rti", "3",
+                 "--calibration-windows", "48", "--reduce-range", "off", "--out", str(tmp_path / "int8-full"),
+                 "--report", str(report)]) == 0
+    with pytest.warns(UserWarning, match="full-range int8 weights"):  # loading them on this CPU says so
+        full = check_int8(trained["checkpoint"], tmp_path / "int8-full", tolerance=1.0)
+    seven = trained["report"]["max_abs_error"]
+    assert full["sampled_chunk_mean"] > 1.5 * seven["sampled_chunk_mean"], (full, seven)
 
 
 def test_calibration_feeds_come_from_the_data_and_the_sampler(trained):
