@@ -358,7 +358,7 @@ def test_reading_further_along_a_rough_plan_recovers_the_action_better(maze):
         td.cfg.draft_weight = td.cfg.critic_weight = 0.0
         opt = torch.optim.Adam(td.inverse.parameters(), lr=1e-3)
         g = torch.Generator().manual_seed(0)
-        for _ in range(400):
+        for _ in range(250):
             batch = data.batch(torch.randint(0, len(data), (64,), generator=g).numpy())
             opt.zero_grad()
             td.compute_loss({k: torch.from_numpy(v) for k, v in batch.items()}, generator=g).backward()
