@@ -31,7 +31,7 @@ def small(cfg: DiffusionDriveRunConfig, steps: int) -> DiffusionDriveRunConfig:
     p = cfg.planner
     p.d_model, p.d_ffn, p.bev_hidden, p.heads, p.query_embed_dim = 64, 128, 16, 4, 8
     t = cfg.train
-    t.steps, t.checkpoint_every, t.lr, t.warmup_steps, t.log_every, t.threads = steps, steps, 1e-3, 50, 50, 1
+    t.steps, t.checkpoint_every, t.lr, t.warmup_steps, t.log_every, t.threads = steps, steps, 1e-3, 50, 50, 2
     cfg.data.task = TASK
     return cfg
 
