@@ -45,8 +45,8 @@ def parse_bin(text: str) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
-def load_label(spec: str) -> tuple[str, str, dict[int, bool]]:
-    """`LABEL=GLOB` -> (label, task, {seed: success}) over every report the glob matches."""
+def load_label(spec: str) -> tuple[str, set[str], dict[int, bool]]:
+    """`LABEL=GLOB` -> (label, the reports' tasks, {seed: success}) over every report the glob matches."""
     label, sep, pattern = spec.partition("=")
     if not sep or not label:
         raise SystemExit(f"--report takes LABEL=GLOB, got {spec!r}")
@@ -60,9 +60,7 @@ def load_label(spec: str) -> tuple[str, str, dict[int, bool]]:
             raise SystemExit(f"{path}: not an `rtdp eval` report (no `per_episode` or `task`)")
         tasks.add(report["task"])
         outcomes.update({int(e["seed"]): bool(e["success"]) for e in report["per_episode"]})
-    if len(tasks) != 1:
-        raise SystemExit(f"--report {label}: the reports are on several tasks: {sorted(tasks)}")
-    return label, tasks.pop(), outcomes
+    return label, tasks, outcomes
 
 
 def main() -> None:
@@ -77,25 +75,22 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="writes OUT.json and OUT.png")
     args = ap.parse_args()
 
-    merged: dict[str, tuple[str, dict[int, bool]]] = {}
-    for label, task, outcomes in map(load_label, args.report):  # a label given twice pools its reports
-        known_task, known = merged.setdefault(label, (task, {}))
-        if known_task != task:
-            raise SystemExit(f"--report {label}: reports on {known_task} and {task}")
-        known.update(outcomes)
-    labelled = [(label, task, outcomes) for label, (task, outcomes) in merged.items()]
-    tasks = {task for _, task, _ in labelled}
+    loaded = [load_label(spec) for spec in args.report]
+    tasks = set().union(*(tasks for _, tasks, _ in loaded))
     if len(tasks) != 1:
-        raise SystemExit(f"the labels are on several tasks: {sorted(tasks)}")
+        raise SystemExit(f"the reports are on several tasks: {sorted(tasks)}; one task per run")
+    labelled: dict[str, dict[int, bool]] = {}
+    for label, _, outcomes in loaded:  # a label given twice pools its reports
+        labelled.setdefault(label, {}).update(outcomes)
     env = PointMazeTask(maze_name(tasks.pop()))
-    seeds = sorted(set().union(*(outcomes for _, _, outcomes in labelled)))
+    seeds = sorted(set().union(*labelled.values()))
     cells = {seed: route_cells(env, seed) for seed in seeds}
     env.close()
 
     table = []
     for lo, hi in args.bins:
         row = {"cells": [lo, hi]}
-        for label, _, outcomes in labelled:
+        for label, outcomes in labelled.items():
             hits = [outcomes[s] for s in outcomes if lo <= cells[s] <= hi]
             row[label] = {"episodes": len(hits), "successes": sum(hits),
                           "rate": sum(hits) / len(hits) if hits else None,
@@ -108,8 +103,8 @@ def main() -> None:
     for row in table:
         lo, hi = row["cells"]
         print(f"{_span(lo, hi)} cells: " + ", ".join(f"{label} {row[label]['successes']}/{row[label]['episodes']}"
-                                               for label, _, _ in labelled))
-    _plot(table, [label for label, _, _ in labelled], out.with_suffix(".png"))
+                                               for label in labelled))
+    _plot(table, list(labelled), out.with_suffix(".png"))
 
 
 def _span(lo: int, hi: int) -> str:

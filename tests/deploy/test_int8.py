@@ -95,10 +95,8 @@ def test_seven_bit_weights_are_chosen_where_onnxruntimes_x86_kernels_would_satur
 
 @pytest.mark.skipif(not cpu_saturates_int8(), reason="this CPU has VNNI: full-range int8 weights do not saturate")
 def test_on_a_cpu_without_vnni_full_range_weights_err_more_than_seven_bit_ones(trained, tmp_path):
-    report = tmp_path / "full-range.json"
     assert main(["export", "--checkpoint", str(trained["checkpoint"]), "--precision", "int8", "--rti", "3",
-                 "--calibration-windows", "48", "--reduce-range", "off", "--out", str(tmp_path / "int8-full"),
-                 "--report", str(report)]) == 0
+                 "--calibration-windows", "48", "--reduce-range", "off", "--out", str(tmp_path / "int8-full")]) == 0
     with pytest.warns(UserWarning, match="full-range int8 weights"):  # loading them on this CPU says so
         full = check_int8(trained["checkpoint"], tmp_path / "int8-full", tolerance=1.0)
     seven = trained["report"]["max_abs_error"]
