@@ -3,12 +3,13 @@
 Each episode's start and goal are recovered by resetting the report's task with the episode's seed; the route
 length is the number of cells on the shortest path over the maze grid (the waypoint expert's), 0 when the ball
 starts in the goal's cell. Episodes are pooled by seed over the reports of one label (a glob, or the label given
-twice), so a model evaluated in several runs (`--seed 0`, `--seed 20`, ...) counts once per seed.
+twice), so a model evaluated in several runs (`--seed 0`, `--seed 20`, ...) counts once per seed; a seed that two
+of a label's reports both hold is refused (two settings under one label, e.g. another target return).
 
-    python benchmarks/maze_routes.py \
-        --report "TD=benchmarks/results/trajectory_diffuser/2026-12-07/medium-inverse8-trajectory_diffuser*.json" \
-        --report "draft=benchmarks/results/trajectory_diffuser/2026-12-07/medium-inverse8-draft_alone*.json" \
-        --bins 0-2 3-5 6-20 --out benchmarks/results/trajectory_diffuser/2026-12-07/medium-routes
+    D=benchmarks/results/trajectory_diffuser/2026-12-07
+    python benchmarks/maze_routes.py --report "TD=$D/medium-inverse8-trajectory_diffuser.json" \
+        --report "TD=$D/medium-inverse8-trajectory_diffuser-seed*.json" \
+        --report "draft=$D/medium-inverse8-draft_alone*.json" --bins 0-2 3-5 6-100 --out $D/medium-routes
 
 writes OUT.json (per bin and label: episodes, successes, rate, Wilson interval) and OUT.png (the rates as bars).
 """
@@ -45,8 +46,9 @@ def parse_bin(text: str) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
-def load_label(spec: str) -> tuple[str, set[str], dict[int, bool]]:
-    """`LABEL=GLOB` -> (label, the reports' tasks, {seed: success}) over every report the glob matches."""
+def load_label(spec: str) -> tuple[str, set[str], dict[str, dict[int, bool]]]:
+    """`LABEL=GLOB` -> (label, the reports' tasks, {report path: {seed: success}}) for every report the glob
+    matches."""
     label, sep, pattern = spec.partition("=")
     if not sep or not label:
         raise SystemExit(f"--report takes LABEL=GLOB, got {spec!r}")
@@ -59,7 +61,7 @@ def load_label(spec: str) -> tuple[str, set[str], dict[int, bool]]:
         if "per_episode" not in report or "task" not in report:
             raise SystemExit(f"{path}: not an `rtdp eval` report (no `per_episode` or `task`)")
         tasks.add(report["task"])
-        outcomes.update({int(e["seed"]): bool(e["success"]) for e in report["per_episode"]})
+        outcomes[path] = {int(e["seed"]): bool(e["success"]) for e in report["per_episode"]}
     return label, tasks, outcomes
 
 
@@ -80,8 +82,13 @@ def main() -> None:
     if len(tasks) != 1:
         raise SystemExit(f"the reports are on several tasks: {sorted(tasks)}; one task per run")
     labelled: dict[str, dict[int, bool]] = {}
-    for label, _, outcomes in loaded:  # a label given twice pools its reports
-        labelled.setdefault(label, {}).update(outcomes)
+    for label, _, reports in loaded:  # a label given twice pools its reports
+        for path, outcomes in reports.items():
+            pooled = labelled.setdefault(label, {})
+            if pooled.keys() & outcomes.keys():
+                raise SystemExit(f"--report {label}: {path} repeats seeds another of its reports holds "
+                                 f"({sorted(pooled.keys() & outcomes.keys())[:3]}...): one run per seed")
+            pooled.update(outcomes)
     env = PointMazeTask(maze_name(tasks.pop()))
     seeds = sorted(set().union(*labelled.values()))
     cells = {seed: route_cells(env, seed) for seed in seeds}
