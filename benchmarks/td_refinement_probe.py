@@ -6,10 +6,10 @@ first step and the action inverse dynamics makes of it, against the draft alone.
 
 `inverse_on_expert_future_error`: the inverse model's own action error, given the states the expert really visits
 next instead of a plan. Per setting: `plan_step_m` (mean distance from the current position to the planned next one:
-a real step of the data is a few cm), `chosen_action_error` and `candidate_action_error` (L2 to the expert's action,
-both clipped to the action box), `candidate_spread` (the 32 candidates' std per action dim) and `critic_range` (max
-- min of their values). Writes benchmarks/results/trajectory_diffuser/refinement_probe/<checkpoint folder's
-name>.json.
+a real step of the data is a few cm; `plan_stride` of them for a strided plan), `chosen_action_error` and
+`candidate_action_error` (L2 to the expert's action, both clipped to the action box), `candidate_spread` (the 32
+candidates' std per action dim) and `critic_range` (max - min of their values). Writes
+benchmarks/results/trajectory_diffuser/refinement_probe/<checkpoint folder's name>.json.
 
     python benchmarks/td_refinement_probe.py RUN --target-returns 0.9 0.5 0.3 0.2
 
@@ -111,7 +111,12 @@ def inverse_on_expert_future(model, states: np.ndarray, expert_actions: np.ndarr
     """The inverse model's action error given the states the expert really visits next: its own error, with no plan
     in between."""
     norm = model.normalizer
-    plans = torch.cat([torch.from_numpy(states[:, None]), torch.from_numpy(futures[:, :model.cfg.horizon - 1])], 1)
+    stride, context = model.cfg.plan_stride, model.cfg.inverse_context
+    ahead = futures[:, stride - 1::stride][:, :context]  # the states the inverse model reads, plan_stride apart
+    if ahead.shape[1] < context:
+        raise ValueError(f"the probe follows the expert {futures.shape[1]} steps; the inverse model reads "
+                         f"{context * stride}")
+    plans = torch.cat([torch.from_numpy(states[:, None]), torch.from_numpy(ahead)], 1)
     actions = model.inverse(model.inverse_inputs(norm["state"].normalize(plans), 1))[:, 0].clamp(-1, 1)
     actions = norm["action"].unnormalize(actions).numpy()
     clipped = np.clip(expert_actions, -1, 1)
@@ -143,6 +148,7 @@ def main() -> None:
     result = {"checkpoint": args.checkpoint, "task": task, "states": len(states),
               "expert_action_abs_mean": float(np.abs(actions).mean()),
               "inverse_context": model.cfg.inverse_context, "inverse_noise": model.cfg.inverse_noise,
+              "plan_stride": model.cfg.plan_stride,
               "inverse_on_expert_future_error": inverse_on_expert_future(model, states, actions, futures),
               "settings": {}}
     print("inverse dynamics on the expert's own next states:", round(result["inverse_on_expert_future_error"], 3))
@@ -151,7 +157,8 @@ def main() -> None:
         from envs.datasets.offline import load_offline
         from envs.datasets.trajectory_dataset import TrajectoryDataset
 
-        data = TrajectoryDataset(load_offline(args.data), model.cfg.horizon, read_config(args.checkpoint).data.discount)
+        data = TrajectoryDataset(load_offline(args.data), model.cfg.horizon, read_config(args.checkpoint).data.discount,
+                                 model.cfg.plan_stride)
         result["retrained_inverse"] = {}
         for item in args.retrain_inverse:
             context, _, noise = item.partition(":")

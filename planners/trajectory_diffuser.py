@@ -50,6 +50,10 @@ class TrajectoryDiffuserConfig:
     state_dim: int = 0  # filled from the dataset
     action_dim: int = 0
     horizon: int = 32
+    # Environment steps between consecutive planned states (1: the reference's). k > 1 plans every k-th state, so H
+    # states span (H - 1) k steps at H's cost: a maze route longer than H steps fits the plan without the 4x
+    # longer sequences Diffuser's H = 256 trains on. The inverse model then reads states k steps apart.
+    plan_stride: int = 1
     # the draft: a causal transformer over (state, return-to-go)
     draft_d_model: int = 256
     draft_heads: int = 4
@@ -144,6 +148,12 @@ class TrajectoryDiffuser(nn.Module):
                              f"{cfg.action_dim}")
         if cfg.entry not in ENTRIES:
             raise ValueError(f"planner.entry must be one of {ENTRIES}, got {cfg.entry!r}")
+        if cfg.plan_stride < 1:
+            raise ValueError(f"planner.plan_stride must be >= 1, got {cfg.plan_stride}")
+        if cfg.plan_stride > 1 and cfg.actions_per_decision != 1:
+            raise ValueError(f"planner.plan_stride {cfg.plan_stride} plans every {cfg.plan_stride}-th state, so only "
+                             f"the first action is planned: actions_per_decision must be 1, got "
+                             f"{cfg.actions_per_decision}")
         if not 1 <= cfg.actions_per_decision < cfg.horizon:
             raise ValueError(f"planner.actions_per_decision must be in [1, {cfg.horizon - 1}], got "
                              f"{cfg.actions_per_decision}")
@@ -203,6 +213,7 @@ class TrajectoryDiffuser(nn.Module):
         cfg = self.cfg
         return {"sampler": self.method, "steps": len(self.timesteps), "timesteps": self.timesteps,
                 "start": "draft", "entry": cfg.entry, "draft_steps": cfg.horizon - 1,
+                "plan_stride": cfg.plan_stride,
                 "guidance_weight": cfg.guidance_weight, "candidates": cfg.candidates,
                 "target_return": cfg.target_return, "actions_per_decision": cfg.actions_per_decision}
 
@@ -410,6 +421,9 @@ def prepare_training(run_cfg: TrajectoryDiffuserRunConfig, data) -> Normalizer:
     cfg = run_cfg.planner
     if data.horizon != cfg.horizon:
         raise ValueError(f"the dataset's windows are {data.horizon} steps, planner.horizon is {cfg.horizon}")
+    if data.stride != cfg.plan_stride:
+        raise ValueError(f"the dataset's windows take every {data.stride}-th step, planner.plan_stride is "
+                         f"{cfg.plan_stride}")
     cfg.state_dim, cfg.action_dim = int(data.state_dim), int(data.action_dim)
     cfg.return_scale = float(np.abs(data.initial_returns()).max()) or 1.0
     eps = run_cfg.data.normalizer_range_eps

@@ -108,7 +108,7 @@ def _planner_data(args: argparse.Namespace, cfg, kind):
         buffer = load_offline(args.data)
         cfg.data.task = cfg.data.task or buffer.attrs.get("task")
         cfg.data.reference_returns = cfg.data.reference_returns or dict(buffer.attrs.get("reference_returns") or {})
-        return TrajectoryDataset(buffer, cfg.planner.horizon, cfg.data.discount), buffer
+        return TrajectoryDataset(buffer, cfg.planner.horizon, cfg.data.discount, cfg.planner.plan_stride), buffer
     if kind.name == "motion_autoencoder":
         from envs.datasets.motion_dataset import MotionDataset
 

@@ -112,6 +112,21 @@ def test_trajectory_windows_pad_past_the_episode_end():
     assert np.allclose(data.initial_returns(), [0.25, 0.5])
 
 
+def test_strided_trajectory_windows_take_every_kth_step_and_pad_past_the_end():
+    rewards = np.array([0, 0, 0, 0, 0, 1, 0, 0, 1], np.float32)
+    b = ReplayBuffer({"obs": np.arange(9, dtype=np.float32)[:, None], "action": np.arange(9, dtype=np.float32)[:, None],
+                      "reward": rewards, "terminal": np.zeros(9, bool)}, [6, 9])
+    data = TrajectoryDataset(b, horizon=3, discount=0.5, stride=2)
+    batch = data.batch(np.array([0, 3, 6]))
+    assert batch["states"][:, :, 0].tolist() == [[0, 2, 4], [3, 5, 5], [6, 8, 8]]
+    assert batch["actions"][:, :, 0].tolist() == [[0, 2, 4], [3, 5, 5], [6, 8, 8]]
+    assert batch["valid"].tolist() == [[True, True, True], [True, True, False], [True, True, False]]
+    # each state's own return-to-go over every step after it, not over the strided ones
+    assert np.allclose(batch["rtg"][0], [0.5 ** 5, 0.5 ** 3, 0.5])
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        TrajectoryDataset(b, horizon=3, discount=0.5, stride=0)
+
+
 def test_maze_task_refuses_unknown_mazes_and_images():
     with pytest.raises(ValueError, match="unknown task"):
         make_env("pointmaze/tiny")

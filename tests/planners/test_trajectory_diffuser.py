@@ -329,6 +329,23 @@ def test_inverse_dynamics_reads_exactly_the_states_its_context_names(maze):
                                                                  data)
 
 
+def test_a_strided_planner_trains_on_windows_of_its_own_stride_and_plans_one_action(maze):
+    strided = TrajectoryDataset(maze["buffer"], 32, 0.99, stride=4)
+    cfg = small(TrajectoryDiffuserRunConfig(), 1, plan_stride=4, inverse_context=2)
+    td = kind_named("trajectory_diffuser").build_for_training(cfg, strided)
+    windows = strided.batch(np.arange(64))
+    rows, inside = np.arange(64)[:, None] + 4 * np.arange(32)[None], windows["valid"]
+    np.testing.assert_array_equal(windows["states"][inside], maze["buffer"]["obs"][rows[inside]])
+    assert torch.isfinite(td.compute_loss({k: torch.from_numpy(v) for k, v in windows.items()}))
+    assert td.inference_config()["plan_stride"] == 4
+    with pytest.raises(ValueError, match="every 1-th step, planner.plan_stride is 4"):
+        kind_named("trajectory_diffuser").build_for_training(
+            small(TrajectoryDiffuserRunConfig(), 1, plan_stride=4), TrajectoryDataset(maze["buffer"], 32, 0.99))
+    with pytest.raises(ValueError, match="actions_per_decision must be 1"):
+        kind_named("trajectory_diffuser").build_for_training(
+            small(TrajectoryDiffuserRunConfig(), 1, plan_stride=4, actions_per_decision=2), strided)
+
+
 def test_reading_further_along_a_rough_plan_recovers_the_action_better(maze):
     """The refiner's error lands on every planned state. On the noiseless expert's own paths roughened by 0.06
     (normalised; about 9 cm in UMaze, the size of the error measured on Medium), an inverse model reading 8 states
