@@ -82,9 +82,8 @@ def checkpoint(task: str, kind: str, data: Path, overrides: list[str]) -> tuple[
     buffer = load_offline(data)
     cfg.data.task = buffer.attrs["task"]
     cfg.data.reference_returns = dict(buffer.attrs["reference_returns"])
-    summary = train(cfg, TrajectoryDataset(buffer, cfg.planner.horizon, cfg.data.discount,
-                                               cfg.planner.plan_stride), run,
-                    build=k.build_for_training)
+    windows = TrajectoryDataset(buffer, cfg.planner.horizon, cfg.data.discount, cfg.planner.plan_stride)
+    summary = train(cfg, windows, run, build=k.build_for_training)
     (run / OVERRIDES_FILE).write_text(json.dumps(requested))
     return run, summary.to_dict()
 

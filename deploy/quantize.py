@@ -28,6 +28,7 @@ path of older TensorRT releases, such as a Jetson's JetPack 5.
 
 from __future__ import annotations
 
+import functools
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ CALIBRATION_BATCH = 16
 REDUCE_RANGE_CHOICES = ("auto", "on", "off")
 
 
+@functools.cache  # asked once per graph and per backend load; the CPU does not change under a process
 def cpu_saturates_int8(machine: str | None = None, cpuinfo: str | None = None) -> bool:
     """Whether onnxruntime's uint8 x int8 kernels can saturate on this CPU: an x86 CPU without VNNI (AVX-512 VNNI
     or AVX-VNNI). Arm's kernels and VNNI's do not. An x86 CPU whose flags cannot be read counts as saturating:
